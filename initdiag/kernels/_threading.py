@@ -1,0 +1,108 @@
+"""Thread-pool policy of the CPU kernels (read this before changing it).
+
+Problem (measured on a 2-core machine, see bench/KERNELS.md): after a parallel
+region, OpenMP workers spin-wait for the next one (GNU libgomp spins ~300k
+iterations by default, i.e. up to a few hundred microseconds).  A dense
+forward/backward pass alternates BLAS GEMMs (OpenBLAS's own pthreads) with our
+element-wise / BatchNorm kernels, so spinning workers of one pool steal the cores
+the other pool needs and a whole pass can run ~2x slower.
+
+Policy, applied once when ``initdiag.kernels`` is imported:
+
+* ``OMP_WAIT_POLICY=PASSIVE`` (``os.environ.setdefault``: a user's own setting
+  wins).  libgomp reads it when it is loaded, i.e. on the first Numba parallel
+  call (Numba's ``omp`` threading layer) or when the C extension ``initdiag._cext``
+  (built with ``-fopenmp``) is imported, whichever comes first; both use the same
+  system libgomp, so one setting covers both.  Passive workers sleep on a futex
+  at the end of a region; waking them costs ~10-50 us, small against kernels of
+  0.1 ms and more.
+* Numba's threading layer priority is ``omp``, then ``tbb``, then ``workqueue``
+  (``numba.config.THREADING_LAYER_PRIORITY``), unless ``NUMBA_THREADING_LAYER`` is
+  set.  ``omp`` is thread-safe (several Python threads may call the kernels at
+  once) and honours the wait policy above; TBB workers also sleep when idle.
+  The ``workqueue`` layer is not thread-safe: when it is the one that loaded, the
+  dispatchers serialise Numba kernel calls with a lock (:data:`NUMBA_LOCK`).
+
+Both settings only take effect before the respective runtime is loaded; if libgomp
+was already loaded by another library (or Numba's pool already started), the
+policy in force is that library's.  Set ``OMP_WAIT_POLICY`` / ``NUMBA_THREADING_LAYER``
+in the environment before starting Python to be certain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+_CONFIGURED = False
+NUMBA_LOCK = threading.RLock()
+
+
+def configure() -> None:
+    """Apply the wait policy and threading-layer priority (idempotent)."""
+    global _CONFIGURED
+    if _CONFIGURED:
+        return
+    _CONFIGURED = True
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    try:
+        import numba
+    except ImportError:  # numba missing: the numba backend reports it
+        return
+    with contextlib.suppress(AttributeError):
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+def numba_serialize() -> contextlib.AbstractContextManager:
+    """A lock when Numba runs on the non-thread-safe workqueue layer, else a no-op."""
+    try:
+        import numba
+
+        layer = numba.threading_layer()
+    except (ImportError, ValueError):  # ValueError: no layer launched yet
+        layer = None
+    if layer in (None, "workqueue"):
+        return NUMBA_LOCK
+    return contextlib.nullcontext()
+
+
+def report() -> dict:
+    """Current thread-pool state: wait policy, Numba layer, BLAS pools."""
+    info: dict = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    try:
+        import numba
+
+        try:
+            info["numba_threading_layer"] = numba.threading_layer()
+        except ValueError:
+            info["numba_threading_layer"] = "not launched yet"
+        info["numba_num_threads"] = numba.get_num_threads()
+    except ImportError:
+        info["numba_threading_layer"] = "numba not installed"
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["threadpools"] = threadpool_info()
+    except ImportError:
+        pass
+    return info
+
+
+# -- Numba import shim: the kernel modules import njit/prange from here so that a
+# missing Numba only disables the numba backend (available_backends says why).
+try:
+    from numba import njit, prange
+
+    NUMBA_IMPORT_ERROR: str | None = None
+except ImportError as _exc:  # pragma: no cover - numba is a hard dependency
+    NUMBA_IMPORT_ERROR = f"numba cannot be imported ({_exc}); pip install numba"
+
+    def njit(*args, **kwargs):  # type: ignore[no-redef]
+        if args and callable(args[0]):
+            return args[0]
+        return lambda f: f
+
+    prange = range  # type: ignore[assignment]

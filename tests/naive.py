@@ -1,0 +1,348 @@
+"""Deliberately simple loop-level references for the kernels (``initdiag.kernels``).
+
+Every function here is written element by element in plain Python with the ``math``
+module, in float64, straight from the formulas of the kernel contract
+(/work/briefs/kernel_contract.md).  They are slow on purpose: use tiny shapes.  The
+kernels of every backend (numpy, numba, c, cuda) are compared with them.
+
+Naming: ``naive_<op>_<pass>``; every function takes and returns NumPy arrays (or a
+float), never writes into its inputs, and returns float64 arrays.
+
+NaN / inf semantics (shared with every backend):
+
+* relu(v) = v if not (v <= 0) else 0, so relu(NaN) = NaN; relu'(v) is 1 for v > 0,
+  0 for v <= 0 and NaN for v = NaN (the gradient is then NaN as well).
+* leaky_relu(v) = v * slope if v < 0 else v; its derivative is slope for v < 0,
+  1 for v >= 0, NaN for NaN.
+* every other activation follows its formula below, so IEEE arithmetic decides
+  (e.g. silu(-inf) = -inf * 0 = NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
+
+ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "silu",
+    "selu",
+    "erf",
+    "identity",
+)
+
+SUMMARY_FIELDS = (
+    "mean",
+    "second_moment",
+    "variance",
+    "squared_mean",
+    "active_fraction",
+    "dead_fraction",
+    "zero_fraction",
+    "nonfinite_count",
+)
+
+
+def _sigmoid(v: float) -> float:
+    # 1 / (1 + exp(-v)); exp overflow (v < -709) -> inf -> 0, as IEEE would give
+    try:
+        e = math.exp(-v)
+    except OverflowError:
+        e = math.inf
+    return 1.0 / (1.0 + e)
+
+
+def _exp(v: float) -> float:
+    try:
+        return math.exp(v)
+    except OverflowError:
+        return math.inf
+
+
+def naive_act(v: float, act: str, slope: float = 0.01) -> float:
+    """Scalar activation, float64."""
+    v = float(v)
+    if act == "relu":
+        return 0.0 if v <= 0 else v
+    if act == "leaky_relu":
+        return v * slope if v < 0 else v
+    if act == "tanh":
+        return math.tanh(v)
+    if act == "sigmoid":
+        return _sigmoid(v)
+    if act == "gelu":
+        if math.isnan(v):
+            return math.nan
+        # x * Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2 (no cancellation for x << 0)
+        return v * 0.5 * math.erfc(-v / _SQRT2)
+    if act == "silu":
+        return v * _sigmoid(v)
+    if act == "selu":
+        if v > 0:
+            return SELU_SCALE * v
+        if math.isnan(v):
+            return math.nan
+        return SELU_SCALE * SELU_ALPHA * math.expm1(v)
+    if act == "erf":
+        return math.erf(v)
+    if act == "identity":
+        return v
+    raise ValueError(act)
+
+
+def naive_act_deriv(v: float, act: str, slope: float = 0.01) -> float:
+    """Scalar activation derivative act'(v), float64."""
+    v = float(v)
+    if math.isnan(v):
+        return math.nan if act != "identity" else 1.0
+    if act == "relu":
+        return 1.0 if v > 0 else 0.0
+    if act == "leaky_relu":
+        return slope if v < 0 else 1.0
+    if act == "tanh":
+        t = math.tanh(v)
+        return 1.0 - t * t
+    if act == "sigmoid":
+        s = _sigmoid(v)
+        return s * (1.0 - s)
+    if act == "gelu":
+        # Phi(x) + x phi(x)
+        return 0.5 * math.erfc(-v / _SQRT2) + v * _INV_SQRT2PI * math.exp(-0.5 * v * v)
+    if act == "silu":
+        s = _sigmoid(v)
+        return s + v * s * (1.0 - s)
+    if act == "selu":
+        return SELU_SCALE if v > 0 else SELU_SCALE * SELU_ALPHA * _exp(v)
+    if act == "erf":
+        return _TWO_OVER_SQRTPI * math.exp(-v * v)
+    if act == "identity":
+        return 1.0
+    raise ValueError(act)
+
+
+def naive_activation_forward(x, act: str, slope: float = 0.01) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty(x.shape)
+    for idx in np.ndindex(x.shape):
+        out[idx] = naive_act(x[idx], act, slope)
+    return out
+
+
+def naive_activation_backward(dy, x, act: str, slope: float = 0.01) -> np.ndarray:
+    dy = np.asarray(dy, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    out = np.empty(x.shape)
+    for idx in np.ndindex(x.shape):
+        d = naive_act_deriv(x[idx], act, slope)
+        if act == "relu" and d == 0.0:
+            out[idx] = 0.0  # relu passes no gradient for x <= 0, even a NaN one
+        else:
+            out[idx] = dy[idx] * d
+    return out
+
+
+def naive_dense_preactivation(x, w, b=None) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    B, n_in = x.shape
+    n_out = w.shape[0]
+    pre = np.empty((B, n_out))
+    for i in range(B):
+        for j in range(n_out):
+            s = 0.0
+            for k in range(n_in):
+                s += x[i, k] * w[j, k]
+            if b is not None:
+                s += float(b[j])
+            pre[i, j] = s
+    return pre
+
+
+def naive_dense_forward(x, w, b=None, act: str = "identity", slope: float = 0.01):
+    """Return (out, pre): out = act(x @ w.T + b), pre the pre-activation."""
+    pre = naive_dense_preactivation(x, w, b)
+    return naive_activation_forward(pre, act, slope), pre
+
+
+def naive_dense_backward(dy, x, w, bias: bool = True):
+    """Return (dx, dw, db): dx = dy @ w, dw = dy.T @ x, db = dy.sum(0) (None)."""
+    dy = np.asarray(dy, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    B, n_out = dy.shape
+    n_in = x.shape[1]
+    dx = np.zeros((B, n_in))
+    dw = np.zeros((n_out, n_in))
+    db = np.zeros(n_out) if bias else None
+    for i in range(B):
+        for j in range(n_out):
+            g = dy[i, j]
+            for k in range(n_in):
+                dx[i, k] += g * w[j, k]
+                dw[j, k] += g * x[i, k]
+            if bias:
+                db[j] += g
+    return dx, dw, db
+
+
+def _col_mean_var(x, j):
+    B = x.shape[0]
+    m = 0.0
+    for i in range(B):
+        m += x[i, j]
+    m /= B
+    v = 0.0
+    for i in range(B):
+        d = x[i, j] - m
+        v += d * d
+    return m, v / B
+
+
+def naive_batchnorm_forward(
+    x, gamma, beta, eps: float = 1e-5, act: str = "identity", slope: float = 0.01
+):
+    """Training-mode BatchNorm (biased variance) then act; returns (out, mean, invstd)."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    out = np.empty((B, n))
+    mean = np.empty(n)
+    invstd = np.empty(n)
+    for j in range(n):
+        m, v = _col_mean_var(x, j)
+        s = 1.0 / math.sqrt(v + eps)
+        mean[j] = m
+        invstd[j] = s
+        for i in range(B):
+            z = float(gamma[j]) * (x[i, j] - m) * s + float(beta[j])
+            out[i, j] = naive_act(z, act, slope)
+    return out, mean, invstd
+
+
+def naive_batchnorm_backward(
+    dy, x, mean, invstd, gamma, beta, act: str = "identity", slope: float = 0.01
+):
+    """Return (dx, dgamma, dbeta) of the training-mode BatchNorm(+act) forward."""
+    dy = np.asarray(dy, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    dx = np.empty((B, n))
+    dgamma = np.empty(n)
+    dbeta = np.empty(n)
+    for j in range(n):
+        m = float(mean[j])
+        s = float(invstd[j])
+        gj = float(gamma[j])
+        bj = 0.0 if beta is None else float(beta[j])
+        g = []
+        xhat = []
+        for i in range(B):
+            xh = (x[i, j] - m) * s
+            z = gj * xh + bj
+            d = naive_act_deriv(z, act, slope)
+            if act == "relu" and d == 0.0:
+                gi = 0.0
+            else:
+                gi = dy[i, j] * d
+            g.append(gi)
+            xhat.append(xh)
+        sb = sum(g)
+        sg = sum(gi * xh for gi, xh in zip(g, xhat))
+        dbeta[j] = sb
+        dgamma[j] = sg
+        for i in range(B):
+            dx[i, j] = gj * s / B * (B * g[i] - sb - xhat[i] * sg)
+    return dx, dgamma, dbeta
+
+
+def naive_column_stats(x):
+    """Per feature: (mean, biased var, fraction <= 0, fraction == 0), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    mean = np.empty(n)
+    var = np.empty(n)
+    le0 = np.empty(n)
+    eq0 = np.empty(n)
+    for j in range(n):
+        mean[j], var[j] = _col_mean_var(x, j)
+        le0[j] = sum(1 for i in range(B) if x[i, j] <= 0) / B
+        eq0[j] = sum(1 for i in range(B) if x[i, j] == 0) / B
+    return mean, var, le0, eq0
+
+
+def naive_layer_summary(x) -> np.ndarray:
+    """The 8 numbers of SUMMARY_FIELDS for one layer output x (B, n), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    N = B * n
+    total = 0.0
+    total2 = 0.0
+    active = 0
+    zeros = 0
+    nonfinite = 0
+    for i in range(B):
+        for j in range(n):
+            v = x[i, j]
+            total += v
+            total2 += v * v
+            active += v > 0
+            zeros += v == 0
+            nonfinite += not math.isfinite(v)
+    var_sum = 0.0
+    sqm_sum = 0.0
+    dead = 0
+    for j in range(n):
+        m, v = _col_mean_var(x, j)
+        var_sum += v
+        sqm_sum += m * m
+        dead += all(x[i, j] <= 0 for i in range(B))
+    return np.array(
+        [
+            total / N,
+            total2 / N,
+            var_sum / n,
+            sqm_sum / n,
+            active / N,
+            dead / n,
+            zeros / N,
+            float(nonfinite),
+        ]
+    )
+
+
+def naive_layer_summary_dict(x) -> dict:
+    return dict(zip(SUMMARY_FIELDS, naive_layer_summary(x).tolist()))
+
+
+def naive_row_correlation(x, gram: bool = False):
+    """Mean over ordered pairs a != b of <x_a, x_b> / (|x_a| |x_b|).
+
+    Rows of zero norm have cosine 0 with everything; B = 1 gives NaN.  With
+    ``gram=True`` also returns the B x B cosine matrix (diagonal 1, or 0 for a zero
+    row).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    norms = [math.sqrt(sum(x[a, k] * x[a, k] for k in range(n))) for a in range(B)]
+    G = np.zeros((B, B))
+    for a in range(B):
+        for b in range(B):
+            if norms[a] == 0 or norms[b] == 0:
+                G[a, b] = 0.0
+            else:
+                G[a, b] = sum(x[a, k] * x[b, k] for k in range(n)) / (norms[a] * norms[b])
+    if B < 2:
+        c = math.nan
+    else:
+        c = sum(G[a, b] for a in range(B) for b in range(B) if a != b) / (B * (B - 1))
+    return (c, G) if gram else c
