@@ -50,7 +50,8 @@ Columns that do not apply to a row are NaN.  Summary keys (``Profile.summary``):
   (Schoenholz et al. 2017); NaN / inf where they do not exist;
 - ``correlation_depth``: the ``block`` of the first row whose correlation >= 0.99
   (``None`` if none);
-- ``gradient_ratio``: grad_second_moment of the first row over that of the last row.
+- ``gradient_ratio``: grad_second_moment of the first dense row over that of the last
+  dense row (like for like: 1 for a network on the edge of chaos).
 
 ``findings`` is a list of dicts for numerical events (``{"kind": "overflow", "layer":
 name, "index": i, "block": k, "pass": "forward" | "backward", "seed": s or None,
@@ -264,8 +265,15 @@ class Profile:
         return int(self.block[hit[0]]) if hit.size else None
 
     def gradient_ratio(self) -> float:
-        """grad_second_moment of the first row over that of the last row."""
+        """Gradient second moment at the first dense layer's output over that at the
+        last dense layer's output: how much the gradient grows from the output back
+        to the input, like for like (rows of one kind, so a ReLU's factor 1/2 between
+        its output and its input does not count).  Networks without two dense layers
+        use the first and the last row."""
         g = self.columns["grad_second_moment"]
+        dense = self.rows_of("dense")
+        if dense.size >= 2:
+            g = g[dense]
         ok = np.flatnonzero(np.isfinite(g))
         if ok.size == 0:
             return math.nan
