@@ -29,7 +29,8 @@ def _cdef_text() -> str:
     lines = [
         ln
         for ln in text.splitlines()
-        if not ln.lstrip().startswith("#") or re.match(r"\s*#define\s+\w+\s+-?\d+\s*$", ln)
+        if not ln.lstrip().startswith("#")
+        or re.match(r"\s*#define\s+\w+\s+-?\d+\s*$", ln)
     ]
     return "\n".join(lines)
 
@@ -39,7 +40,9 @@ def _compiler_has_openmp() -> bool:
     if os.environ.get("INITDIAG_NO_OPENMP", "") not in ("", "0"):
         return False
     cc = os.environ.get("CC", "cc").split()[0]
-    src = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    src = (
+        "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         c = os.path.join(tmp, "t.c")
         with open(c, "w") as fh:
@@ -55,11 +58,37 @@ def _compiler_has_openmp() -> bool:
         return r.returncode == 0
 
 
+def _compiler_accepts(flag: str) -> bool:
+    """True when the C compiler compiles an empty program with ``flag``."""
+    cc = os.environ.get("CC", "cc").split()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        c = os.path.join(tmp, "t.c")
+        with open(c, "w") as fh:
+            fh.write("int main(void){return 0;}\n")
+        try:
+            r = subprocess.run(
+                [cc, flag, c, "-o", os.path.join(tmp, "t")],
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
 _openmp = _compiler_has_openmp()
+# The extension is built on the machine that runs it (pip install from source), so
+# tune for its CPU (AVX2/AVX-512 for the column loops); INITDIAG_PORTABLE=1 opts out
+# (e.g. when building a wheel for other machines).
+_native = os.environ.get("INITDIAG_PORTABLE", "") in ("", "0") and _compiler_accepts(
+    "-march=native"
+)
 _cflags = ["-O3", "-std=c99", "-fno-strict-aliasing"]
 _ldflags: list[str] = []
 if sys.platform != "win32":
     _cflags.append("-fPIC")
+if _native:
+    _cflags.append("-march=native")
 if _openmp:
     _cflags.append("-fopenmp")
     _ldflags.append("-fopenmp")
@@ -74,6 +103,11 @@ ffibuilder.set_source(
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,
     libraries=["m"],
+    # the template body is #included, so list it for rebuild tracking
+    depends=[
+        os.path.relpath(os.path.join(HERE, f))
+        for f in ("initdiag.h", "kernels_tmpl.inc")
+    ],
 )
 
 if __name__ == "__main__":

@@ -25,3 +25,12 @@ int idg_selftest(double *out, long n)
         out[i] = (double)i;
     return IDG_OK;
 }
+
+int idg_num_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}

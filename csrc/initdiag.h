@@ -1,7 +1,10 @@
 /* initdiag C core: prototypes only.  This file is the cffi cdef (read by
  * csrc/build_cffi.py), so it must stay plain declarations that cffi can parse:
  * no #include, no macros other than simple integer #defines.
- * Every function returns 0 on success or a negative IDG_E* code. */
+ * Every function returns 0 on success or a negative IDG_E* code; none allocates.
+ * Arrays are C-contiguous, row-major (B, n); _f32 / _f64 name the element type.
+ * Activation codes: 0 relu, 1 leaky_relu, 2 tanh, 3 sigmoid, 4 gelu, 5 silu,
+ * 6 selu, 7 erf, 8 identity (initdiag/kernels/activation.py: ACT_CODES). */
 
 #define IDG_OK 0
 #define IDG_EINVAL -1
@@ -12,3 +15,64 @@ int idg_version(int *major, int *minor, int *has_openmp);
 
 /* Smoke test: writes 0, 1, ..., n-1 as doubles into out (n >= 0). */
 int idg_selftest(double *out, long n);
+
+/* Threads an OpenMP parallel region would use (1 without OpenMP). */
+int idg_num_threads(void);
+
+/* out = act(x) over N elements (out may equal x). */
+int idg_activation_forward_f32(const float *x, long N, int act, double slope, float *out);
+int idg_activation_forward_f64(const double *x, long N, int act, double slope, double *out);
+
+/* out = dy * act'(x) over N elements. */
+int idg_activation_backward_f32(const float *dy, const float *x, long N, int act,
+                                double slope, float *out);
+int idg_activation_backward_f64(const double *dy, const double *x, long N, int act,
+                                double slope, double *out);
+
+/* Epilogue of a dense layer after the GEMM.  pre == NULL: out holds x @ w.T and
+ * becomes act(out + b).  pre != NULL: pre holds x @ w.T and becomes pre + b, out
+ * becomes act(pre).  b may be NULL (no bias). */
+int idg_dense_epilogue_f32(float *out, float *pre, const float *b, long B, long n,
+                           int act, double slope);
+int idg_dense_epilogue_f64(double *out, double *pre, const double *b, long B, long n,
+                           int act, double slope);
+
+/* out[j] = sum_i x[i, j] (float64 accumulation). */
+int idg_colsum_f32(const float *x, long B, long n, float *out);
+int idg_colsum_f64(const double *x, long B, long n, double *out);
+
+/* Training-mode BatchNorm (+ activation) in column blocks of width blk. */
+int idg_batchnorm_forward_f32(const float *x, const float *gamma, const float *beta,
+                              long B, long n, double eps, int act, double slope,
+                              float *out, float *mean, float *invstd, long blk);
+int idg_batchnorm_forward_f64(const double *x, const double *gamma, const double *beta,
+                              long B, long n, double eps, int act, double slope,
+                              double *out, double *mean, double *invstd, long blk);
+
+/* BatchNorm (+ activation) backward; beta may be NULL (zero). */
+int idg_batchnorm_backward_f32(const float *dy, const float *x, const float *mean,
+                               const float *invstd, const float *gamma,
+                               const float *beta, long B, long n, int act,
+                               double slope, float *dx, float *dgamma, float *dbeta,
+                               long blk);
+int idg_batchnorm_backward_f64(const double *dy, const double *x, const double *mean,
+                               const double *invstd, const double *gamma,
+                               const double *beta, long B, long n, int act,
+                               double slope, double *dx, double *dgamma,
+                               double *dbeta, long blk);
+
+/* Per-column mean, biased variance, fraction <= 0, fraction == 0 (one pass). */
+int idg_column_stats_f32(const float *x, long B, long n, double *mean, double *var,
+                         double *frac_le0, double *frac_eq0);
+int idg_column_stats_f64(const double *x, long B, long n, double *mean, double *var,
+                         double *frac_le0, double *frac_eq0);
+
+/* The 8 summary numbers of initdiag.kernels.stats.SUMMARY_FIELDS (one pass). */
+int idg_layer_summary_f32(const float *x, long B, long n, double *out);
+int idg_layer_summary_f64(const double *x, long B, long n, double *out);
+
+/* Mean cosine between distinct rows; scratch holds 2 B doubles. */
+int idg_row_correlation_f32(const float *x, long B, long n, double *scratch,
+                            double *out);
+int idg_row_correlation_f64(const double *x, long B, long n, double *scratch,
+                            double *out);

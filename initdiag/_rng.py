@@ -8,7 +8,8 @@ output therefore does not depend on how the work is split between threads: resul
 are bit-identical whatever ``numba.set_num_threads`` says.
 
 Normals come from the Box-Muller transform (Box & Muller 1958) of two 32-bit words,
-``z = sqrt(-2 ln u1) (cos 2 pi u2, sin 2 pi u2)`` with ``u1 = (k + 1) / 2^32``, evaluated
+``z = sqrt(-2 ln u1) (cos 2 pi u2, sin 2 pi u2)`` with ``u1 = (k + 1) / 2^32``,
+evaluated
 in float64 with branch-free polynomial ``log`` / ``sin`` / ``cos`` (absolute error
 < 1e-10, far below float32 rounding) so that the loop vectorises without a vector math
 library; the largest |z| is sqrt(64 ln 2) = 6.66.  Uniforms use the top 24 bits
@@ -24,7 +25,14 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
+
+# The OpenMP wait policy must be set before Numba's pool starts (our first parallel
+# call may come before any kernel's): spinning workers halve the BLAS rate.
+from .kernels import _threading
+
+_threading.configure()
+
+from numba import njit, prange  # noqa: E402
 
 __all__ = [
     "derive_key",
@@ -46,7 +54,7 @@ _U32 = np.uint64(32)
 _CHUNK = 1 << 15
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _philox(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 on uint64 words holding 32-bit values."""
     for r in range(10):
@@ -66,7 +74,7 @@ def _philox(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def philox4x32(counter, key):
     """Philox4x32-10 of one counter (4 uint32) under a key (2 uint32), for tests."""
     c = _philox(
@@ -88,38 +96,16 @@ _SQRT2 = math.sqrt(2.0)
 _HALF_PI = 0.5 * math.pi
 
 
-@njit(cache=True, inline="always")
-def _neg2log(a):
-    """-2 ln((a + 1) / 2^32) for a 32-bit word ``a`` (uint64), branch-free."""
-    k = a + np.uint64(1)
-    t = k
-    e = np.uint64(0)
-    for sh in (16, 8, 4, 2, 1):
-        s = np.uint64(sh) if t >= (np.uint64(1) << np.uint64(sh)) else np.uint64(0)
-        t = t >> s
-        e = e + s
-    # m = k / 2^e in [1, 2]
-    m = float(k) * (float(np.uint64(1) << (np.uint64(32) - e)) * 2.3283064365386963e-10)
-    ef = float(e)
-    if m > _SQRT2:
-        m = 0.5 * m
-        ef = ef + 1.0
-    s = (m - 1.0) / (m + 1.0)
-    s2 = s * s
-    # 2 atanh(s), |s| <= 0.1716: truncation error < 1e-11
-    lm = 2.0 * s * (
-        1.0
-        + s2 * (1.0 / 3.0 + s2 * (0.2 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 / 11.0))))
-    )
-    v = -2.0 * ((ef - 32.0) * _LN2 + lm)
-    return v if v > 0.0 else 0.0
-
-
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def _sincos_uniform(b):
-    """(cos t, sin t) for t uniform on the circle, from a 32-bit word (uint64)."""
-    q = b >> np.uint64(30)
-    f = (float(b & np.uint64(0x3FFFFFFF)) + 0.5) * 9.313225746154785e-10
+    """(cos t, sin t) for t uniform on the circle, from a 32-bit word (as int64).
+
+    The top two bits pick the quadrant, the other 30 the angle inside it (Taylor
+    series on [-pi/4, pi/4], error < 1e-12); the quadrant rotation is written with
+    selects (no branch).
+    """
+    q = b >> 30
+    f = (float(b & 0x3FFFFFFF) + 0.5) * 9.313225746154785e-10
     a = (f - 0.5) * _HALF_PI
     a2 = a * a
     sn = a * (
@@ -127,7 +113,11 @@ def _sincos_uniform(b):
         - a2
         * (
             1.0 / 6.0
-            - a2 * (1.0 / 120.0 - a2 * (1.0 / 5040.0 - a2 * (1.0 / 362880.0 - a2 / 39916800.0)))
+            - a2
+            * (
+                1.0 / 120.0
+                - a2 * (1.0 / 5040.0 - a2 * (1.0 / 362880.0 - a2 / 39916800.0))
+            )
         )
     )
     cs = 1.0 - a2 * (
@@ -136,79 +126,140 @@ def _sincos_uniform(b):
         * (
             1.0 / 24.0
             - a2
-            * (1.0 / 720.0 - a2 * (1.0 / 40320.0 - a2 * (1.0 / 3628800.0 - a2 / 479001600.0)))
+            * (
+                1.0 / 720.0
+                - a2 * (1.0 / 40320.0 - a2 * (1.0 / 3628800.0 - a2 / 479001600.0))
+            )
         )
     )
-    # rotate by q quarter turns
-    if q == np.uint64(0):
-        return cs, sn
-    if q == np.uint64(1):
-        return -sn, cs
-    if q == np.uint64(2):
-        return -cs, -sn
-    return sn, -cs
+    # rotate by q quarter turns: q=0 (c, s), 1 (-s, c), 2 (-c, -s), 3 (s, -c)
+    odd = (q & 1) == 1
+    x = sn if odd else cs
+    y = cs if odd else sn
+    negx = (q == 1) | (q == 2)
+    negy = q >= 2
+    return (-x if negx else x), (-y if negy else y)
 
 
-@njit(cache=True, inline="always")
-def _normal4(j, stream, k0, k1):
-    x0, x1, x2, x3 = _philox(
-        j & _MASK, j >> _U32, stream, np.uint64(0), k0, k1
-    )
-    r0 = math.sqrt(_neg2log(x0))
-    c0, s0 = _sincos_uniform(x1)
-    r1 = math.sqrt(_neg2log(x2))
-    c1, s1 = _sincos_uniform(x3)
-    return r0 * c0, r0 * s0, r1 * c1, r1 * s1
+@njit(cache=True, error_model="numpy")
+def _philox_block(j0, nb, stream, k0, k1, w0, w1, w2, w3):
+    """Words of counters ``(j0 + t, stream)``, t < nb, into four uint32 arrays
+    (straight-line loop over independent counters: vectorises)."""
+    for t in range(nb):
+        j = j0 + np.uint64(t)
+        x0, x1, x2, x3 = _philox(j & _MASK, j >> _U32, stream, np.uint64(0), k0, k1)
+        w0[t] = np.uint32(x0)
+        w1[t] = np.uint32(x1)
+        w2[t] = np.uint32(x2)
+        w3[t] = np.uint32(x3)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy")
+def _radius_block(w, nb, d, r):
+    """r[t] = sqrt(-2 ln((w[t] + 1) / 2^32)) for 32-bit words ``w`` (d: scratch).
+
+    ``(w + 1)`` is exact in float64; its exponent and mantissa are read from the bits
+    (int64 view), so the loops are integer / float arithmetic only and vectorise.
+    ``ln m`` for ``m in [1/sqrt2, sqrt2)`` uses ``2 atanh((m - 1) / (m + 1))``
+    (series, truncation error < 1e-11)."""
+    for t in range(nb):
+        d[t] = float(np.int64(w[t])) + 1.0
+    di = d.view(np.int64)
+    for t in range(nb):
+        bits = di[t]
+        r[t] = float((bits >> 52) - 1023)
+        di[t] = (bits & 0xFFFFFFFFFFFFF) | 0x3FF0000000000000  # mantissa in [1, 2)
+    for t in range(nb):
+        m = d[t]
+        ef = r[t] - 32.0
+        hi = m > _SQRT2
+        m = 0.5 * m if hi else m
+        ef = ef + 1.0 if hi else ef
+        s = (m - 1.0) / (m + 1.0)
+        s2 = s * s
+        lm = (
+            2.0
+            * s
+            * (
+                1.0
+                + s2
+                * (
+                    1.0 / 3.0
+                    + s2 * (0.2 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 / 11.0)))
+                )
+            )
+        )
+        r[t] = math.sqrt(max(-2.0 * (ef * _LN2 + lm), 0.0))
+
+
+@njit(cache=True, error_model="numpy")
+def _box_muller_block(w0, w1, w2, w3, nb, z, d, r0, r1, mean, std):
+    """z[4t + k] = mean + std * (Box-Muller of word pairs (w0, w1), (w2, w3)), k < 4
+    (straight-line loops; d, r0, r1 are float64 scratch; z may be the output)."""
+    _radius_block(w0, nb, d, r0)
+    _radius_block(w2, nb, d, r1)
+    for t in range(nb):
+        c0, s0 = _sincos_uniform(np.int64(w1[t]))
+        c1, s1 = _sincos_uniform(np.int64(w3[t]))
+        z[4 * t] = mean + std * (r0[t] * c0)
+        z[4 * t + 1] = mean + std * (r0[t] * s0)
+        z[4 * t + 2] = mean + std * (r1[t] * c1)
+        z[4 * t + 3] = mean + std * (r1[t] * s1)
+
+
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _fill_normal_kernel(out, k0, k1, stream, mean, std):
-    """out[i] = mean + std * N(0, 1)_(key, stream, i)."""
+    """out[i] = mean + std * N(0, 1)_(key, stream, i).
+
+    Chunks of ``_CHUNK`` entries (a multiple of 4, so chunk boundaries never split a
+    counter) are independent tasks; inside a chunk straight-line passes (Philox
+    words; radius; angle, scale and store) let LLVM vectorise.
+    Entry i depends only on (key, stream, i): identical for any thread count.
+    """
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in prange(nchunks):
         start = c * _CHUNK
         stop = min(start + _CHUNK, n)
-        for j in range(start // 4, (stop + 3) // 4):
-            z0, z1, z2, z3 = _normal4(np.uint64(j), stream, k0, k1)
-            i = 4 * j
-            if i + 3 < stop:
-                out[i] = mean + std * z0
-                out[i + 1] = mean + std * z1
-                out[i + 2] = mean + std * z2
-                out[i + 3] = mean + std * z3
-            else:
-                if i < stop:
-                    out[i] = mean + std * z0
-                if i + 1 < stop:
-                    out[i + 1] = mean + std * z1
-                if i + 2 < stop:
-                    out[i + 2] = mean + std * z2
+        nb = (stop - start + 3) // 4
+        w0 = np.empty(nb, np.uint32)
+        w1 = np.empty(nb, np.uint32)
+        w2 = np.empty(nb, np.uint32)
+        w3 = np.empty(nb, np.uint32)
+        d = np.empty(nb, np.float64)
+        r0 = np.empty(nb, np.float64)
+        r1 = np.empty(nb, np.float64)
+        _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
+        if stop - start == 4 * nb:  # whole counters: straight into the output
+            _box_muller_block(w0, w1, w2, w3, nb, out[start:stop], d, r0, r1, mean, std)
+        else:
+            z = np.empty(4 * nb, np.float64)
+            _box_muller_block(w0, w1, w2, w3, nb, z, d, r0, r1, mean, std)
+            for i in range(stop - start):
+                out[start + i] = z[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _fill_uniform_kernel(out, k0, k1, stream, lo, hi):
     """out[i] = lo + (hi - lo) * U(0, 1)_(key, stream, i), 24-bit uniforms."""
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
     w = (hi - lo) * 5.960464477539063e-08
+    sh = np.uint32(8)
     for c in prange(nchunks):
         start = c * _CHUNK
         stop = min(start + _CHUNK, n)
-        for j in range(start // 4, (stop + 3) // 4):
-            x0, x1, x2, x3 = _philox(
-                np.uint64(j) & _MASK, np.uint64(j) >> _U32, stream, np.uint64(0), k0, k1
-            )
-            i = 4 * j
-            sh = np.uint64(8)
-            if i < stop:
-                out[i] = lo + w * (float(x0 >> sh) + 0.5)
-            if i + 1 < stop:
-                out[i + 1] = lo + w * (float(x1 >> sh) + 0.5)
-            if i + 2 < stop:
-                out[i + 2] = lo + w * (float(x2 >> sh) + 0.5)
-            if i + 3 < stop:
-                out[i + 3] = lo + w * (float(x3 >> sh) + 0.5)
+        nb = (stop - start + 3) // 4
+        w0 = np.empty(nb, np.uint32)
+        w1 = np.empty(nb, np.uint32)
+        w2 = np.empty(nb, np.uint32)
+        w3 = np.empty(nb, np.uint32)
+        _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
+        for i in range(stop - start):
+            t = i >> 2
+            q = i & 3
+            x = w0[t] if q == 0 else (w1[t] if q == 1 else (w2[t] if q == 2 else w3[t]))
+            out[start + i] = lo + w * (float(x >> sh) + 0.5)
 
 
 def entropy_of(rng: Any) -> int:
@@ -244,38 +295,56 @@ def numpy_generator(entropy: int, *words: int) -> np.random.Generator:
     """A numpy Generator for the same stream name (for initializers that only
     implement ``sample``: truncated normal, orthogonal)."""
     return np.random.Generator(
-        np.random.Philox(np.random.SeedSequence([int(entropy), *[int(w) for w in words]]))
+        np.random.Philox(
+            np.random.SeedSequence([int(entropy), *[int(w) for w in words]])
+        )
     )
 
 
 def fill_normal(
-    out: np.ndarray, key: tuple[int, int], stream: int = 0, mean: float = 0.0,
+    out: np.ndarray,
+    key: tuple[int, int],
+    stream: int = 0,
+    mean: float = 0.0,
     std: float = 1.0,
 ) -> np.ndarray:
     """Fill a contiguous float32/float64 array with N(mean, std^2) entries in place."""
     flat = out.reshape(-1)
     _fill_normal_kernel(
-        flat, np.uint64(key[0]), np.uint64(key[1]), np.uint64(stream),
-        flat.dtype.type(mean), flat.dtype.type(std),
+        flat,
+        np.uint64(key[0]),
+        np.uint64(key[1]),
+        np.uint64(stream),
+        flat.dtype.type(mean),
+        flat.dtype.type(std),
     )
     return out
 
 
 def fill_uniform(
-    out: np.ndarray, key: tuple[int, int], stream: int = 0, low: float = 0.0,
+    out: np.ndarray,
+    key: tuple[int, int],
+    stream: int = 0,
+    low: float = 0.0,
     high: float = 1.0,
 ) -> np.ndarray:
     """Fill a contiguous float32/float64 array with U(low, high) entries in place."""
     flat = out.reshape(-1)
     _fill_uniform_kernel(
-        flat, np.uint64(key[0]), np.uint64(key[1]), np.uint64(stream),
-        float(low), float(high),
+        flat,
+        np.uint64(key[0]),
+        np.uint64(key[1]),
+        np.uint64(stream),
+        float(low),
+        float(high),
     )
     return out
 
 
 def fill(
-    out: np.ndarray, dist: tuple[str, float, float], key: tuple[int, int],
+    out: np.ndarray,
+    dist: tuple[str, float, float],
+    key: tuple[int, int],
     stream: int = 0,
 ) -> np.ndarray:
     """Fill ``out`` from an ``Initializer.distribution()`` triple."""

@@ -212,7 +212,7 @@ def _col_mean_var(x, j):
 def naive_batchnorm_forward(
     x, gamma, beta, eps: float = 1e-5, act: str = "identity", slope: float = 0.01
 ):
-    """Training-mode BatchNorm (biased variance) then act; returns (out, mean, invstd)."""
+    """Training-mode BatchNorm (biased variance), then act -> (out, mean, invstd)."""
     x = np.asarray(x, dtype=np.float64)
     B, n = x.shape
     out = np.empty((B, n))
@@ -257,7 +257,7 @@ def naive_batchnorm_backward(
             g.append(gi)
             xhat.append(xh)
         sb = sum(g)
-        sg = sum(gi * xh for gi, xh in zip(g, xhat))
+        sg = sum(gi * xh for gi, xh in zip(g, xhat, strict=False))
         dbeta[j] = sb
         dgamma[j] = sg
         for i in range(B):
@@ -321,7 +321,7 @@ def naive_layer_summary(x) -> np.ndarray:
 
 
 def naive_layer_summary_dict(x) -> dict:
-    return dict(zip(SUMMARY_FIELDS, naive_layer_summary(x).tolist()))
+    return dict(zip(SUMMARY_FIELDS, naive_layer_summary(x).tolist(), strict=False))
 
 
 def naive_row_correlation(x, gram: bool = False):
@@ -329,7 +329,8 @@ def naive_row_correlation(x, gram: bool = False):
 
     Rows of zero norm have cosine 0 with everything; B = 1 gives NaN.  With
     ``gram=True`` also returns the B x B cosine matrix (diagonal 1, or 0 for a zero
-    row).
+    row).  Any NaN / inf entry makes the mean NaN (propagation, even when the
+    offending row only meets zero rows).
     """
     x = np.asarray(x, dtype=np.float64)
     B, n = x.shape
@@ -340,9 +341,11 @@ def naive_row_correlation(x, gram: bool = False):
             if norms[a] == 0 or norms[b] == 0:
                 G[a, b] = 0.0
             else:
-                G[a, b] = sum(x[a, k] * x[b, k] for k in range(n)) / (norms[a] * norms[b])
-    if B < 2:
-        c = math.nan
+                G[a, b] = sum(x[a, k] * x[b, k] for k in range(n)) / (
+                    norms[a] * norms[b]
+                )
+    if B < 2 or not np.isfinite(x).all():
+        c = math.nan  # no pair; or a NaN / inf entry, which propagates
     else:
         c = sum(G[a, b] for a in range(B) for b in range(B) if a != b) / (B * (B - 1))
     return (c, G) if gram else c

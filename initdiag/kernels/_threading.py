@@ -23,6 +23,12 @@ Policy, applied once when ``initdiag.kernels`` is imported:
   The ``workqueue`` layer is not thread-safe: when it is the one that loaded, the
   dispatchers serialise Numba kernel calls with a lock (:data:`NUMBA_LOCK`).
 
+Measured (bench/KERNELS.md, 2 shared cores): the forward + backward step of a
+3-layer 1024-wide MLP was 1.5x-2.5x slower with ``OMP_WAIT_POLICY=ACTIVE`` than
+with PASSIVE, and a short ``GOMP_SPINCOUNT`` (1e3-3e4) was worse still on the
+oversubscribed machine.  The price of PASSIVE: a ~40-100 us kernel pays the
+wake-up of the second worker (column statistics ~90 us passive vs ~40 us active).
+
 Both settings only take effect before the respective runtime is loaded; if libgomp
 was already loaded by another library (or Numba's pool already started), the
 policy in force is that library's.  Set ``OMP_WAIT_POLICY`` / ``NUMBA_THREADING_LAYER``

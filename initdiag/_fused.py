@@ -1,0 +1,442 @@
+"""Private fused Numba passes of ``simulate`` (the hot path of the numba backend).
+
+The generic path of :mod:`initdiag.empirical` calls one kernel dispatcher per op and
+per statistic (each a pass over a B x n array, each allocating).  Here one pass
+computes every forward statistic of a layer output, one pass computes BatchNorm +
+activation and the statistics of both outputs, and two passes compute the backward
+of activation + BatchNorm with the gradient second moments and the parameter
+gradients' column sums.  Formulas are those of the kernel contract
+(``initdiag.kernels``) and of :mod:`initdiag.profile`:
+
+- per layer output ``x`` (B x n): ``mean``, ``second_moment = mean(x^2)``,
+  ``variance = mean_j var_b x[:, j]`` (biased, from sums shifted by row 0),
+  ``squared_mean = mean_j (mean_b x[:, j])^2``, ``active_fraction``,
+  ``dead_fraction``, ``zero_fraction``, the number of non-finite entries and the
+  mean uncentred cosine ``(|sum_a u_a|^2 - sum_a |u_a|^2) / (B (B - 1))`` with
+  ``u_a = x_a / |x_a|`` (zero rows count as cosine 0);
+- BatchNorm (training mode, Ioffe & Szegedy 2015): ``xhat = (x - mean) invstd``,
+  ``y = gamma xhat + beta``; backward ``g' = g act'(y)``, ``dbeta = sum_b g'``,
+  ``dgamma = sum_b g' xhat``, ``dx = gamma invstd / B (B g' - dbeta - xhat dgamma)``.
+
+Determinism: rows are split into a fixed number of chunks (independent of the thread
+count), each with its own partial sums, reduced in chunk order; results are
+therefore bit-identical whatever ``numba.set_num_threads`` says.  Every value that
+the generic path stores in the working dtype (BatchNorm output, activation output,
+gradients) is rounded to that dtype here too, so the two paths agree to rounding.
+
+The only fast-math is ``reassoc`` on the row sums of squares (:func:`_row_sumsq`),
+so that LLVM may vectorise that reduction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .kernels.activation import ACT_CODES
+
+__all__ = [
+    "ACT_CODES",
+    "row_chunks",
+    "col_stats",
+    "unit_forward",
+    "unit_backward",
+    "gram_dot",
+]
+
+RELU = ACT_CODES["relu"]
+LEAKY = ACT_CODES["leaky_relu"]
+TANH = ACT_CODES["tanh"]
+SIGMOID = ACT_CODES["sigmoid"]
+GELU = ACT_CODES["gelu"]
+SILU = ACT_CODES["silu"]
+SELU = ACT_CODES["selu"]
+ERF = ACT_CODES["erf"]
+IDENTITY = ACT_CODES["identity"]
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
+
+# rows per chunk: fixed, so the reduction order does not depend on the thread count
+_ROWS = 64
+
+
+def row_chunks(B: int) -> int:
+    """Number of row chunks of a batch of ``B`` rows."""
+    return (B + _ROWS - 1) // _ROWS
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _act(v, code, slope):
+    if code == RELU:
+        return 0.0 if v <= 0 else v
+    if code == IDENTITY:
+        return v
+    if code == LEAKY:
+        return v * slope if v < 0 else v
+    if code == TANH:
+        return math.tanh(v)
+    if code == SIGMOID:
+        return 1.0 / (1.0 + math.exp(-v))
+    if code == GELU:
+        return v * (0.5 * math.erfc(-v * _INV_SQRT2))
+    if code == SILU:
+        return v * (1.0 / (1.0 + math.exp(-v)))
+    if code == SELU:
+        return _SELU_SCALE * v if v > 0 else (_SELU_SCALE * _SELU_ALPHA) * math.expm1(v)
+    return math.erf(v)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _act_grad(g, v, code, slope):
+    """g * act'(v) (relu: no gradient where v <= 0; NaN propagates)."""
+    if code == RELU:
+        if v > 0:
+            return g
+        return 0.0 if v <= 0 else v
+    if code == IDENTITY:
+        return g
+    if code == LEAKY:
+        if v < 0:
+            return g * slope
+        return g if v >= 0 else v
+    if code == TANH:
+        t = math.tanh(v)
+        return g * (1.0 - t * t)
+    if code == SIGMOID:
+        s = 1.0 / (1.0 + math.exp(-v))
+        return g * (s * (1.0 - s))
+    if code == GELU:
+        return g * (
+            0.5 * math.erfc(-v * _INV_SQRT2)
+            + v * (_INV_SQRT2PI * math.exp(-0.5 * v * v))
+        )
+    if code == SILU:
+        s = 1.0 / (1.0 + math.exp(-v))
+        return g * (s + v * s * (1.0 - s))
+    if code == SELU:
+        return (
+            g * _SELU_SCALE
+            if v > 0
+            else g * ((_SELU_SCALE * _SELU_ALPHA) * math.exp(v))
+        )
+    return g * (_TWO_OVER_SQRTPI * math.exp(-v * v))
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _row_sumsq(r):
+    """sum_j r_j^2 in float64 (reassociated so that it vectorises)."""
+    s = 0.0
+    for j in range(r.shape[0]):
+        v = np.float64(r[j])
+        s += v * v
+    return s
+
+
+@njit(cache=True, error_model="numpy")
+def _count_nonfinite(r):
+    c = 0
+    for j in range(r.shape[0]):
+        if not math.isfinite(r[j]):
+            c += 1
+    return c
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _acc_row(r, shift, acc, sc):
+    """Add one row ``r`` to the partial column sums ``acc`` (4, n) and scalars ``sc``.
+
+    acc: [sum (r - shift), sum (r - shift)^2, sum r / |r|, count r > 0];
+    sc: [sum r^2, nonzero rows, zero entries, non-finite entries].
+    """
+    n = r.shape[0]
+    ss = _row_sumsq(r)
+    if not math.isfinite(ss):
+        sc[3] += _count_nonfinite(r)
+    inv = 0.0
+    if ss > 0.0:
+        inv = 1.0 / math.sqrt(ss)
+        sc[1] += 1.0
+    sc[0] += ss
+    zeros = 0
+    s0 = acc[0]
+    s1 = acc[1]
+    s2 = acc[2]
+    s3 = acc[3]
+    for j in range(n):
+        v = np.float64(r[j])
+        d = v - shift[j]
+        s0[j] += d
+        s1[j] += d * d
+        s2[j] += v * inv
+        s3[j] += 1.0 if v > 0 else 0.0
+        zeros += 1 if v == 0 else 0
+    sc[2] += zeros
+
+
+@njit(cache=True, error_model="numpy")
+def _finish(acc, sc, shift, B, out, colmean, colvar):
+    """Reduce chunk partials (in chunk order) into the 10 statistics ``out``:
+    [mean, second_moment, variance, squared_mean, active_fraction, dead_fraction,
+    zero_fraction, nonfinite_count, correlation, any_nonzero]; writes the column mean
+    and biased variance (float64) when ``colmean`` has length n."""
+    nch = acc.shape[0]
+    n = shift.shape[0]
+    tot = np.zeros((4, n))
+    s = np.zeros(4)
+    for c in range(nch):
+        for k in range(4):
+            for j in range(n):
+                tot[k, j] += acc[c, k, j]
+            s[k] += sc[c, k]
+    m_all = 0.0
+    var_all = 0.0
+    sqm = 0.0
+    pos = 0.0
+    dead = 0.0
+    su = 0.0
+    for j in range(n):
+        dm = tot[0, j] / B
+        mj = shift[j] + dm
+        vj = max(tot[1, j] / B - dm * dm, 0.0)
+        m_all += mj
+        var_all += vj
+        sqm += mj * mj
+        pos += tot[3, j]
+        dead += 1.0 if tot[3, j] == 0.0 else 0.0
+        su += tot[2, j] * tot[2, j]
+        if colmean.shape[0] == n:
+            colmean[j] = mj
+            colvar[j] = vj
+    N = float(B) * n
+    out[0] = m_all / n
+    out[1] = s[0] / N
+    out[2] = var_all / n
+    out[3] = sqm / n
+    out[4] = pos / N
+    out[5] = dead / n
+    out[6] = s[2] / N
+    out[7] = s[3]
+    out[8] = (su - s[1]) / (float(B) * (B - 1)) if B > 1 else np.nan
+    out[9] = 1.0 if s[2] < N else 0.0
+
+
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+def col_stats(x, acc, sc, out, colmean, colvar):
+    """Every forward statistic of ``x`` (B x n) in one pass (see :func:`_finish`);
+    ``acc`` (nch, 4, n), ``sc`` (nch, 4) are scratch; column mean / variance are
+    written when ``colmean`` has length n (BatchNorm reuses them)."""
+    B, n = x.shape
+    nch = acc.shape[0]
+    shift = np.empty(n)
+    for j in range(n):
+        v = np.float64(x[0, j])
+        shift[j] = v if math.isfinite(v) else 0.0
+    for c in prange(nch):
+        acc[c] = 0.0
+        sc[c] = 0.0
+        for b in range(c * _ROWS, min((c + 1) * _ROWS, B)):
+            _acc_row(x[b], shift, acc[c], sc[c])
+    _finish(acc, sc, shift, B, out, colmean, colvar)
+    return out
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _unit_row(xr, mean, invstd, gamma, beta, code, slope, yr, hr):
+    """y = gamma (x - mean) invstd + beta and h = act(y), both rounded to the dtype
+    of ``yr`` / ``hr``."""
+    for j in range(xr.shape[0]):
+        yr[j] = gamma[j] * ((np.float64(xr[j]) - mean[j]) * invstd[j]) + beta[j]
+    if code == RELU:
+        zero = np.zeros(1, hr.dtype)[0]
+        for j in range(xr.shape[0]):
+            v = yr[j]
+            hr[j] = zero if v <= 0 else v
+    elif code == IDENTITY:
+        for j in range(xr.shape[0]):
+            hr[j] = yr[j]
+    else:
+        for j in range(xr.shape[0]):
+            hr[j] = _act(np.float64(yr[j]), code, slope)
+
+
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+def unit_forward(
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    code,
+    slope,
+    rec_y,
+    h,
+    acc_y,
+    sc_y,
+    acc_h,
+    sc_h,
+    out_y,
+    out_h,
+):
+    """h = act(gamma (x - mean) invstd + beta) with the statistics of y (when
+    ``rec_y``) and of h, in one pass.  Plain activation: mean 0, invstd 1, gamma 1,
+    beta 0 (then y = x exactly).  ``mean``/``invstd``/``gamma``/``beta`` float64."""
+    B, n = x.shape
+    nch = acc_h.shape[0]
+    shy = np.zeros(n)
+    shh = np.zeros(n)
+    y0 = np.empty(n, h.dtype)
+    h0 = np.empty(n, h.dtype)
+    _unit_row(x[0], mean, invstd, gamma, beta, code, slope, y0, h0)
+    for j in range(n):
+        a = np.float64(y0[j])
+        shy[j] = a if math.isfinite(a) else 0.0
+        a = np.float64(h0[j])
+        shh[j] = a if math.isfinite(a) else 0.0
+    for c in prange(nch):
+        acc_h[c] = 0.0
+        sc_h[c] = 0.0
+        if rec_y:
+            acc_y[c] = 0.0
+            sc_y[c] = 0.0
+        yr = np.empty(n, h.dtype)
+        for b in range(c * _ROWS, min((c + 1) * _ROWS, B)):
+            _unit_row(x[b], mean, invstd, gamma, beta, code, slope, yr, h[b])
+            if rec_y:
+                _acc_row(yr, shy, acc_y[c], sc_y[c])
+            _acc_row(h[b], shh, acc_h[c], sc_h[c])
+    empty = np.empty(0)
+    if rec_y:
+        _finish(acc_y, sc_y, shy, B, out_y, empty, empty)
+    _finish(acc_h, sc_h, shh, B, out_h, empty, empty)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _grad_row(gr, xr, mean, invstd, gamma, beta, code, slope, yr, gp):
+    """g' = g act'(y) rounded to the dtype of ``gp``; y recomputed as in forward."""
+    for j in range(xr.shape[0]):
+        yr[j] = gamma[j] * ((np.float64(xr[j]) - mean[j]) * invstd[j]) + beta[j]
+    if code == RELU:
+        zero = np.zeros(1, gp.dtype)[0]
+        for j in range(xr.shape[0]):
+            v = yr[j]
+            gp[j] = gr[j] if v > 0 else (zero if v <= 0 else v)
+    elif code == IDENTITY:
+        for j in range(xr.shape[0]):
+            gp[j] = gr[j]
+    else:
+        for j in range(xr.shape[0]):
+            gp[j] = _act_grad(np.float64(gr[j]), np.float64(yr[j]), code, slope)
+
+
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+def unit_backward(
+    g,
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    code,
+    slope,
+    has_bn,
+    need_dx,
+    dx,
+    part,
+    sums,
+    dgamma,
+    dbeta,
+    dxsum,
+):
+    """Backward of :func:`unit_forward`: g (B x n) is the gradient w.r.t. h.
+
+    ``sums`` (float64, 3) receives [sum g^2, sum g'^2, sum dx^2] (g' = g act'(y),
+    the gradient w.r.t. y); ``dgamma``, ``dbeta`` (BatchNorm) and ``dxsum`` (the
+    column sums of dx, i.e. the bias gradient of a preceding Dense) are float64 (n,).
+    ``part`` (nch, 4, n) and the rows of ``dx`` are scratch/outputs.  Without
+    BatchNorm dx = g'; with it the standard formula (module docstring) in a second
+    pass.  ``need_dx`` False skips writing dx (first layer)."""
+    B, n = x.shape
+    nch = part.shape[0]
+    ss = np.zeros((nch, 3))
+    for c in prange(nch):
+        part[c] = 0.0
+        yr = np.empty(n, g.dtype)
+        gp = np.empty(n, g.dtype)
+        p0 = part[c, 0]
+        p1 = part[c, 1]
+        p2 = part[c, 2]
+        for b in range(c * _ROWS, min((c + 1) * _ROWS, B)):
+            _grad_row(g[b], x[b], mean, invstd, gamma, beta, code, slope, yr, gp)
+            ss[c, 0] += _row_sumsq(g[b])
+            ss[c, 1] += _row_sumsq(gp)
+            if has_bn:
+                for j in range(n):
+                    v = np.float64(gp[j])
+                    p0[j] += v
+                    p1[j] += v * ((np.float64(x[b, j]) - mean[j]) * invstd[j])
+            else:
+                dxr = dx[b]
+                for j in range(n):
+                    dxr[j] = gp[j]
+                    p2[j] += np.float64(gp[j])
+    dbeta[:] = 0.0
+    dgamma[:] = 0.0
+    dxsum[:] = 0.0
+    for c in range(nch):
+        for j in range(n):
+            dbeta[j] += part[c, 0, j]
+            dgamma[j] += part[c, 1, j]
+            dxsum[j] += part[c, 2, j]
+    sums[:] = 0.0
+    for c in range(nch):
+        sums[0] += ss[c, 0]
+        sums[1] += ss[c, 1]
+    if not has_bn:
+        sums[2] = sums[1]
+        return
+    if not need_dx:
+        return
+    coef = np.empty(n)
+    for j in range(n):
+        coef[j] = gamma[j] * invstd[j] / B
+    for c in prange(nch):
+        part[c, 2] = 0.0
+        p2 = part[c, 2]
+        yr = np.empty(n, g.dtype)
+        gp = np.empty(n, g.dtype)
+        for b in range(c * _ROWS, min((c + 1) * _ROWS, B)):
+            _grad_row(g[b], x[b], mean, invstd, gamma, beta, code, slope, yr, gp)
+            dxr = dx[b]
+            for j in range(n):
+                xh = (np.float64(x[b, j]) - mean[j]) * invstd[j]
+                dxr[j] = coef[j] * (B * np.float64(gp[j]) - dbeta[j] - xh * dgamma[j])
+                p2[j] += np.float64(dxr[j])
+            ss[c, 2] = ss[c, 2] + _row_sumsq(dxr)
+    for c in range(nch):
+        sums[2] += ss[c, 2]
+        for j in range(n):
+            dxsum[j] += part[c, 2, j]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def gram_dot(a, b):
+    """(sum_ij a_ij b_ij, trace a) in float64 for two B x B Gram matrices
+    (``||G^T X||_F^2 = <G G^T, X X^T>``; trace(G G^T) = ||G||_F^2)."""
+    B = a.shape[0]
+    s = 0.0
+    t = 0.0
+    for i in range(B):
+        ai = a[i]
+        bi = b[i]
+        r = 0.0
+        for j in range(B):
+            r += np.float64(ai[j]) * np.float64(bi[j])
+        s += r
+        t += np.float64(ai[i])
+    return s, t

@@ -1,0 +1,328 @@
+"""Element-wise activations and their derivatives (all CPU backends).
+
+Contract (see ``initdiag.kernels``; every variant has the same signature, writes into
+the outputs it is given, returns them, never validates, allocates or raises)::
+
+    _activation_forward_<b>(x, act, slope, out) -> out          # out = act(x)
+    _activation_backward_<b>(dy, x, act, slope, out) -> out     # out = dy * act'(x)
+
+``act`` is one of :data:`ACTIVATIONS`; ``slope`` is leaky_relu's negative slope.
+``out`` may be ``x`` itself (in place).  Formulas (float64 references in
+``tests/naive.py``):
+
+========== ======================================= =====================================
+act        act(x)                                  act'(x)
+========== ======================================= =====================================
+relu       0 if x <= 0 else x                      1 if x > 0, 0 if x <= 0
+leaky_relu slope * x if x < 0 else x               slope if x < 0 else 1
+tanh       tanh x                                  1 - tanh^2 x
+sigmoid    s = 1 / (1 + e^-x)                      s (1 - s)
+gelu       x Phi(x), Phi(x) = erfc(-x/sqrt2) / 2   Phi(x) + x phi(x)
+silu       x s(x)                                  s + x s (1 - s)
+selu       scale * (x if x > 0 else a (e^x - 1))   scale * (1 if x > 0 else a e^x)
+erf        erf x                                   2 / sqrt(pi) e^-x^2
+identity   x                                       1
+========== ======================================= =====================================
+
+GELU is the exact (erf) form of Hendrycks & Gimpel (2016); SELU uses PyTorch's
+constants (Klambauer et al. 2017).  NaN and inf propagate: relu(NaN) = NaN, and the
+derivative at a NaN input is NaN (relu / leaky_relu included), except that relu
+passes no gradient where x <= 0.
+
+The numba and c variants loop in Numba / C for relu, leaky_relu, identity, gelu,
+selu and erf, but hand tanh, sigmoid and silu (and erf's derivative) to NumPy's
+SIMD ufuncs (:data:`DELEGATE_FORWARD`, :data:`DELEGATE_BACKWARD`): a scalar libm
+loop was measured 4x-100x slower than NumPy 2 for those (bench/KERNELS.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import special
+
+from ._threading import njit, prange
+
+ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "silu",
+    "selu",
+    "erf",
+    "identity",
+)
+ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
+RELU, LEAKY, TANH, SIGMOID, GELU, SILU, SELU, ERF, IDENTITY = range(9)
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
+
+# Activations whose NumPy ufunc path (NumPy 2's SIMD exp / tanh) beats a scalar
+# libm loop by 4x-70x on 512 x 1024 float32 (bench/KERNELS.md): the numba and c
+# variants hand these to NumPy instead of looping over scalar libm calls
+# (gelu / erf / selu stay ours: SciPy's erf / erfc and np.where are no faster).
+DELEGATE_FORWARD = frozenset({"tanh", "sigmoid", "silu"})
+DELEGATE_BACKWARD = frozenset({"tanh", "sigmoid", "silu", "erf"})
+
+# element count per parallel chunk: below ~64k elements one thread is faster than
+# waking the pool (measured; a wake-up costs ~10-50 us with a passive wait policy)
+PAR_CHUNK = 1 << 16
+
+
+# --------------------------------------------------------------------------- numpy
+def _activation_forward_numpy(x, act, slope, out):
+    """NumPy reference of ``out = act(x)``."""
+    with np.errstate(all="ignore"):
+        if act == "relu":
+            # NaN must survive: maximum propagates NaN
+            np.maximum(x, 0, out=out)
+        elif act == "leaky_relu":
+            np.copyto(out, np.where(x < 0, x * slope, x))
+        elif act == "tanh":
+            np.tanh(x, out=out)
+        elif act == "sigmoid":
+            np.copyto(out, 1 / (1 + np.exp(-x)))
+        elif act == "gelu":
+            np.copyto(out, x * (0.5 * special.erfc(-x * _INV_SQRT2)))
+        elif act == "silu":
+            np.copyto(out, x * (1 / (1 + np.exp(-x))))
+        elif act == "selu":
+            neg = (SELU_SCALE * SELU_ALPHA) * np.expm1(x)
+            np.copyto(out, np.where(x > 0, SELU_SCALE * x, neg))
+        elif act == "erf":
+            special.erf(x, out=out)
+        else:  # identity
+            if out is not x:
+                np.copyto(out, x)
+    return out
+
+
+def _deriv_numpy(x, act, slope):
+    if act == "tanh":
+        t = np.tanh(x)
+        return 1 - t * t
+    if act == "sigmoid":
+        s = 1 / (1 + np.exp(-x))
+        return s * (1 - s)
+    if act == "gelu":
+        return 0.5 * special.erfc(-x * _INV_SQRT2) + x * (
+            _INV_SQRT2PI * np.exp(-0.5 * x * x)
+        )
+    if act == "silu":
+        s = 1 / (1 + np.exp(-x))
+        return s + x * s * (1 - s)
+    if act == "selu":
+        return np.where(x > 0, SELU_SCALE, (SELU_SCALE * SELU_ALPHA) * np.exp(x))
+    if act == "erf":
+        return _TWO_OVER_SQRTPI * np.exp(-x * x)
+    raise AssertionError(act)
+
+
+def _activation_backward_numpy(dy, x, act, slope, out):
+    """NumPy reference of ``out = dy * act'(x)``."""
+    with np.errstate(all="ignore"):
+        if act == "relu":
+            r = np.where(x > 0, dy, np.where(x <= 0, 0, x))
+        elif act == "leaky_relu":
+            r = np.where(x < 0, dy * slope, np.where(x >= 0, dy, x))
+        elif act == "identity":
+            r = dy
+        else:
+            r = dy * _deriv_numpy(x, act, slope)
+        np.copyto(out, r, casting="unsafe")
+    return out
+
+
+# --------------------------------------------------------------------------- numba
+@njit(cache=True, error_model="numpy")
+def _act_nb(v, code, slope):
+    """Scalar act(v) (generic branch; hot activations have their own loops)."""
+    if code == RELU:
+        return 0.0 if v <= 0 else v
+    if code == LEAKY:
+        return v * slope if v < 0 else v
+    if code == TANH:
+        return math.tanh(v)
+    if code == SIGMOID:
+        return 1.0 / (1.0 + math.exp(-v))
+    if code == GELU:
+        return v * (0.5 * math.erfc(-v * _INV_SQRT2))
+    if code == SILU:
+        return v * (1.0 / (1.0 + math.exp(-v)))
+    if code == SELU:
+        return SELU_SCALE * v if v > 0 else (SELU_SCALE * SELU_ALPHA) * math.expm1(v)
+    if code == ERF:
+        return math.erf(v)
+    return v
+
+
+@njit(cache=True, error_model="numpy")
+def _act_grad_nb(g, v, code, slope):
+    """Scalar g * act'(v)."""
+    if code == RELU:
+        if v > 0:
+            return g
+        return 0.0 if v <= 0 else v
+    if code == LEAKY:
+        if v < 0:
+            return g * slope
+        return g if v >= 0 else v
+    if code == TANH:
+        t = math.tanh(v)
+        return g * (1.0 - t * t)
+    if code == SIGMOID:
+        s = 1.0 / (1.0 + math.exp(-v))
+        return g * (s * (1.0 - s))
+    if code == GELU:
+        return g * (
+            0.5 * math.erfc(-v * _INV_SQRT2)
+            + v * (_INV_SQRT2PI * math.exp(-0.5 * v * v))
+        )
+    if code == SILU:
+        s = 1.0 / (1.0 + math.exp(-v))
+        return g * (s + v * s * (1.0 - s))
+    if code == SELU:
+        return (
+            g * SELU_SCALE if v > 0 else g * ((SELU_SCALE * SELU_ALPHA) * math.exp(v))
+        )
+    if code == ERF:
+        return g * (_TWO_OVER_SQRTPI * math.exp(-v * v))
+    return g
+
+
+@njit(cache=True, error_model="numpy")
+def _act_span_nb(x, out, code, slope):
+    """out = act(x) on 1-D slices; relu/identity get tight loops.  0-based
+    indices on contiguous slices: LLVM vectorises these loops."""
+    hi = x.shape[0]
+    if code == RELU:
+        zero = np.zeros(1, out.dtype)[0]  # typed zero: the select stays in dtype
+        for k in range(hi):
+            v = x[k]
+            out[k] = zero if v <= 0 else v
+    elif code == IDENTITY:
+        for k in range(hi):
+            out[k] = x[k]
+    elif code == LEAKY:
+        s = np.full(1, slope, out.dtype)[0]
+        for k in range(hi):
+            v = x[k]
+            out[k] = v * s if v < 0 else v  # a select, not a branch
+    else:
+        for k in range(hi):
+            out[k] = _act_nb(x[k], code, slope)
+
+
+@njit(cache=True, error_model="numpy")
+def _act_grad_span_nb(dy, x, out, code, slope):
+    """out = dy * act'(x) on 1-D slices."""
+    hi = x.shape[0]
+    if code == RELU:
+        zero = np.zeros(1, out.dtype)[0]
+        for k in range(hi):
+            v = x[k]
+            keep = dy[k] if v > 0 else zero  # selects: no branch to mispredict
+            out[k] = keep if v == v else v
+    elif code == IDENTITY:
+        for k in range(hi):
+            out[k] = dy[k]
+    elif code == LEAKY:
+        s = np.full(1, slope, out.dtype)[0]
+        for k in range(hi):
+            v = x[k]
+            keep = dy[k] * s if v < 0 else dy[k]
+            out[k] = keep if v == v else v
+    else:
+        for k in range(hi):
+            out[k] = _act_grad_nb(dy[k], x[k], code, slope)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _act_fwd_nb(x, code, slope, out):
+    """Parallel act over a C-contiguous 2-D array."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    N = xf.size
+    nch = (N + PAR_CHUNK - 1) // PAR_CHUNK
+    if nch <= 1:
+        _act_span_nb(xf, of, code, slope)
+    else:
+        for c in prange(nch):
+            lo = c * N // nch
+            hi = (c + 1) * N // nch
+            _act_span_nb(xf[lo:hi], of[lo:hi], code, slope)
+    return out
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _act_bwd_nb(dy, x, code, slope, out):
+    """Parallel dy * act'(x) over C-contiguous 2-D arrays."""
+    df = dy.reshape(-1)
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    N = xf.size
+    nch = (N + PAR_CHUNK - 1) // PAR_CHUNK
+    if nch <= 1:
+        _act_grad_span_nb(df, xf, of, code, slope)
+    else:
+        for c in prange(nch):
+            lo = c * N // nch
+            hi = (c + 1) * N // nch
+            _act_grad_span_nb(df[lo:hi], xf[lo:hi], of[lo:hi], code, slope)
+    return out
+
+
+def _activation_forward_numba(x, act, slope, out):
+    """Numba variant of ``out = act(x)`` (DELEGATE_FORWARD acts: NumPy ufuncs)."""
+    if act in DELEGATE_FORWARD:
+        return _activation_forward_numpy(x, act, slope, out)
+    _act_fwd_nb(x, ACT_CODES[act], float(slope), out)
+    return out
+
+
+def _activation_backward_numba(dy, x, act, slope, out):
+    """Numba variant of ``out = dy * act'(x)`` (DELEGATE_BACKWARD: NumPy)."""
+    if act in DELEGATE_BACKWARD:
+        return _activation_backward_numpy(dy, x, act, slope, out)
+    _act_bwd_nb(dy, x, ACT_CODES[act], float(slope), out)
+    return out
+
+
+# --------------------------------------------------------------------------- c
+def _activation_forward_c(x, act, slope, out):
+    """C variant of ``out = act(x)`` (DELEGATE_FORWARD acts: NumPy ufuncs)."""
+    from ._c import check, fn, ptr
+
+    if act in DELEGATE_FORWARD:
+        return _activation_forward_numpy(x, act, slope, out)
+
+    check(
+        fn("idg_activation_forward", x.dtype)(
+            ptr(x), x.size, ACT_CODES[act], float(slope), ptr(out)
+        ),
+        "idg_activation_forward",
+    )
+    return out
+
+
+def _activation_backward_c(dy, x, act, slope, out):
+    """C variant of ``out = dy * act'(x)`` (DELEGATE_BACKWARD acts: NumPy)."""
+    from ._c import check, fn, ptr
+
+    if act in DELEGATE_BACKWARD:
+        return _activation_backward_numpy(dy, x, act, slope, out)
+
+    check(
+        fn("idg_activation_backward", x.dtype)(
+            ptr(dy), ptr(x), x.size, ACT_CODES[act], float(slope), ptr(out)
+        ),
+        "idg_activation_backward",
+    )
+    return out

@@ -1,0 +1,417 @@
+"""One-pass statistics of a layer output (all CPU backends).
+
+Contract (every variant has the same signature, writes into the outputs it is
+given, returns them, never validates, allocates (beyond per-block scratch) or
+raises)::
+
+    _column_stats_<b>(x, mean, var, frac_le0, frac_eq0)
+        -> (mean, var, frac_le0, frac_eq0)
+    _layer_summary_<b>(x, out) -> out           # out float64 (8,), SUMMARY_FIELDS
+    _row_correlation_<b>(x, out) -> out         # out float64 (1,)
+
+Per feature j over the batch (B rows): mean_j, biased var_j, fraction of entries
+<= 0 and == 0.  Variances come from sums shifted by the first row, accumulated in
+float64 (Chan, Golub & LeVeque 1983), in one pass over x; never E[x^2] - E[x]^2
+of the raw data.
+
+``layer_summary`` (x of shape (B, n)): mean = mean(x); second_moment = mean(x^2)
+(= mean_j (var_j + mean_j^2)); variance = mean_j var_j; squared_mean = mean_j
+mean_j^2 (Schoenholz et al. 2017's channel statistics); active_fraction = share
+of entries > 0; dead_fraction = share of features with x[b, j] <= 0 for every b;
+zero_fraction = share of entries == 0; nonfinite_count = number of NaN/inf.
+
+``row_correlation``: mean over ordered pairs a != b of the uncentered cosine
+<x_a, x_b> / (|x_a| |x_b|), rows of zero norm counting as cosine 0, B = 1 giving
+NaN; a NaN or inf entry makes it NaN.  With u_a = x_a / |x_a|:
+sum_{a != b} <u_a, u_b> = |sum_a u_a|^2 - sum_a |u_a|^2, which is O(B n) and
+needs no Gram matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._threading import njit, prange
+from .activation import PAR_CHUNK
+
+SUMMARY_FIELDS = (
+    "mean",
+    "second_moment",
+    "variance",
+    "squared_mean",
+    "active_fraction",
+    "dead_fraction",
+    "zero_fraction",
+    "nonfinite_count",
+)
+
+# columns per parallel block for the statistics kernels: a row slice of 256
+# elements is a few cache lines, and n = 1024 gives 4 blocks for 2 threads
+STATS_BLOCK = 256
+
+
+# --------------------------------------------------------------------------- numpy
+def _column_stats_numpy(x, mean, var, frac_le0, frac_eq0):
+    """NumPy reference (two-pass mean / variance, in float64)."""
+    xd = x.astype(np.float64)
+    m = xd.mean(axis=0)
+    mean[...] = m
+    d = xd - m
+    var[...] = np.mean(d * d, axis=0)
+    frac_le0[...] = np.mean(x <= 0, axis=0)
+    frac_eq0[...] = np.mean(x == 0, axis=0)
+    return mean, var, frac_le0, frac_eq0
+
+
+def _layer_summary_numpy(x, out):
+    """NumPy reference of the 8 SUMMARY_FIELDS."""
+    B, n = x.shape
+    m = np.empty(n)
+    v = np.empty(n)
+    le0 = np.empty(n)
+    eq0 = np.empty(n)
+    _column_stats_numpy(x, m, v, le0, eq0)
+    out[0] = m.mean()
+    out[1] = np.mean(v + m * m)
+    out[2] = v.mean()
+    out[3] = np.mean(m * m)
+    out[4] = np.count_nonzero(x > 0) / x.size
+    out[5] = np.count_nonzero(le0 == 1.0) / n
+    out[6] = np.count_nonzero(x == 0) / x.size
+    out[7] = x.size - np.count_nonzero(np.isfinite(x))
+    return out
+
+
+def _row_correlation_numpy(x, out):
+    """NumPy reference using the |sum u|^2 - sum |u|^2 identity, float64."""
+    B = x.shape[0]
+    xd = x.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", xd, xd))
+    with np.errstate(all="ignore"):
+        inv = np.where(norms == 0, 0.0, 1.0 / norms)
+        u = xd * inv[:, None]
+        s = u.sum(axis=0)
+        # B = 1: no pair; |S|^2 - |u|^2 is rounding noise, not 0 / 0
+        out[0] = (s @ s - np.sum(u * u)) / (B * (B - 1)) if B > 1 else np.nan
+    return out
+
+
+# --------------------------------------------------------------------------- numba
+@njit(cache=True, error_model="numpy")
+def _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq):
+    """Columns j0..j1: shift k (first row), shifted sums s1, s2, counts <= 0, == 0.
+
+    float64 throughout (the outputs are float64: squares of large float32 values
+    must not overflow); four rows per sweep so each accumulator is loaded and
+    stored once per four rows; 0-based indices on contiguous row slices so LLVM
+    vectorises the loop."""
+    B = x.shape[0]
+    w = j1 - j0
+    r = x[0, j0:j1]
+    for j in range(w):
+        k[j] = r[j]
+        s1[j] = 0.0
+        s2[j] = 0.0
+        cle[j] = 0.0
+        ceq[j] = 0.0
+    i = 0
+    while i + 4 <= B:
+        r0 = x[i, j0:j1]
+        r1 = x[i + 1, j0:j1]
+        r2 = x[i + 2, j0:j1]
+        r3 = x[i + 3, j0:j1]
+        for j in range(w):
+            v0 = np.float64(r0[j])
+            v1 = np.float64(r1[j])
+            v2 = np.float64(r2[j])
+            v3 = np.float64(r3[j])
+            d0 = v0 - k[j]
+            d1 = v1 - k[j]
+            d2 = v2 - k[j]
+            d3 = v3 - k[j]
+            s1[j] += (d0 + d1) + (d2 + d3)
+            s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            cle[j] += ((1.0 if v0 <= 0 else 0.0) + (1.0 if v1 <= 0 else 0.0)) + (
+                (1.0 if v2 <= 0 else 0.0) + (1.0 if v3 <= 0 else 0.0)
+            )
+            ceq[j] += ((1.0 if v0 == 0 else 0.0) + (1.0 if v1 == 0 else 0.0)) + (
+                (1.0 if v2 == 0 else 0.0) + (1.0 if v3 == 0 else 0.0)
+            )
+        i += 4
+    while i < B:
+        r0 = x[i, j0:j1]
+        for j in range(w):
+            v0 = np.float64(r0[j])
+            d0 = v0 - k[j]
+            s1[j] += d0
+            s2[j] += d0 * d0
+            cle[j] += 1.0 if v0 <= 0 else 0.0
+            ceq[j] += 1.0 if v0 == 0 else 0.0
+        i += 1
+
+
+@njit(cache=True, error_model="numpy")
+def _count_nonfinite_nb(x, j):
+    """(NaN count, inf count) of column j: the rare path, taken only for columns
+    whose shifted sum of squares is not finite."""
+    nan = 0.0
+    inf = 0.0
+    for i in range(x.shape[0]):
+        v = x[i, j]
+        if v != v:
+            nan += 1.0
+        elif abs(v) == math.inf:
+            inf += 1.0
+    return nan, inf
+
+
+@njit(cache=True, error_model="numpy")
+def _colstats_block_nb(x, j0, j1, mean, var, frac_le0, frac_eq0):
+    """column_stats of columns j0..j1."""
+    B = x.shape[0]
+    w = j1 - j0
+    k = np.empty(w)
+    s1 = np.empty(w)
+    s2 = np.empty(w)
+    cle = np.empty(w)
+    ceq = np.empty(w)
+    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq)
+    for j in range(w):
+        ms = s1[j] / B
+        v = s2[j] / B - ms * ms
+        mean[j0 + j] = k[j] + ms
+        var[j0 + j] = 0.0 if v < 0.0 else v
+        frac_le0[j0 + j] = cle[j] / B
+        frac_eq0[j0 + j] = ceq[j] / B
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _column_stats_nb(x, mean, var, frac_le0, frac_eq0):
+    """Parallel over column blocks (serial below PAR_CHUNK elements); one pass."""
+    B, n = x.shape
+    blk = STATS_BLOCK
+    nblk = (n + blk - 1) // blk
+    if nblk <= 1 or B * n < PAR_CHUNK:
+        for bi in range(nblk):
+            _colstats_block_nb(
+                x, bi * blk, min(n, (bi + 1) * blk), mean, var, frac_le0, frac_eq0
+            )
+    else:
+        for bi in prange(nblk):
+            _colstats_block_nb(
+                x, bi * blk, min(n, (bi + 1) * blk), mean, var, frac_le0, frac_eq0
+            )
+    return mean
+
+
+@njit(cache=True, error_model="numpy")
+def _summary_block_nb(x, j0, j1, p):
+    """Partial sums of the 8 summary numbers over columns j0..j1 into p (8,)."""
+    B = x.shape[0]
+    w = j1 - j0
+    k = np.empty(w)
+    s1 = np.empty(w)
+    s2 = np.empty(w)
+    cle = np.empty(w)
+    ceq = np.empty(w)
+    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq)
+    for j in range(w):
+        ms = s1[j] / B
+        v = s2[j] / B - ms * ms
+        if v < 0.0:
+            v = 0.0
+        m = k[j] + ms
+        # entries > 0 = B - (<= 0) - NaN; NaN / inf counted on the rare path
+        nan = 0.0
+        inf = 0.0
+        if not abs(s2[j]) < math.inf:
+            nan, inf = _count_nonfinite_nb(x, j0 + j)
+        p[0] += m
+        p[1] += v + m * m
+        p[2] += v
+        p[3] += m * m
+        p[4] += B - cle[j] - nan
+        p[5] += 1.0 if cle[j] == B else 0.0
+        p[6] += ceq[j]
+        p[7] += nan + inf
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _layer_summary_nb(x, out):
+    """Parallel over column blocks (serial below PAR_CHUNK elements); per-block
+    partial sums, combined in block order."""
+    B, n = x.shape
+    blk = STATS_BLOCK
+    nblk = (n + blk - 1) // blk
+    # np.empty + a serial fill: in a parallel=True function np.zeros would itself
+    # become a parallel loop and wake the thread pool even for tiny inputs
+    parts = np.empty((nblk, 8))
+    for bi in range(nblk):
+        for f in range(8):
+            parts[bi, f] = 0.0
+    if nblk <= 1 or B * n < PAR_CHUNK:
+        for bi in range(nblk):
+            _summary_block_nb(x, bi * blk, min(n, (bi + 1) * blk), parts[bi])
+    else:
+        for bi in prange(nblk):
+            _summary_block_nb(x, bi * blk, min(n, (bi + 1) * blk), parts[bi])
+    tot = np.empty(8)
+    for f in range(8):
+        tot[f] = 0.0
+    for bi in range(nblk):
+        for f in range(8):
+            tot[f] += parts[bi, f]
+    N = B * n
+    out[0] = tot[0] / n
+    out[1] = tot[1] / n
+    out[2] = tot[2] / n
+    out[3] = tot[3] / n
+    out[4] = tot[4] / N
+    out[5] = tot[5] / n
+    out[6] = tot[6] / N
+    out[7] = tot[7]
+    return out
+
+
+# reassoc only: lets LLVM vectorise this one sum of squares (non-negative terms,
+# so the order hardly matters); NaN / inf semantics are untouched (no nnan / ninf)
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def _sumsq_nb(r):
+    """sum_j r_j^2 in float64."""
+    s = 0.0
+    for j in range(r.shape[0]):
+        v = np.float64(r[j])
+        s += v * v
+    return s
+
+
+@njit(cache=True, error_model="numpy")
+def _rc_norm_nb(x, a, inv, uu):
+    """1 / |x_a| (0 for a zero row) and |u_a|^2 = |x_a|^2 / |x_a|^2 of row a."""
+    s = _sumsq_nb(x[a])
+    ia = 0.0 if s == 0.0 else 1.0 / math.sqrt(s)
+    inv[a] = ia
+    uu[a] = s * ia * ia
+
+
+@njit(cache=True, error_model="numpy")
+def _rc_block_nb(x, j0, j1, inv):
+    """sum_j (sum_a x_aj / |x_a|)^2 over columns j0..j1, four rows per sweep."""
+    B = x.shape[0]
+    w = j1 - j0
+    S = np.zeros(w)
+    a = 0
+    while a + 4 <= B:
+        r0 = x[a, j0:j1]
+        r1 = x[a + 1, j0:j1]
+        r2 = x[a + 2, j0:j1]
+        r3 = x[a + 3, j0:j1]
+        i0 = inv[a]
+        i1 = inv[a + 1]
+        i2 = inv[a + 2]
+        i3 = inv[a + 3]
+        for j in range(w):
+            S[j] += (np.float64(r0[j]) * i0 + np.float64(r1[j]) * i1) + (
+                np.float64(r2[j]) * i2 + np.float64(r3[j]) * i3
+            )
+        a += 4
+    while a < B:
+        r = x[a, j0:j1]
+        ia = inv[a]
+        for j in range(w):
+            S[j] += np.float64(r[j]) * ia
+        a += 1
+    sb = 0.0
+    for j in range(w):
+        sb += S[j] * S[j]
+    return sb
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _row_correlation_nb(x, out):
+    """Row norms, then S = sum_a u_a by column block (each parallel above
+    PAR_CHUNK elements); sum_a |u_a|^2 comes from the norms."""
+    B, n = x.shape
+    if B < 2:
+        out[0] = np.nan
+        return out
+    inv = np.empty(B)
+    uu = np.empty(B)
+    blk = STATS_BLOCK
+    nblk = (n + blk - 1) // blk
+    parts = np.empty(nblk)  # not np.zeros: see _layer_summary_nb
+    if B * n < PAR_CHUNK:
+        for a in range(B):
+            _rc_norm_nb(x, a, inv, uu)
+        for bi in range(nblk):
+            parts[bi] = _rc_block_nb(x, bi * blk, min(n, (bi + 1) * blk), inv)
+    else:
+        for a in prange(B):
+            _rc_norm_nb(x, a, inv, uu)
+        for bi in prange(nblk):
+            parts[bi] = _rc_block_nb(x, bi * blk, min(n, (bi + 1) * blk), inv)
+    s2 = 0.0
+    for bi in range(nblk):
+        s2 += parts[bi]
+    t = 0.0
+    for a in range(B):
+        t += uu[a]
+    out[0] = (s2 - t) / (B * (B - 1.0))
+    return out
+
+
+def _column_stats_numba(x, mean, var, frac_le0, frac_eq0):
+    """Numba variant: one pass over x, shifted float64 sums."""
+    _column_stats_nb(x, mean, var, frac_le0, frac_eq0)
+    return mean, var, frac_le0, frac_eq0
+
+
+def _layer_summary_numba(x, out):
+    """Numba variant: one pass over x."""
+    _layer_summary_nb(x, out)
+    return out
+
+
+def _row_correlation_numba(x, out):
+    """Numba variant: two passes over x (norms, then the sum of unit rows)."""
+    _row_correlation_nb(x, out)
+    return out
+
+
+# --------------------------------------------------------------------------- c
+def _column_stats_c(x, mean, var, frac_le0, frac_eq0):
+    """C variant (idg_column_stats)."""
+    from ._c import check, fn, ptr
+
+    B, n = x.shape
+    check(
+        fn("idg_column_stats", x.dtype)(
+            ptr(x), B, n, ptr(mean), ptr(var), ptr(frac_le0), ptr(frac_eq0)
+        ),
+        "idg_column_stats",
+    )
+    return mean, var, frac_le0, frac_eq0
+
+
+def _layer_summary_c(x, out):
+    """C variant (idg_layer_summary)."""
+    from ._c import check, fn, ptr
+
+    B, n = x.shape
+    check(fn("idg_layer_summary", x.dtype)(ptr(x), B, n, ptr(out)), "idg_layer_summary")
+    return out
+
+
+def _row_correlation_c(x, out):
+    """C variant (idg_row_correlation); 2 B float64 of scratch from here."""
+    from ._c import check, fn, ptr
+
+    B, n = x.shape
+    scratch = np.empty(2 * B)
+    check(
+        fn("idg_row_correlation", x.dtype)(ptr(x), B, n, ptr(scratch), ptr(out)),
+        "idg_row_correlation",
+    )
+    return out

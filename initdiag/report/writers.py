@@ -1,0 +1,92 @@
+"""JSON and CSV output of a study: every number of both profiles, the verdicts, the
+explanation and the configuration that produced them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from ..profile import ID_COLUMNS, Profile, _jsonable
+from .study import StudyResult
+
+__all__ = ["study_to_dict", "study_to_json", "study_to_csv", "write_json"]
+
+SCHEMA = "initdiag.report/1"
+
+
+def study_to_dict(result: StudyResult) -> dict[str, Any]:
+    """A JSON-ready dict: ``{"schema", "study", "description", "settings", "timings",
+    "explanation", "variants": [{"name", "network", "analytic", "empirical",
+    "summary", "verdicts", "errors"}]}``; each profile as
+    :meth:`Profile.to_dict` (NaN -> null, inf -> "inf")."""
+    summaries = result.summaries()
+    variants = []
+    for e, s in zip(result.entries, summaries, strict=True):
+        s = {k: v for k, v in s.items() if k != "family"}
+        variants.append(
+            {
+                "name": e.name,
+                "network": e.network.to_dict(),
+                "analytic": e.analytic.to_dict() if e.analytic is not None else None,
+                "empirical": e.empirical.to_dict() if e.empirical is not None else None,
+                "summary": s,
+                "verdicts": [v.to_dict() for v in e.verdicts],
+                "errors": dict(e.errors),
+            }
+        )
+    return _jsonable(
+        {
+            "schema": SCHEMA,
+            "study": result.name,
+            "description": result.description,
+            "settings": result.settings,
+            "timings": result.timings,
+            "explanation": [s.text for s in result.explanation()],
+            "variants": variants,
+        }
+    )
+
+
+def study_to_json(result: StudyResult, indent: int | None = 1) -> str:
+    return json.dumps(study_to_dict(result), indent=indent)
+
+
+def write_json(result: StudyResult, path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(study_to_json(result))
+    return path
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        return repr(v)
+    s = str(v)
+    return f'"{s}"' if ("," in s or '"' in s) else s
+
+
+def study_to_csv(result: StudyResult) -> str:
+    """One line per (variant, engine, layer) with every column of both profiles."""
+    profiles: list[tuple[str, Profile]] = []
+    for e in result.entries:
+        for p in (e.analytic, e.empirical):
+            if p is not None:
+                profiles.append((e.name, p))
+    cols: list[str] = []
+    for _, p in profiles:
+        for c in p.columns:
+            if c not in cols:
+                cols.append(c)
+    head = ["variant", "source", *ID_COLUMNS, *cols]
+    lines = [",".join(head)]
+    for name, p in profiles:
+        for i in range(len(p)):
+            r = p.row(i)
+            cells = [_cell(name), p.source, *(_cell(r[c]) for c in ID_COLUMNS)]
+            cells += [_cell(r.get(c, math.nan)) for c in cols]
+            lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
