@@ -702,8 +702,10 @@ def _summary(network: Network, inits, prof: Profile) -> dict[str, Any]:
         out["regime"] = _regime(chi)
         return out
     if any(
-        (inits[i].get("bias") is not None
-         and inits[i]["bias"].mean(info.fan_in, info.width) != 0.0)
+        (
+            inits[i].get("bias") is not None
+            and inits[i]["bias"].mean(info.fan_in, info.width) != 0.0
+        )
         or inits[i]["weight"].mean(info.fan_in, info.width) != 0.0
         for i, info in enumerate(infos)
         if isinstance(info.layer, Dense)

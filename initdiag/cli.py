@@ -23,10 +23,9 @@ import math
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from typing import Any
-
-import tomllib
 
 __all__ = ["main", "build_parser"]
 

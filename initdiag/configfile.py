@@ -55,8 +55,15 @@ _MLP_KEYS = {
 }
 _LAYER_KEYS = {"input_dim", "layers"}
 _TOP_KEYS = {"study", "network", "init", "simulate", "analyze", "variants"}
-_SIM_KEYS = {"batch_size", "seeds", "backend", "dtype", "rng", "input_correlation",
-             "jacobian"}
+_SIM_KEYS = {
+    "batch_size",
+    "seeds",
+    "backend",
+    "dtype",
+    "rng",
+    "input_correlation",
+    "jacobian",
+}
 _ANA_KEYS = {"input_second_moment", "input_correlation", "batch_size"}
 
 
@@ -83,7 +90,11 @@ def _where(source: str | None, key: str) -> str:
 def _merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in patch.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "overrides":
+        if (
+            isinstance(v, Mapping)
+            and isinstance(out.get(k), Mapping)
+            and k != "overrides"
+        ):
             out[k] = _merge(out[k], v)
         elif k == "overrides" and isinstance(v, Mapping):
             out[k] = {**dict(out.get(k, {})), **dict(v)}
@@ -93,7 +104,10 @@ def _merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _build_network(
-    net: Mapping[str, Any], init: Mapping[str, Any] | None, name: str, source: str | None,
+    net: Mapping[str, Any],
+    init: Mapping[str, Any] | None,
+    name: str,
+    source: str | None,
     key: str,
 ) -> Network:
     if not isinstance(net, Mapping):
@@ -101,7 +115,9 @@ def _build_network(
     try:
         scheme = InitScheme.from_spec(dict(init) if init else None)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{_where(source, key.replace('network', 'init'))} {exc}") from None
+        raise ConfigError(
+            f"{_where(source, key.replace('network', 'init'))} {exc}"
+        ) from None
     keys = set(net)
     try:
         if "layers" in keys:
@@ -116,19 +132,23 @@ def _build_network(
             layers = net["layers"]
             if not isinstance(layers, Sequence) or isinstance(layers, str):
                 raise ConfigError(
-                    f"{_where(source, key + '.layers')} must be an array of tables such "
-                    f"as {{type = \"dense\", width = 512}}"
+                    f"{_where(source, key + '.layers')} must be an array of tables "
+                    "such "
+                    f'as {{type = "dense", width = 512}}'
                 )
             built = []
             for i, t in enumerate(layers):
                 if not isinstance(t, Mapping):
                     raise ConfigError(
-                        f"{_where(source, f'{key}.layers[{i}]')} must be a table, got {t!r}"
+                        f"{_where(source, f'{key}.layers[{i}]')} must be a table, "
+                        f"got {t!r}"
                     )
                 try:
                     built.append(layer_from_dict(t))
                 except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"{_where(source, f'{key}.layers[{i}]')} {exc}") from None
+                    raise ConfigError(
+                        f"{_where(source, f'{key}.layers[{i}]')} {exc}"
+                    ) from None
             return Network(net["input_dim"], tuple(built), init=scheme, name=name)
         unknown = keys - _MLP_KEYS - {"name"}
         if unknown:
@@ -163,7 +183,9 @@ def _check_settings(d: Any, allowed: set[str], source: str | None, key: str) -> 
 
 def _study_from_dict(d: Mapping[str, Any], source: str | None) -> Study:
     if not isinstance(d, Mapping):
-        raise ConfigError(f"{source or 'config'}: expected a table, got {type(d).__name__}")
+        raise ConfigError(
+            f"{source or 'config'}: expected a table, got {type(d).__name__}"
+        )
     unknown = set(d) - _TOP_KEYS
     if unknown:
         raise ConfigError(
@@ -173,13 +195,12 @@ def _study_from_dict(d: Mapping[str, Any], source: str | None) -> Study:
     meta = d.get("study", {}) or {}
     if not isinstance(meta, Mapping):
         raise ConfigError(f"{_where(source, 'study')} must be a table")
-    default_name = (
-        os.path.splitext(os.path.basename(source))[0] if source else "study"
-    )
+    default_name = os.path.splitext(os.path.basename(source))[0] if source else "study"
     name = str(meta.get("name", default_name))
     if "network" not in d:
         raise ConfigError(
-            f"{source or 'config'}: missing [network] table (e.g. depth = 30, width = 512)"
+            f"{source or 'config'}: missing [network] table "
+            "(e.g. depth = 30, width = 512)"
         )
     base_net = d["network"]
     base_init = d.get("init", {}) or {}
@@ -190,7 +211,11 @@ def _study_from_dict(d: Mapping[str, Any], source: str | None) -> Study:
     if variants is None:
         networks.append(_build_network(base_net, base_init, name, source, "network"))
     else:
-        if not isinstance(variants, Sequence) or isinstance(variants, str) or not variants:
+        if (
+            not isinstance(variants, Sequence)
+            or isinstance(variants, str)
+            or not variants
+        ):
             raise ConfigError(
                 f"{_where(source, 'variants')} must be a non-empty array of tables "
                 f"([[variants]])"
@@ -208,7 +233,9 @@ def _study_from_dict(d: Mapping[str, Any], source: str | None) -> Study:
                 )
             vname = str(v.get("name", f"variant {i + 1}"))
             if vname in seen:
-                raise ConfigError(f"{_where(source, key)} duplicate variant name {vname!r}")
+                raise ConfigError(
+                    f"{_where(source, key)} duplicate variant name {vname!r}"
+                )
             seen.add(vname)
             net = _merge(base_net, v.get("network", {}) or {})
             init = _merge(base_init, v.get("init", {}) or {})
@@ -283,7 +310,11 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return (
+            "{ "
+            + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items())
+            + " }"
+        )
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
@@ -301,8 +332,11 @@ def _network_table(net: Network) -> dict[str, Any]:
 
 
 def save_config(
-    networks: Network | Sequence[Network], path: str | os.PathLike | None = None, *,
-    name: str | None = None, description: str = "",
+    networks: Network | Sequence[Network],
+    path: str | os.PathLike | None = None,
+    *,
+    name: str | None = None,
+    description: str = "",
     simulate: Mapping[str, Any] | None = None,
 ) -> str:
     """Write networks (one, or several as ``[[variants]]``) as TOML.
@@ -317,7 +351,9 @@ def save_config(
     if description:
         lines.append(f"description = {_toml_value(description)}")
     if simulate:
-        lines += ["", "[simulate]"] + [f"{k} = {_toml_value(v)}" for k, v in simulate.items()]
+        lines += ["", "[simulate]"] + [
+            f"{k} = {_toml_value(v)}" for k, v in simulate.items()
+        ]
 
     def emit(prefix: str, net: Network, with_init: bool = True) -> list[str]:
         t = _network_table(net)
@@ -332,7 +368,10 @@ def save_config(
         out += [f"{k} = {_toml_value(v)}" for k, v in init.items()]
         if overrides:
             out += ["", f"[{prefix}init.overrides]"]
-            out += [f"{_toml_value(sel)} = {_toml_value(tab)}" for sel, tab in overrides.items()]
+            out += [
+                f"{_toml_value(sel)} = {_toml_value(tab)}"
+                for sel, tab in overrides.items()
+            ]
         return out
 
     if len(nets) == 1:

@@ -1,4 +1,4 @@
-"""Initializers named and parameterised as in ``torch.nn.init``, and :class:`InitScheme`.
+"""Initializers named and parameterised as in ``torch.nn.init``; :class:`InitScheme`.
 
 An initializer is a small frozen object with three methods:
 
@@ -85,7 +85,9 @@ def _nonneg(value: Any, what: str) -> float:
 
 def _check_fans(fan_in: int, fan_out: int) -> None:
     if fan_in <= 0 or fan_out <= 0:
-        raise ValueError(f"fans must be positive, got fan_in={fan_in}, fan_out={fan_out}")
+        raise ValueError(
+            f"fans must be positive, got fan_in={fan_in}, fan_out={fan_out}"
+        )
 
 
 def _pick_fan(mode: str, fan_in: int, fan_out: int) -> float:
@@ -191,7 +193,9 @@ class Initializer:
 
     # Distribution of one entry in closed form, for fast samplers: ("normal", mean,
     # std), ("uniform", low, high), ("constant", value, 0) or None (use sample()).
-    def distribution(self, fan_in: int, fan_out: int) -> tuple[str, float, float] | None:
+    def distribution(
+        self, fan_in: int, fan_out: int
+    ) -> tuple[str, float, float] | None:
         return None
 
     def params(self) -> dict[str, Any]:
@@ -323,7 +327,9 @@ class Constant(_Closed):
         return f"constant(val={self.val!r})"
 
 
-def _truncnorm_moments(mean: float, std: float, a: float, b: float) -> tuple[float, float]:
+def _truncnorm_moments(
+    mean: float, std: float, a: float, b: float
+) -> tuple[float, float]:
     """Mean and variance of N(mean, std^2) truncated to [a, b] (exact)."""
     if std == 0.0:
         m = min(max(mean, a), b)
@@ -489,7 +495,11 @@ class VarianceScaling(Initializer):
             )
 
     def params(self) -> dict[str, Any]:
-        return {"scale": self.scale, "mode": self.mode, "distribution": self.distribution_}
+        return {
+            "scale": self.scale,
+            "mode": self.mode,
+            "distribution": self.distribution_,
+        }
 
     def _target_var(self, fan_in, fan_out) -> float:
         return self.scale / _pick_fan(self.mode, fan_in, fan_out)
@@ -718,12 +728,15 @@ def _literal(node: ast.AST, spec: str) -> Any:
     return value
 
 
-def _build(name: str, args: list[Any], kwargs: dict[str, Any], spec: str) -> Initializer:
+def _build(
+    name: str, args: list[Any], kwargs: dict[str, Any], spec: str
+) -> Initializer:
     key = name.strip().lower().rstrip("_")
     key = _ALIASES.get(key, key)
     if key not in INITIALIZERS:
         raise ValueError(
-            f"unknown initializer {name!r}; valid names: {', '.join(sorted(INITIALIZERS))}"
+            f"unknown initializer {name!r}; valid names: "
+            f"{', '.join(sorted(INITIALIZERS))}"
         )
     try:
         return INITIALIZERS[key](*args, **kwargs)
@@ -760,7 +773,7 @@ def parse(spec: Any) -> Initializer:
         if not isinstance(name, str):
             raise ValueError(
                 f"initializer table needs a 'name' key such as "
-                f"{{name = \"normal\", std = 0.01}}, got {spec!r}"
+                f'{{name = "normal", std = 0.01}}, got {spec!r}'
             )
         return _build(name, [], d, str(spec))
     if not isinstance(spec, str):
@@ -776,7 +789,7 @@ def parse(spec: Any) -> Initializer:
     except SyntaxError:
         raise ValueError(
             f"cannot parse initializer {spec!r}; expected a name with literal "
-            f"arguments such as \"normal(std=0.01)\""
+            f'arguments such as "normal(std=0.01)"'
         ) from None
     if isinstance(tree, ast.Name):
         return _build(tree.id, [], {}, spec)
@@ -875,9 +888,19 @@ class InitScheme:
         object.__setattr__(self, "overrides", clean)
 
     def __hash__(self) -> int:
-        return hash((self.weight, self.bias, self.bn_weight, self.bn_bias,
-                     tuple(sorted((k, tuple(sorted(v.items()))) for k, v in
-                                  self.overrides.items()))))
+        return hash(
+            (
+                self.weight,
+                self.bias,
+                self.bn_weight,
+                self.bn_bias,
+                tuple(
+                    sorted(
+                        (k, tuple(sorted(v.items()))) for k, v in self.overrides.items()
+                    )
+                ),
+            )
+        )
 
     @classmethod
     def from_spec(cls, spec: Any) -> InitScheme:
@@ -934,7 +957,9 @@ class InitScheme:
             targets = self._selector_targets(network, sel)
             ok = [i for i in targets if network.infos[i].kind in ("dense", "batchnorm")]
             if not ok:
-                names = [i.name for i in network.infos if i.kind in ("dense", "batchnorm")]
+                names = [
+                    i.name for i in network.infos if i.kind in ("dense", "batchnorm")
+                ]
                 shown = ", ".join(names[:4] + (["..."] if len(names) > 4 else []))
                 raise ValueError(
                     f"InitScheme override {sel!r} matches no dense or BatchNorm layer; "
@@ -946,7 +971,10 @@ class InitScheme:
         for info in network.infos:
             if info.kind == "dense":
                 out.append(
-                    {"weight": self.weight, "bias": self.bias if info.layer.bias else None}
+                    {
+                        "weight": self.weight,
+                        "bias": self.bias if info.layer.bias else None,
+                    }
                 )
             elif info.kind == "batchnorm":
                 out.append({"weight": self.bn_weight, "bias": self.bn_bias})

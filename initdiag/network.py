@@ -90,7 +90,9 @@ class Dense(Layer):
     kind = "dense"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "width", _check_positive_int(self.width, "Dense width"))
+        object.__setattr__(
+            self, "width", _check_positive_int(self.width, "Dense width")
+        )
         if not isinstance(self.bias, bool):
             raise TypeError(f"Dense bias must be True or False, got {self.bias!r}")
 
@@ -238,7 +240,8 @@ def activation(spec: str | Activation | dict[str, Any], **params: Any) -> Activa
     key = _ALIASES.get(key, key)
     if key not in ACTIVATIONS:
         raise ValueError(
-            f"unknown activation {spec!r}; valid names: {', '.join(sorted(ACTIVATIONS))}"
+            f"unknown activation {spec!r}; valid names: "
+            f"{', '.join(sorted(ACTIVATIONS))}"
         )
     try:
         return ACTIVATIONS[key](**params)

@@ -232,8 +232,11 @@ class Profile:
         """Row positions of layers of a kind (``dense``, ``batchnorm``,
         ``activation``) or with a name prefix (``relu``)."""
         return np.array(
-            [i for i, (k, n) in enumerate(zip(self.kind, self.name)) if k == kind
-             or n.rstrip("0123456789_").startswith(kind)],
+            [
+                i
+                for i, (k, n) in enumerate(zip(self.kind, self.name, strict=False))
+                if k == kind or n.rstrip("0123456789_").startswith(kind)
+            ],
             dtype=np.int64,
         )
 
@@ -286,7 +289,9 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "source": self.source,
-            "network": self.network.to_dict() if hasattr(self.network, "to_dict") else None,
+            "network": self.network.to_dict()
+            if hasattr(self.network, "to_dict")
+            else None,
             "rows": {
                 "index": self.index.tolist(),
                 "name": list(self.name),
@@ -336,8 +341,9 @@ class Profile:
             extra=dict(d.get("extra", {})),
         )
         if d.get("kernels") is not None:
-            p.kernels = [None if k is None else np.asarray(k, dtype=float)
-                         for k in d["kernels"]]
+            p.kernels = [
+                None if k is None else np.asarray(k, dtype=float) for k in d["kernels"]
+            ]
         return p
 
     @classmethod
@@ -372,8 +378,16 @@ class Profile:
 
     def table(self, columns: Sequence[str] | None = None, max_rows: int = 24) -> str:
         """A plain-text table of some columns (middle rows elided when long)."""
-        cols = list(columns or ("second_moment", "mean", "correlation",
-                                "dead_fraction", "grad_second_moment"))
+        cols = list(
+            columns
+            or (
+                "second_moment",
+                "mean",
+                "correlation",
+                "dead_fraction",
+                "grad_second_moment",
+            )
+        )
         rows = _elide(len(self), max_rows)
         head = ["layer"] + cols
         body = []
@@ -391,16 +405,26 @@ class Profile:
                 cells.append(s)
             body.append(cells)
         widths = [max(len(r[k]) for r in [head, *body]) for k in range(len(head))]
-        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-        out += ["  ".join(c.rjust(w) if k else c.ljust(w) for k, (c, w) in
-                          enumerate(zip(r, widths))) for r in body]
+        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False))]
+        out += [
+            "  ".join(
+                c.rjust(w) if k else c.ljust(w)
+                for k, (c, w) in enumerate(zip(r, widths, strict=False))
+            )
+            for r in body
+        ]
         return "\n".join(out)
 
     def __str__(self) -> str:
         return f"Profile[{self.label}, {len(self)} rows]\n{self.table()}"
 
-    def plot(self, *others: Profile, ax: Any = None, columns: Sequence[str] | None = None,
-             **kwargs: Any):
+    def plot(
+        self,
+        *others: Profile,
+        ax: Any = None,
+        columns: Sequence[str] | None = None,
+        **kwargs: Any,
+    ):
         """Plot this profile (and ``others``, overlaid): see
         :func:`initdiag.report.plots.plot_profiles`."""
         from .report.plots import plot_profiles
@@ -460,8 +484,9 @@ class Comparison:
 
     def max_abs_z(self, columns: Iterable[str] | None = None) -> float:
         cols = list(columns or self.z)
-        vals = [np.nanmax(np.abs(self.z[c])) for c in cols
-                if np.any(np.isfinite(self.z[c]))]
+        vals = [
+            np.nanmax(np.abs(self.z[c])) for c in cols if np.any(np.isfinite(self.z[c]))
+        ]
         return float(max(vals)) if vals else math.nan
 
     def worst(self, column: str) -> tuple[str, float]:
@@ -473,9 +498,11 @@ class Comparison:
         i = int(np.nanargmax(np.abs(v)))
         return self.names[i], float(v[i])
 
-    def table(self, columns: Sequence[str] = ("second_moment", "correlation",
-                                              "grad_second_moment"),
-              max_rows: int = 24) -> str:
+    def table(
+        self,
+        columns: Sequence[str] = ("second_moment", "correlation", "grad_second_moment"),
+        max_rows: int = 24,
+    ) -> str:
         head = ["layer"]
         for c in columns:
             head += [f"{c}[{_short(self.a)}]", f"{c}[{_short(self.b)}]", "z"]
@@ -486,16 +513,22 @@ class Comparison:
                 continue
             cells = [self.names[i]]
             for c in columns:
-                cells += [_fmt(self.a.columns[c][i]), _fmt(self.b.columns[c][i]),
-                          _fmt(self.z[c][i]) if np.isfinite(self.z[c][i]) else "-"]
+                cells += [
+                    _fmt(self.a.columns[c][i]),
+                    _fmt(self.b.columns[c][i]),
+                    _fmt(self.z[c][i]) if np.isfinite(self.z[c][i]) else "-",
+                ]
             body.append(cells)
         widths = [max(len(r[k]) for r in [head, *body]) for k in range(len(head))]
-        return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths))
-                         for r in [head, *body])
+        return "\n".join(
+            "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=False))
+            for r in [head, *body]
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable({"layers": self.names, "diff": self.diff, "z": self.z,
-                          "rel": self.rel})
+        return _jsonable(
+            {"layers": self.names, "diff": self.diff, "z": self.z, "rel": self.rel}
+        )
 
     def __str__(self) -> str:
         return self.table()
@@ -528,7 +561,8 @@ def compare(a: Profile, b: Profile, columns: Iterable[str] | None = None) -> Com
     """
     if not isinstance(a, Profile) or not isinstance(b, Profile):
         raise TypeError(
-            f"compare() takes two Profiles, got {type(a).__name__} and {type(b).__name__}"
+            f"compare() takes two Profiles, got {type(a).__name__} and "
+            f"{type(b).__name__}"
         )
     if list(a.name) != list(b.name):
         raise ValueError(

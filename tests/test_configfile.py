@@ -22,7 +22,9 @@ def test_default_study_example_loads():
         assert net.depth == 30 and net.widths[0] == 512
     torch_bias = study.networks[2].param_inits()[0]["bias"]
     assert torch_bias.variance(512, 512) == pytest.approx(1 / (3 * 512))
-    assert study.networks[6].param_inits()[1]["weight"] == idg.initializers.uniform(0, 1)
+    assert study.networks[6].param_inits()[1]["weight"] == idg.initializers.uniform(
+        0, 1
+    )
     assert study.simulate["seeds"] >= 1
 
 
@@ -33,12 +35,19 @@ def test_every_example_loads():
 
 
 def test_toml_round_trip(tmp_path):
-    net = idg.mlp(4, 32, activation="tanh", batchnorm=True, output_dim=3,
-                  init=idg.InitScheme(
-                      weight="kaiming_uniform(a=2.23606797749979, mode='fan_in')",
-                      bias={"name": "normal", "std": 0.01},
-                      bn_weight="uniform(0, 1)",
-                      overrides={"dense[-1]": {"weight": "zeros"}}))
+    net = idg.mlp(
+        4,
+        32,
+        activation="tanh",
+        batchnorm=True,
+        output_dim=3,
+        init=idg.InitScheme(
+            weight="kaiming_uniform(a=2.23606797749979, mode='fan_in')",
+            bias={"name": "normal", "std": 0.01},
+            bn_weight="uniform(0, 1)",
+            overrides={"dense[-1]": {"weight": "zeros"}},
+        ),
+    )
     path = tmp_path / "net.toml"
     idg.save_config(net, path)
     back = idg.load_config(path)
@@ -49,8 +58,12 @@ def test_toml_round_trip(tmp_path):
 
 
 def test_dict_config():
-    net = idg.load_config({"network": {"depth": 2, "width": 8, "activation": "gelu"},
-                           "init": {"bias": "constant(0.1)"}})
+    net = idg.load_config(
+        {
+            "network": {"depth": 2, "width": 8, "activation": "gelu"},
+            "init": {"bias": "constant(0.1)"},
+        }
+    )
     assert net.names == ["dense1", "gelu1", "dense2", "gelu2"]
     assert net.param_inits()[0]["bias"] == idg.initializers.constant(0.1)
 
@@ -67,18 +80,45 @@ def test_malformed_toml(tmp_path):
         idg.load_config(p)
 
 
-@pytest.mark.parametrize("body, key, what", [
-    ('[network]\ndepth = 3\nwidth = -4\n', "network", "positive"),
-    ('[network]\ndepth = 3\nwidth = 4\nactivation = "relu7"\n', "network", "valid names"),
-    ('[network]\ndepth = 3\nwidth = 4\n[init]\nbias = "gauss(1)"\n', "init", "valid names"),
-    ('[network]\ndepth = 3\nwidth = 4\n[init]\nbias = "__import__(\'os\')"\n', "init", ""),
-    ('[network]\ndepth = 3\nwidht = 4\n', "network", "unknown keys"),
-    ('[network]\ndepth = 3\nwidth = 4\n[init]\nweight = "kaiming_normal(mode=\'x\')"\n',
-     "init", "mode"),
-    ('[network]\ndepth = 3\nwidth = 4\n[[variants]]\nname = "a"\nnetwork = {width = 0}\n',
-     "variants[0].network", "positive"),
-    ('[network]\ndepth = 3\nwidth = 4\n[simulate]\nseedz = 3\n', "simulate", "unknown"),
-])
+@pytest.mark.parametrize(
+    "body, key, what",
+    [
+        ("[network]\ndepth = 3\nwidth = -4\n", "network", "positive"),
+        (
+            '[network]\ndepth = 3\nwidth = 4\nactivation = "relu7"\n',
+            "network",
+            "valid names",
+        ),
+        (
+            '[network]\ndepth = 3\nwidth = 4\n[init]\nbias = "gauss(1)"\n',
+            "init",
+            "valid names",
+        ),
+        (
+            "[network]\ndepth = 3\nwidth = 4\n[init]\nbias = \"__import__('os')\"\n",
+            "init",
+            "",
+        ),
+        ("[network]\ndepth = 3\nwidht = 4\n", "network", "unknown keys"),
+        (
+            "[network]\ndepth = 3\nwidth = 4\n[init]\n"
+            "weight = \"kaiming_normal(mode='x')\"\n",
+            "init",
+            "mode",
+        ),
+        (
+            '[network]\ndepth = 3\nwidth = 4\n[[variants]]\nname = "a"\n'
+            "network = {width = 0}\n",
+            "variants[0].network",
+            "positive",
+        ),
+        (
+            "[network]\ndepth = 3\nwidth = 4\n[simulate]\nseedz = 3\n",
+            "simulate",
+            "unknown",
+        ),
+    ],
+)
 def test_errors_name_file_and_key(tmp_path, body, key, what):
     p = tmp_path / "study.toml"
     p.write_text(body)

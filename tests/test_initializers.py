@@ -78,16 +78,21 @@ def test_shapes_and_dtypes(spec, dtype):
 
 @pytest.mark.parametrize("shape", [(4, 9), (9, 4), (6, 6)])
 def test_orthogonal_is_orthogonal(shape):
-    w = I.orthogonal(gain=2.0).sample(shape, shape[1], shape[0], np.random.default_rng(3),
-                                      np.float64)
+    w = I.orthogonal(gain=2.0).sample(
+        shape, shape[1], shape[0], np.random.default_rng(3), np.float64
+    )
     rows, cols = shape
     gram = w @ w.T if rows <= cols else w.T @ w
     np.testing.assert_allclose(gram, 4.0 * np.eye(min(shape)), atol=1e-12)
 
 
 def test_trunc_normal_variance_against_scipy():
-    for mean, std, a, b in [(0, 1, -2, 2), (0.5, 1.0, -1.0, 3.0), (0, 0.02, -2, 2),
-                            (3.0, 1.0, 4.0, 6.0)]:
+    for mean, std, a, b in [
+        (0, 1, -2, 2),
+        (0.5, 1.0, -1.0, 3.0),
+        (0, 0.02, -2, 2),
+        (3.0, 1.0, 4.0, 6.0),
+    ]:
         init = I.trunc_normal(mean, std, a, b)
         ref = stats.truncnorm((a - mean) / std, (b - mean) / std, loc=mean, scale=std)
         assert init.mean(1, 1) == pytest.approx(ref.mean(), rel=1e-10, abs=1e-14)
@@ -96,9 +101,15 @@ def test_trunc_normal_variance_against_scipy():
 
 def test_calculate_gain_matches_torch_documented_table():
     documented = {
-        "linear": 1.0, "conv1d": 1.0, "conv2d": 1.0, "conv3d": 1.0,
-        "conv_transpose2d": 1.0, "sigmoid": 1.0, "tanh": 5.0 / 3.0,
-        "relu": math.sqrt(2.0), "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)),
+        "linear": 1.0,
+        "conv1d": 1.0,
+        "conv2d": 1.0,
+        "conv3d": 1.0,
+        "conv_transpose2d": 1.0,
+        "sigmoid": 1.0,
+        "tanh": 5.0 / 3.0,
+        "relu": math.sqrt(2.0),
+        "leaky_relu": math.sqrt(2.0 / (1 + 0.01**2)),
         "selu": 0.75,
     }
     for name, gain in documented.items():
@@ -111,7 +122,9 @@ def test_calculate_gain_matches_torch_documented_table():
 def test_calculate_gain_matches_torch_itself():
     torch = pytest.importorskip("torch")
     for name in ["linear", "sigmoid", "tanh", "relu", "leaky_relu", "selu", "conv2d"]:
-        assert I.calculate_gain(name) == pytest.approx(torch.nn.init.calculate_gain(name))
+        assert I.calculate_gain(name) == pytest.approx(
+            torch.nn.init.calculate_gain(name)
+        )
     assert I.calculate_gain("leaky_relu", 0.3) == pytest.approx(
         torch.nn.init.calculate_gain("leaky_relu", 0.3)
     )
@@ -141,11 +154,15 @@ def test_torch_default_matches_nn_linear():
 
 
 def test_kaiming_and_xavier_formulas():
-    assert I.kaiming_normal(nonlinearity="relu").variance(100, 50) == pytest.approx(0.02)
+    assert I.kaiming_normal(nonlinearity="relu").variance(100, 50) == pytest.approx(
+        0.02
+    )
     assert I.kaiming_normal(mode="fan_out", nonlinearity="relu").variance(100, 50) == (
         pytest.approx(0.04)
     )
-    assert I.kaiming_uniform(nonlinearity="relu").variance(100, 50) == pytest.approx(0.02)
+    assert I.kaiming_uniform(nonlinearity="relu").variance(100, 50) == pytest.approx(
+        0.02
+    )
     assert I.xavier_normal().variance(100, 50) == pytest.approx(2 / 150)
     assert I.xavier_uniform(gain=2.0).variance(100, 50) == pytest.approx(8 / 150)
     assert I.lecun_normal().variance(100, 50) == pytest.approx(0.01, rel=1e-6)
@@ -167,7 +184,9 @@ def test_parse_forms():
     assert I.parse({"name": "normal", "std": 0.01}) == I.normal(0.0, 0.01)
     assert I.parse(0.1) == I.constant(0.1)
     assert I.parse("-0.5") == I.constant(-0.5)
-    assert I.parse("kaiming_normal_(mode='fan_out')") == I.kaiming_normal(mode="fan_out")
+    assert I.parse("kaiming_normal_(mode='fan_out')") == I.kaiming_normal(
+        mode="fan_out"
+    )
     assert I.parse("he_normal") == I.kaiming_normal()
 
 
@@ -178,10 +197,16 @@ def test_unknown_initializer_lists_valid_names():
         I.parse({"name": "gaussian", "std": 1})
 
 
-@pytest.mark.parametrize("spec", [
-    "normal(std=float('nan'))", "normal(0, -1)", "trunc_normal(std=-0.1)",
-    {"name": "normal", "std": float("nan")}, {"name": "normal", "std": -2.0},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "normal(std=float('nan'))",
+        "normal(0, -1)",
+        "trunc_normal(std=-0.1)",
+        {"name": "normal", "std": float("nan")},
+        {"name": "normal", "std": -2.0},
+    ],
+)
 def test_bad_std_is_rejected(spec):
     with pytest.raises((ValueError, TypeError)):
         I.parse(spec)
@@ -215,8 +240,17 @@ def test_init_scheme_defaults_and_overrides():
     s = idg.InitScheme()
     assert s.weight == I.kaiming_normal(nonlinearity="relu")
     assert s.bias == I.zeros() and s.bn_weight == I.ones() and s.bn_bias == I.zeros()
-    net = idg.mlp(3, 8, batchnorm=True, init=idg.InitScheme(
-        overrides={"dense[-1]": {"weight": "zeros"}, "bn[0]": {"gamma": "uniform(0, 1)"}}))
+    net = idg.mlp(
+        3,
+        8,
+        batchnorm=True,
+        init=idg.InitScheme(
+            overrides={
+                "dense[-1]": {"weight": "zeros"},
+                "bn[0]": {"gamma": "uniform(0, 1)"},
+            }
+        ),
+    )
     inits = net.param_inits()
     assert inits[net.names.index("dense3")]["weight"] == I.zeros()
     assert inits[net.names.index("dense1")]["weight"] == s.weight

@@ -9,23 +9,55 @@ import initdiag as idg
 
 def test_mlp_layout_names_and_fans():
     net = idg.mlp(3, 16, activation="tanh", batchnorm=True, input_dim=10, output_dim=2)
-    assert net.names == ["dense1", "bn1", "tanh1", "dense2", "bn2", "tanh2", "dense3",
-                         "bn3", "tanh3", "dense4"]
+    assert net.names == [
+        "dense1",
+        "bn1",
+        "tanh1",
+        "dense2",
+        "bn2",
+        "tanh2",
+        "dense3",
+        "bn3",
+        "tanh3",
+        "dense4",
+    ]
     dense = [i for i in net.infos if i.kind == "dense"]
-    assert [(d.fan_in, d.width) for d in dense] == [(10, 16), (16, 16), (16, 16), (16, 2)]
+    assert [(d.fan_in, d.width) for d in dense] == [
+        (10, 16),
+        (16, 16),
+        (16, 16),
+        (16, 2),
+    ]
     assert net.depth == 4 and net.output_dim == 2
     after = idg.mlp(2, 4, batchnorm=True, bn_position="after_activation")
     assert after.names == ["dense1", "relu1", "bn1", "dense2", "relu2", "bn2"]
 
 
 def test_explicit_network_and_activations():
-    net = idg.Network(5, [idg.Dense(3), idg.LeakyReLU(0.2), idg.Dense(4, bias=False),
-                          idg.GELU(), idg.Dense(2), idg.SELU(), idg.Dense(2), idg.Erf(),
-                          idg.Dense(2), idg.SiLU(), idg.Dense(2), idg.Sigmoid(),
-                          idg.Dense(2), idg.Identity()])
+    net = idg.Network(
+        5,
+        [
+            idg.Dense(3),
+            idg.LeakyReLU(0.2),
+            idg.Dense(4, bias=False),
+            idg.GELU(),
+            idg.Dense(2),
+            idg.SELU(),
+            idg.Dense(2),
+            idg.Erf(),
+            idg.Dense(2),
+            idg.SiLU(),
+            idg.Dense(2),
+            idg.Sigmoid(),
+            idg.Dense(2),
+            idg.Identity(),
+        ],
+    )
     assert net.widths[:3] == [3, 3, 4]
     assert net.param_inits()[2]["bias"] is None
-    assert idg.network.activation("leaky_relu", negative_slope=0.1) == idg.LeakyReLU(0.1)
+    assert idg.network.activation("leaky_relu", negative_slope=0.1) == idg.LeakyReLU(
+        0.1
+    )
     assert idg.network.activation("swish") == idg.SiLU()
 
 
@@ -66,6 +98,12 @@ def test_specs_are_frozen_and_hashable():
 
 
 def test_dict_round_trip():
-    net = idg.mlp(2, 5, batchnorm=True, init=idg.InitScheme(
-        bias="normal(0, 0.1)", overrides={"bn[-1]": {"gamma": "zeros"}}))
+    net = idg.mlp(
+        2,
+        5,
+        batchnorm=True,
+        init=idg.InitScheme(
+            bias="normal(0, 0.1)", overrides={"bn[-1]": {"gamma": "zeros"}}
+        ),
+    )
     assert idg.Network.from_dict(net.to_dict()) == net

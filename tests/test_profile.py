@@ -20,16 +20,32 @@ def _filled(source="analytic", se=False):
         p.columns[c][:] = np.linspace(0.1, 1.0, n) * (k + 1)
         if se:
             p.columns[f"{c}_se"][:] = 0.01 * (k + 1)
-    p.summary.update(chi1=1.0, regime="critical", q_star=math.inf, c_star=1.0,
-                     xi_q=math.nan, xi_c=math.inf, correlation_depth=None,
-                     gradient_ratio=2.0)
+    p.summary.update(
+        chi1=1.0,
+        regime="critical",
+        q_star=math.inf,
+        c_star=1.0,
+        xi_q=math.nan,
+        xi_c=math.inf,
+        correlation_depth=None,
+        gradient_ratio=2.0,
+    )
     return p
 
 
 def test_rows_follow_the_network():
     p = _filled()
-    assert p.name == ["dense1", "bn1", "relu1", "dense2", "bn2", "relu2", "dense3",
-                      "bn3", "relu3"]
+    assert p.name == [
+        "dense1",
+        "bn1",
+        "relu1",
+        "dense2",
+        "bn2",
+        "relu2",
+        "dense3",
+        "bn3",
+        "relu3",
+    ]
     assert list(p.block) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert list(p.rows_of("dense")) == [0, 3, 6]
     assert list(p.rows_of("relu")) == [2, 5, 8]
@@ -42,8 +58,17 @@ def test_json_round_trip_keeps_nan_and_inf(tmp_path):
     p = _filled(se=True)
     p.columns["mean"][2] = np.nan
     p.columns["mean"][3] = np.inf
-    p.findings.append({"kind": "overflow", "layer": "dense2", "index": 3, "block": 2,
-                       "pass": "forward", "seed": 0, "message": "overflowed"})
+    p.findings.append(
+        {
+            "kind": "overflow",
+            "layer": "dense2",
+            "index": 3,
+            "block": 2,
+            "pass": "forward",
+            "seed": 0,
+            "message": "overflowed",
+        }
+    )
     text = p.to_json(tmp_path / "p.json")
     json.loads(text)  # strict JSON: no NaN literals
     assert "NaN" not in text

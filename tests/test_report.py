@@ -8,11 +8,11 @@ import json
 import math
 import os
 import re
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 
 import initdiag as idg
 from initdiag.configfile import load_study
