@@ -210,9 +210,13 @@ def _orthant_one(m: np.ndarray, S: np.ndarray, batch: _Batch) -> float:
             # large batch: some input is positive unless ... (probability 0)
             return 0.0
         if o < 0:
-            # a negatively correlated batch (BatchNorm centring): the orthant
-            # probability has no 1-D reduction here; reported as NaN
-            return math.nan
+            # A negatively correlated batch (BatchNorm centring) has no 1-D reduction
+            # of the orthant probability, but by Slepian's inequality it is at most
+            # the independent one, Phi(-mu/sqrt(d))^B; report 0 when that bound is
+            # below 1e-12 (e.g. 2^-B at mu = 0), NaN otherwise (no guess).
+            with np.errstate(divide="ignore"):
+                bound = math.exp(B * float(special.log_ndtr(-mu / math.sqrt(d))))
+            return 0.0 if bound < 1e-12 else math.nan
         # h_a = mu + sqrt(o) Z + sqrt(r2) e_a, so
         # P = E_Z[Phi(-(mu + sqrt(o) Z) / sqrt(r2))^B]
         sr = math.sqrt(r2)

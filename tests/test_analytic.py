@@ -231,3 +231,16 @@ def test_activation_after_activation_has_no_rule():
     net = idg.Network(8, [idg.Dense(8), idg.ReLU(), idg.Tanh()])
     with pytest.raises(NotImplementedError, match="tanh"):
         idg.analyze(net)
+
+
+def test_batchnorm_rows_have_no_dead_units_at_finite_batch():
+    # After BatchNorm the batch is centred per unit (negatively correlated), so with
+    # beta = 0 no unit can be <= 0 for the whole batch; Slepian's inequality bounds
+    # the probability by 2^-B, which analyze reports as 0 (not NaN).
+    net = idg.mlp(4, 64, batchnorm=True)
+    p = idg.analyze(net, batch_size=256)
+    rows = [i for i, n in enumerate(p.name) if n.startswith(("bn", "relu"))]
+    assert np.all(p["dead_fraction"][rows] == 0.0)
+    # a batch of 3 leaves the bound (1/2)^3 above 1e-12: no rule, so NaN, not a guess
+    p3 = idg.analyze(net, batch_size=3)
+    assert np.all(np.isnan(p3["dead_fraction"][rows[2:]]))
