@@ -1100,24 +1100,38 @@ def phase_diagram(
     if np.any(ch):
         idx = np.flatnonzero(ch)
         co = fast.coef(qf[idx])
-        c = np.zeros(idx.size)
-        act_ = np.arange(idx.size)
-        for it in range(400):
-            g = idx[act_]
-            ca = c[act_]
-            cf = co[:, act_] if co.ndim == 2 else co[act_]
-            new = (w[g] * fast.F(qf[g], ca, coef=cf) + b[g]) / den[g]
-            if it >= 3:
-                d = w[g] * fast.F(qf[g], ca, deriv=True, coef=cf) / den[g]
-                nt = ca - (new - ca) / (d - 1.0)
-                ok = np.isfinite(nt) & (d < 1) & (np.abs(nt - new) < np.abs(new - ca))
-                new = np.where(ok, nt, new)
-            new = np.clip(new, -1.0, 1.0)
-            c[act_] = new
-            act_ = act_[np.abs(new - ca) > 1e-15]
-            if act_.size == 0:
+
+        def g(cc, sel):
+            # f(c) - c: > 0 below the stable c*, < 0 between c* and the unstable 1
+            gi = idx[sel]
+            cf = co[:, sel] if co.ndim == 2 else co[sel]
+            return (w[gi] * fast.F(qf[gi], cc, coef=cf) + b[gi]) / den[gi] - cc
+
+        # bracket c* from above (1 - delta, delta -> 0), then bisect: a fixed-point
+        # iteration converges like slope^l, arbitrarily slowly near the critical line
+        n = idx.size
+        lo = np.full(n, -1.0)
+        hi = np.full(n, np.nan)
+        pending = np.arange(n)
+        for delta in np.geomspace(0.5, 1e-13, 40):
+            if pending.size == 0:
                 break
-        cs[idx] = c
+            cc = np.full(pending.size, 1.0 - delta)
+            neg = g(cc, pending) < 0
+            hi[pending[neg]] = cc[neg]
+            lo[pending[~neg]] = cc[~neg]
+            pending = pending[~neg]
+        sel = np.flatnonzero(np.isfinite(hi))
+        for _ in range(64):
+            if sel.size == 0:
+                break
+            mid = 0.5 * (lo[sel] + hi[sel])
+            pos = g(mid, sel) > 0
+            lo[sel[pos]] = mid[pos]
+            hi[sel[~pos]] = mid[~pos]
+            sel = sel[hi[sel] - lo[sel] > 1e-15]
+        # no sign change down to 1 - 1e-13: numerically critical, c* = 1
+        cs[idx] = np.where(np.isfinite(hi), 0.5 * (lo + hi), 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         slope_c = np.where(
             cs >= 1.0, chi, w * fast.F(qf, np.nan_to_num(cs), deriv=True) / qf
