@@ -10,7 +10,9 @@ forward + backward + every Profile statistic of every layer; 2 threads.
 
 Every round measures, back to back in one process, the sgemm rate (the workload's
 own GEMM shape, 512 x 1024 times 1024 x 1024), simulate, the PyTorch peer, the NumPy
-peer and the sgemm rate again; the engines' order rotates from round to round.  The
+peer and the sgemm rate again, with a 0.3 s pause before each engine (so that no
+engine pays for the previous one's spinning thread pools); the engines' order
+rotates from round to round.  The
 report gives medians over rounds of the seconds per seed and of the per-round ratios
 (a shared machine's load changes from round to round; ratios taken within a round
 are the robust figure).
@@ -103,6 +105,9 @@ def measure(seeds: int = 8, rounds: int = 3) -> dict:
         names = list(engines)
         names = names[r % 3 :] + names[: r % 3]
         for name in names:
+            # let the previous engine's thread pools go idle (OpenBLAS workers spin
+            # ~50 ms after a call, OpenMP workers too): every engine starts clean
+            time.sleep(0.3)
             t = time.perf_counter()
             out = engines[name](seeds)
             row[name] = (time.perf_counter() - t) / seeds

@@ -152,7 +152,9 @@ def estimate_memory(
     Parts: ``parameters`` (weights and vectors of every layer, kept for backward),
     ``saved`` (what backward keeps per layer: inputs of activation / BatchNorm layers,
     B x B Gram matrices or inputs of dense layers), ``workspace`` (live batch buffers,
-    gradients and dW when formed) and ``total``.
+    gradients and dW when formed) and ``total``.  Seeds that run concurrently (see
+    :func:`_n_workers`) need this much each; ``simulate`` runs fewer at once when
+    their total would exceed the available memory or ``memory_limit``.
     """
     item = np.dtype(dtype).itemsize
     B = int(batch_size)
@@ -302,18 +304,27 @@ def _run_concurrent(
     workers: int,
     timing: dict[str, float],
 ) -> None:
-    """Seeds ``k, k + workers, ...`` on worker thread ``k`` (BLAS and Numba
-    single-threaded inside); results do not depend on the assignment."""
+    """Each worker thread takes the next seed not yet started (BLAS and Numba
+    single-threaded inside), so a core slowed by other work takes fewer seeds;
+    results do not depend on the assignment."""
+    import itertools
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
     tms = [dict.fromkeys(timing, 0.0) for _ in range(workers)]
+    counter = itertools.count()
+    lock = threading.Lock()
 
     def work(k: int) -> None:
         with _numba_threads(1):
             plan = _FusedPlan(network, B, dt)
-            for s in range(k, seeds, workers):
+            while True:
+                with lock:
+                    s = next(counter)
+                if s >= seeds:
+                    return
                 one_seed(s, plan, tms[k])
 
     with (
@@ -430,6 +441,12 @@ def _output_grad(spec: Any, y: np.ndarray, dt: np.dtype, entropy: int, seed: int
     return spec
 
 
+def _gram64(a: np.ndarray) -> np.ndarray:
+    """``a a^T`` in float64 (generic path)."""
+    a64 = a.astype(np.float64, copy=False)
+    return a64 @ a64.T
+
+
 def _is_zero_init(init: Any, fan_in: int, fan_out: int) -> bool:
     if init is None:
         return True
@@ -523,7 +540,8 @@ def _run_seed(
             t_sample += t1 - t0
             t0 = t1
             gram = _use_gram(B, info.fan_in, info.width)
-            saved[i] = (w, b, (cur @ cur.T) if gram else cur, gram)
+            # Gram in float64: a float32 Gram overflows long before the signal does
+            saved[i] = (w, b, _gram64(cur) if gram else cur, gram)
             out = ops.dense(cur, w, b, np.empty((B, info.width), dtype=dt))
             by_design = _is_zero_init(p["weight"], info.fan_in, info.width)
         elif isinstance(layer, BatchNorm):
@@ -611,8 +629,7 @@ def _run_seed(
         if isinstance(layer, Dense):
             w, b, xs, gram = saved[i]
             if gram:
-                gg = (g @ g.T).astype(np.float64)
-                wn = float(np.vdot(gg, xs.astype(np.float64)))
+                wn = float(np.vdot(_gram64(g), xs))
             else:
                 dw = g.T @ xs
                 wn = float(np.einsum("ij,ij->", dw, dw, dtype=np.float64))
@@ -801,7 +818,7 @@ def _run_seed_fused(
             t0 = t1
             gram = _use_gram(B, n_in, n_out)
             if gram:
-                xs = np.matmul(cur, cur.T, out=plan.buf(("gram", i), (B, B)))
+                xs = _safe_gram(f, cur, plan.buf(("gram", i), (B, B)))
             else:
                 xs = cur.copy()
             saved[u] = (w, b, xs, gram)
@@ -975,7 +992,7 @@ def _backward_fused(
     infos = net.infos
     B = y.shape[0]
     g = _output_grad(g_out_spec, y, dt, entropy, seed)
-    m_out = float(np.mean(np.square(g, dtype=np.float64)))
+    m_out = f._row_sumsq(g.reshape(-1)) / g.size
     if not m_out > 0:
         raise ValueError("the output gradient is all zeros; nothing to propagate")
     norm = 1.0 / (B * m_out)
@@ -989,8 +1006,11 @@ def _backward_fused(
             info = infos[i]
             w, b, xs, gram = saved[u]
             if gram:
-                np.matmul(g, g.T, out=plan.gg)
-                wn, ss = f.gram_dot(plan.gg, xs)
+                gg = _safe_gram(f, g, plan.gg)
+                if gg.dtype == xs.dtype:
+                    wn, ss = f.gram_dot(gg, xs, f.gram_split(B))
+                else:  # a float64 fallback on one side: both full, float64
+                    wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
             else:
                 ss = float(np.einsum("ij,ij->", g, g, dtype=np.float64))
                 dw = g.T @ xs
@@ -1061,6 +1081,31 @@ def _backward_fused(
     timing["backward"] += time.perf_counter() - t0
 
 
+def _safe_gram(f: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``f.gram(a, out)``; where the working-precision Gram overflows (its trace,
+    the largest row norm^2 bound of every entry, is not finite) although ``a`` is
+    finite, the full Gram in float64 instead (rare: signals near the float32 range)."""
+    f.gram(a, out)
+    if math.isfinite(float(np.trace(out, dtype=np.float64))):
+        return out
+    a64 = a.astype(np.float64)
+    if not np.all(np.isfinite(a64)):
+        return out  # a itself overflowed: the caller reports it
+    return a64 @ a64.T
+
+
+def _full64(f: Any, g: np.ndarray) -> np.ndarray:
+    """A Gram stored as :func:`initdiag._fused.gram` leaves it, as a full float64
+    matrix."""
+    if g.dtype == np.float64 and f.gram_split(g.shape[0]) == 0:
+        return g
+    full = g.astype(np.float64)
+    h = f.gram_split(g.shape[0])
+    if h:
+        full[:h, h:] = full[h:, :h].T
+    return full
+
+
 def _grad_ok(
     ss: float,
     info: Any,
@@ -1129,8 +1174,10 @@ def simulate(
     dtype : {"float32", "float64"}
         Working precision (statistics are accumulated in float64).
     rng : int, numpy Generator or None
-        Seeds every stream; the same ``rng`` gives identical results, whatever the
-        thread count.
+        Seeds every stream; the same ``rng`` gives identical results (parameters
+        and inputs bit-identical whatever the thread count; statistics identical
+        for the same thread count and equal to float32 rounding across thread
+        counts, which change how BLAS splits its sums).
     jacobian : bool
         Also estimate ``m1, m2`` (first two moments of the eigenvalues of ``J J^T``, J
         the input-output Jacobian of one example with the batch statistics of
@@ -1150,7 +1197,10 @@ def simulate(
         measured ``gradient_ratio`` and ``correlation_depth`` and the analytic
         ``chi1, regime, q_star, c_star, xi_q, xi_c`` (from :func:`initdiag.analyze`,
         when it can describe the network); ``findings`` lists overflow / underflow
-        events; ``meta`` records batch, seeds, backend, dtype, timings.
+        events; ``meta`` records batch, seeds, backend, dtype, ``workers`` (seeds run
+        at once), ``seconds`` (wall time) and ``timing`` (per phase, summed over
+        seeds; each seed runs on one thread, so with ``workers > 1`` the sum exceeds
+        the wall time).
 
     Raises
     ------

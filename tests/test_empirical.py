@@ -310,7 +310,7 @@ def _fused_inputs(B, n, seed=0):
 def test_fused_col_stats_against_loops():
     from initdiag import _fused
 
-    B, n = 70, 9  # two row chunks, the second one partial
+    B, n = 71, 9  # two row chunks of 64 rows, the second one partial, odd length
     x = _fused_inputs(B, n)
     nch = _fused.row_chunks(B)
     out, cm, cv = np.empty(10), np.empty(n), np.empty(n)
@@ -347,7 +347,7 @@ def test_fused_batchnorm_relu_against_loops():
     # with explicit loops over the batch (Ioffe & Szegedy 2015)
     from initdiag import _fused
 
-    B, n = 70, 6
+    B, n = 69, 6  # a partial, odd-length second row chunk
     x = _fused_inputs(B, n, 1)
     g = np.random.default_rng(2).standard_normal((B, n)).astype(np.float32)
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
@@ -518,3 +518,35 @@ def test_fused_path_matches_numpy_backend(net):
     ref = _stats(idg.simulate(net, batch_size=12, seeds=2, backend="numpy"))
     eps = np.finfo(np.float32).eps
     np.testing.assert_allclose(got, ref, rtol=500 * eps, atol=500 * eps)
+
+
+@pytest.mark.parametrize("B", [12, 131])
+def test_blocked_gram_identity(B):
+    # ||G^T X||_F^2 = <G G^T, X X^T> (B x B Grams, blocked when B >= 128)
+    from initdiag import _fused
+
+    rng = np.random.default_rng(B)
+    g, x = rng.standard_normal((2, B, 40))
+    ga, xa = np.full((B, B), np.nan), np.full((B, B), np.nan)
+    _fused.gram(g, ga)
+    _fused.gram(x, xa)
+    s, tr = _fused.gram_dot(ga, xa, _fused.gram_split(B))
+    assert s == pytest.approx(np.sum((g.T @ x) ** 2), rel=1e-12)
+    assert tr == pytest.approx(np.sum(g * g), rel=1e-12)
+
+
+def test_gradients_near_float32_range_are_not_overflow():
+    # (9/2)^l growth both ways: by the top layers the B x B Gram matrices of the
+    # gradient exceed float32 while the gradient itself stays finite; the fused path
+    # must fall back to float64 Grams, not report an overflow
+    init = idg.InitScheme(weight="variance_scaling(9.0, 'fan_in', 'normal')")
+    net = idg.mlp(depth=120, width=16, activation="relu", init=init)
+    a = idg.simulate(net, batch_size=8, seeds=2, backend="numba")
+    b = idg.simulate(net, batch_size=8, seeds=2, backend="numpy")
+    assert not a.findings and not b.findings
+    assert np.nanmax(a["grad_second_moment"]) > 1e38  # the regime this test is for
+    dense = a.rows_of("dense")
+    assert np.all(np.isfinite(a["weight_grad_norm2"][dense]))
+    eps = np.finfo(np.float32).eps
+    for c in ("grad_second_moment", "weight_grad_norm2"):
+        np.testing.assert_allclose(a[c], b[c], rtol=500 * eps, err_msg=c)
