@@ -729,12 +729,27 @@ def _summary(network: Network, inits, prof: Profile) -> dict[str, Any]:
             0
         ]
     )
-    chi = float(mf._chi1_at(act, np.array([w2]), np.array([q]))[0])
+    # tanh and erf are odd with |phi'| largest at 0: without bias, q* = 0 is the
+    # stable fixed point exactly when sigma_w2 phi'(0)^2 <= 1, and there chi1 =
+    # sigma_w2 phi'(0)^2 (Poole et al. 2016).  The iteration only creeps toward 0
+    # (q_l ~ 1/(2l) at the critical point), so use the exact values.
+    slope0 = {"tanh": 1.0, "erf": 2.0 / math.sqrt(math.pi)}.get(act.name)
+    if b2 == 0.0 and slope0 is not None and w2 * slope0**2 <= 1.0:
+        q = 0.0
+        chi = w2 * slope0**2
+    else:
+        chi = float(mf._chi1_at(act, np.array([w2]), np.array([q]))[0])
     out["q_star"] = q
     out["chi1"] = chi
     out["chi1_source"] = "fixed point"
     out["regime"] = _regime(chi)
-    if math.isfinite(q):
+    if q == 0.0 and slope0 is not None:
+        # the q -> 0 limit is a linear network: the correlation map is the identity
+        # (c* undefined, xi_c infinite) and the length map has slope chi1
+        out["c_star"] = math.nan
+        out["xi_q"] = math.inf if chi == 1.0 else -1.0 / math.log(chi)
+        out["xi_c"] = math.inf
+    elif math.isfinite(q):
         out["c_star"] = float(mf.fixed_point_c(act, w2, b2))
         xq, xc = mf.depth_scales(act, w2, b2)
         out["xi_q"], out["xi_c"] = float(xq), float(xc)

@@ -244,3 +244,24 @@ def test_batchnorm_rows_have_no_dead_units_at_finite_batch():
     # a batch of 3 leaves the bound (1/2)^3 above 1e-12: no rule, so NaN, not a guess
     p3 = idg.analyze(net, batch_size=3)
     assert np.all(np.isnan(p3["dead_fraction"][rows[2:]]))
+
+
+def test_tanh_without_bias_has_q_star_zero_and_exact_chi1():
+    # Poole et al. (2016): for odd tanh with sigma_b2 = 0, q* = 0 is stable for
+    # sigma_w2 <= 1, where chi1 = sigma_w2 * tanh'(0)^2 = sigma_w2 exactly; the
+    # critical point (1, 0) must read "critical", not "ordered" from a q* that
+    # only creeps toward 0 like 1/(2l).
+    for sw2, regime in [(1.0, "critical"), (0.5, "ordered")]:
+        net = idg.mlp(
+            5,
+            64,
+            activation="tanh",
+            init=idg.InitScheme(
+                weight=f"normal(0, {math.sqrt(sw2 / 64)!r})", bias="zeros"
+            ),
+        )
+        s = idg.analyze(net).summary
+        assert s["q_star"] == 0.0 and s["regime"] == regime
+        assert s["chi1"] == pytest.approx(sw2, rel=1e-12)
+        assert s["xi_c"] == math.inf
+    assert s["xi_q"] == pytest.approx(-1 / math.log(0.5))
