@@ -54,26 +54,27 @@ TILE_MAX = 16
 TILE_PAD = TILE_MAX + 1  # a padded row keeps column reads of a tile bank-conflict free
 REDUCE_SMEM = 256
 
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-_SELU_SA = SELU_SCALE * SELU_ALPHA
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
-
-ACTIVATIONS = (
-    "relu",
-    "leaky_relu",
-    "tanh",
-    "sigmoid",
-    "gelu",
-    "silu",
-    "selu",
-    "erf",
-    "identity",
+# one table of activation codes and constants for every backend
+from .activation import (  # noqa: E402, F401 - re-exported for the CUDA modules
+    _INV_SQRT2,
+    _INV_SQRT2PI,
+    _TWO_OVER_SQRTPI,
+    ACT_CODES,
+    ACTIVATIONS,
+    ERF,
+    GELU,
+    IDENTITY,
+    LEAKY,
+    RELU,
+    SELU,
+    SELU_ALPHA,
+    SELU_SCALE,
+    SIGMOID,
+    SILU,
+    TANH,
 )
-ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
-RELU, LEAKY, TANH, SIGMOID, GELU, SILU, SELU, ERF, IDENTITY = range(9)
+
+_SELU_SA = SELU_SCALE * SELU_ALPHA
 
 
 def simulator_active() -> bool:
