@@ -26,7 +26,9 @@ Design notes
   the statistics of both outputs in one pass (the BatchNorm output is never stored:
   backward recomputes it), and the backward of activation + BatchNorm with the
   gradient second moments and parameter-gradient sums in two passes; GEMMs go to
-  BLAS into buffers allocated once per call.  The other backends (``numpy``, ``c``)
+  BLAS into buffers allocated once per worker and kept between calls for the
+  latest network structure (no page faults on repeated calls;
+  :func:`clear_workspace` frees them).  The other backends (``numpy``, ``c``)
   take the generic path through the kernel dispatchers, so the two paths check each
   other (tests/test_empirical.py).
 - Threads: on the fused path seeds run concurrently, one per thread (up to Numba's
@@ -43,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -318,8 +321,7 @@ def _run_concurrent(
     lock = threading.Lock()
 
     def work(k: int) -> None:
-        with _numba_threads(1):
-            plan = _FusedPlan(network, B, dt)
+        with _numba_threads(1), _pooled_plan(network, B, dt) as plan:
             while True:
                 with lock:
                     s = next(counter)
@@ -430,12 +432,21 @@ def _fill_param(
     return _rng.fill(out, dist, _rng.derive_key(entropy, seed, layer), slot)
 
 
-def _output_grad(spec: Any, y: np.ndarray, dt: np.dtype, entropy: int, seed: int):
-    """The output gradient of one seed: fresh standard Gaussian, the user's array, or
-    the user's callable applied to the network output."""
+def _output_grad(
+    spec: Any,
+    y: np.ndarray,
+    dt: np.dtype,
+    entropy: int,
+    seed: int,
+    out: np.ndarray | None = None,
+):
+    """The output gradient of one seed: fresh standard Gaussian (into ``out`` when
+    given), the user's array, or the user's callable applied to the network output."""
     if spec is None:
         key = _rng.derive_key(entropy, seed, _OUTGRAD_STREAM)
-        return _rng.fill_normal(np.empty(y.shape, dtype=dt), key, 0)
+        if out is None:
+            out = np.empty(y.shape, dtype=dt)
+        return _rng.fill_normal(out, key, 0)
     if callable(spec):
         return _check_array(spec(y.copy()), y.shape, "output_grad(output)", dt)
     return spec
@@ -454,9 +465,19 @@ def _is_zero_init(init: Any, fan_in: int, fan_out: int) -> bool:
     return dist is not None and dist[0] == "constant" and dist[1] == 0.0
 
 
-def _default_inputs(B: int, d: int, c: float, dt: np.dtype, entropy: int, seed: int):
+def _default_inputs(
+    B: int,
+    d: int,
+    c: float,
+    dt: np.dtype,
+    entropy: int,
+    seed: int,
+    out: np.ndarray | None = None,
+):
     key = _rng.derive_key(entropy, seed, _INPUT_STREAM)
-    x = _rng.fill_normal(np.empty((B, d), dtype=dt), key, 0)
+    if out is None:
+        out = np.empty((B, d), dtype=dt)
+    x = _rng.fill_normal(out, key, 0)
     if c > 0.0:
         z0 = _rng.fill_normal(np.empty((1, d), dtype=dt), key, 1)
         x *= dt.type(math.sqrt(1.0 - c))
@@ -741,8 +762,64 @@ class _FusedPlan:
             self.bufs[key] = a
         return a
 
+    def nbytes(self) -> int:
+        arrs = [*self.acc, *self.sc, *self.flat, self.gg, *self.bufs.values()]
+        return sum(a.nbytes for a in arrs)
+
     def pingpong(self, k: int, n: int) -> np.ndarray:
         return self.flat[k % 2][: self.B * n].reshape(self.B, n)
+
+
+# Workspaces kept across calls: the buffers of a plan (weights, pre-activations,
+# Grams of every layer: ~140 MB per worker on the reference workload) are
+# page-faulted in on first touch, ~10 ms per seed-core when a call starts fresh.
+# Finished plans go back to this pool; a call with the same network structure,
+# batch and dtype takes them out again (a plan is used by one thread at a time).
+# Only the latest structure is kept, at most ``_POOL_MAX_PLANS`` plans of at most
+# ``_POOL_MAX_BYTES`` each; :func:`clear_workspace` frees them.
+_POOL_LOCK = threading.Lock()
+_POOL: dict[tuple, list[_FusedPlan]] = {}
+_POOL_MAX_PLANS = 4
+_POOL_MAX_BYTES = 1 << 30
+
+
+def _plan_key(net: Network, B: int, dt: np.dtype) -> tuple:
+    return (
+        net.input_dim,
+        B,
+        dt.str,
+        tuple((type(i.layer).__name__, i.fan_in, i.width, i.kind) for i in net.infos),
+    )
+
+
+def clear_workspace() -> None:
+    """Free the buffers ``simulate`` keeps between calls."""
+    with _POOL_LOCK:
+        _POOL.clear()
+
+
+def _drop_other_plans(key: tuple) -> None:
+    with _POOL_LOCK:
+        for k in [k for k in _POOL if k != key]:
+            del _POOL[k]
+
+
+@contextlib.contextmanager
+def _pooled_plan(net: Network, B: int, dt: np.dtype):
+    """A :class:`_FusedPlan` from the pool (or a new one), returned after use."""
+    key = _plan_key(net, B, dt)
+    with _POOL_LOCK:
+        plans = _POOL.get(key)
+        plan = plans.pop() if plans else None
+    if plan is None:
+        plan = _FusedPlan(net, B, dt)
+    yield plan
+    if plan.nbytes() <= _POOL_MAX_BYTES:
+        _drop_other_plans(key)
+        with _POOL_LOCK:
+            plans = _POOL.setdefault(key, [])
+            if len(plans) < _POOL_MAX_PLANS:
+                plans.append(plan)
 
 
 def _fused_ok(net: Network, backend: str | None) -> bool:
@@ -991,7 +1068,7 @@ def _backward_fused(
     t0 = time.perf_counter()
     infos = net.infos
     B = y.shape[0]
-    g = _output_grad(g_out_spec, y, dt, entropy, seed)
+    g = _output_grad(g_out_spec, y, dt, entropy, seed, plan.buf(("gout",), y.shape))
     m_out = f._row_sumsq(g.reshape(-1)) / g.size
     if not m_out > 0:
         raise ValueError("the output gradient is all zeros; nothing to propagate")
@@ -1097,12 +1174,15 @@ def _safe_gram(f: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
 def _full64(f: Any, g: np.ndarray) -> np.ndarray:
     """A Gram stored as :func:`initdiag._fused.gram` leaves it, as a full float64
     matrix."""
-    if g.dtype == np.float64 and f.gram_split(g.shape[0]) == 0:
+    h = f.gram_split(g.shape[0])
+    if g.dtype == np.float64 and h == 0:
         return g
     full = g.astype(np.float64)
-    h = f.gram_split(g.shape[0])
     if h:
-        full[:h, h:] = full[h:, :h].T
+        B = g.shape[0]
+        for s in range(h, B, h):  # mirror the blocks left of each diagonal block
+            e = min(s + h, B)
+            full[:s, s:e] = full[s:e, :s].T
     return full
 
 
@@ -1252,7 +1332,9 @@ def simulate(
         raise TypeError(f"jacobian must be True or False, got {jacobian!r}")
     entropy = _rng.entropy_of(rng)
 
-    # memory check before anything large exists
+    # memory check before anything large exists (workspaces kept from calls on
+    # other networks are freed first)
+    _drop_other_plans(_plan_key(network, B, dt))
     est = estimate_memory(network, B, dt, jacobian)
     limit = parse_bytes(memory_limit) if memory_limit is not None else None
     avail = available_memory()
@@ -1293,7 +1375,15 @@ def simulate(
         x = (
             x_user
             if x_user is not None
-            else _default_inputs(B, network.input_dim, c_in, dt, entropy, s)
+            else _default_inputs(
+                B,
+                network.input_dim,
+                c_in,
+                dt,
+                entropy,
+                s,
+                None if plan is None else plan.buf(("x",), (B, network.input_dim)),
+            )
         )
         tm["sample"] += time.perf_counter() - t0
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
@@ -1335,8 +1425,7 @@ def simulate(
     if workers > 1:
         _run_concurrent(one_seed, network, B, dt, seeds, workers, timing)
     elif fused:
-        with _numba_threads(1):
-            plan = _FusedPlan(network, B, dt)
+        with _numba_threads(1), _pooled_plan(network, B, dt) as plan:
             for s in range(seeds):
                 one_seed(s, plan, timing)
     else:

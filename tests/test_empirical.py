@@ -37,9 +37,11 @@ def test_philox_known_answers():
         assert got.tolist() == want
 
 
-def test_fill_normal_is_standard_normal():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fill_normal_is_standard_normal(dtype):
+    # float32 outputs use float32 Box-Muller (24-bit u1): a different sample
     n = 1 << 18
-    x = _rng.fill_normal(np.empty(n), (12345, 678)).astype(np.float64)
+    x = _rng.fill_normal(np.empty(n, dtype), (12345, 678)).astype(np.float64)
     # moments within 5 standard errors of N(0, 1): se(mean)=1/sqrt(n), se(var)=sqrt(2/n)
     assert abs(x.mean()) < 5 / math.sqrt(n)
     assert abs(x.var() - 1) < 5 * math.sqrt(2 / n)
@@ -50,6 +52,34 @@ def test_fill_normal_is_standard_normal():
     cdf = 0.5 * (1 + np.vectorize(math.erf)(xs / math.sqrt(2)))
     d = np.max(np.abs(cdf - np.arange(1, n + 1) / n))
     assert d < 1.63 / math.sqrt(n)  # 1% critical value of the KS statistic
+
+
+def test_float32_normals_follow_the_float64_ones():
+    # same Philox words; float32 Box-Muller rounds u1 to 24 bits (so the far tail,
+    # u1 < ~2^-16, moves) and works in float32: the bulk agrees to float32 rounding
+    n = 1 << 16
+    a = _rng.fill_normal(np.empty(n, np.float32), (5, 6), 1).astype(np.float64)
+    b = _rng.fill_normal(np.empty(n), (5, 6), 1)
+    d = np.abs(a - b)
+    assert np.quantile(d, 0.999) < 2e-5
+    assert np.median(d) < 4 * np.finfo(np.float32).eps
+
+
+def test_kept_workspace_gives_identical_results():
+    # buffers kept between calls (empirical._POOL) must not leak state into a call
+    net = idg.mlp(depth=3, width=24, activation="relu", batchnorm=True)
+    other = idg.mlp(depth=2, width=16, activation="tanh")
+    empirical.clear_workspace()
+    a = _stats(idg.simulate(net, batch_size=10, seeds=3, rng=7, backend="numba"))
+    assert empirical._POOL  # kept
+    b = _stats(idg.simulate(net, batch_size=10, seeds=3, rng=7, backend="numba"))
+    idg.simulate(other, batch_size=10, seeds=2, backend="numba")
+    assert list(empirical._POOL) == [empirical._plan_key(other, 10, np.dtype("f4"))]
+    c = _stats(idg.simulate(net, batch_size=10, seeds=3, rng=7, backend="numba"))
+    empirical.clear_workspace()
+    assert not empirical._POOL
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
 
 
 def test_fill_is_reproducible_and_thread_independent():
@@ -520,9 +550,10 @@ def test_fused_path_matches_numpy_backend(net):
     np.testing.assert_allclose(got, ref, rtol=500 * eps, atol=500 * eps)
 
 
-@pytest.mark.parametrize("B", [12, 131])
+@pytest.mark.parametrize("B", [12, 131, 600])
 def test_blocked_gram_identity(B):
-    # ||G^T X||_F^2 = <G G^T, X X^T> (B x B Grams, blocked when B >= 128)
+    # ||G^T X||_F^2 = <G G^T, X X^T> (B x B Grams, blocked when B >= 128; 131:
+    # a shorter last block row)
     from initdiag import _fused
 
     rng = np.random.default_rng(B)
@@ -533,6 +564,8 @@ def test_blocked_gram_identity(B):
     s, tr = _fused.gram_dot(ga, xa, _fused.gram_split(B))
     assert s == pytest.approx(np.sum((g.T @ x) ** 2), rel=1e-12)
     assert tr == pytest.approx(np.sum(g * g), rel=1e-12)
+    # the float64 fallback's full matrix from the block-triangle layout
+    np.testing.assert_allclose(empirical._full64(_fused, ga), g @ g.T, rtol=1e-12)
 
 
 def test_gradients_near_float32_range_are_not_overflow():
