@@ -36,6 +36,8 @@ import numpy as np
 from numba import njit, prange
 
 from .kernels.activation import ACT_CODES
+from .kernels.activation import _act_grad_nb as _act_grad
+from .kernels.activation import _act_nb as _act
 
 __all__ = [
     "ACT_CODES",
@@ -47,20 +49,7 @@ __all__ = [
 ]
 
 RELU = ACT_CODES["relu"]
-LEAKY = ACT_CODES["leaky_relu"]
-TANH = ACT_CODES["tanh"]
-SIGMOID = ACT_CODES["sigmoid"]
-GELU = ACT_CODES["gelu"]
-SILU = ACT_CODES["silu"]
-SELU = ACT_CODES["selu"]
-ERF = ACT_CODES["erf"]
 IDENTITY = ACT_CODES["identity"]
-
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
 
 # rows per chunk: fixed, so the reduction order does not depend on the thread count
 _ROWS = 64
@@ -69,63 +58,6 @@ _ROWS = 64
 def row_chunks(B: int) -> int:
     """Number of row chunks of a batch of ``B`` rows."""
     return (B + _ROWS - 1) // _ROWS
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _act(v, code, slope):
-    if code == RELU:
-        return 0.0 if v <= 0 else v
-    if code == IDENTITY:
-        return v
-    if code == LEAKY:
-        return v * slope if v < 0 else v
-    if code == TANH:
-        return math.tanh(v)
-    if code == SIGMOID:
-        return 1.0 / (1.0 + math.exp(-v))
-    if code == GELU:
-        return v * (0.5 * math.erfc(-v * _INV_SQRT2))
-    if code == SILU:
-        return v * (1.0 / (1.0 + math.exp(-v)))
-    if code == SELU:
-        return _SELU_SCALE * v if v > 0 else (_SELU_SCALE * _SELU_ALPHA) * math.expm1(v)
-    return math.erf(v)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _act_grad(g, v, code, slope):
-    """g * act'(v) (relu: no gradient where v <= 0; NaN propagates)."""
-    if code == RELU:
-        if v > 0:
-            return g
-        return 0.0 if v <= 0 else v
-    if code == IDENTITY:
-        return g
-    if code == LEAKY:
-        if v < 0:
-            return g * slope
-        return g if v >= 0 else v
-    if code == TANH:
-        t = math.tanh(v)
-        return g * (1.0 - t * t)
-    if code == SIGMOID:
-        s = 1.0 / (1.0 + math.exp(-v))
-        return g * (s * (1.0 - s))
-    if code == GELU:
-        return g * (
-            0.5 * math.erfc(-v * _INV_SQRT2)
-            + v * (_INV_SQRT2PI * math.exp(-0.5 * v * v))
-        )
-    if code == SILU:
-        s = 1.0 / (1.0 + math.exp(-v))
-        return g * (s + v * s * (1.0 - s))
-    if code == SELU:
-        return (
-            g * _SELU_SCALE
-            if v > 0
-            else g * ((_SELU_SCALE * _SELU_ALPHA) * math.exp(v))
-        )
-    return g * (_TWO_OVER_SQRTPI * math.exp(-v * v))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})

@@ -408,6 +408,27 @@ def _sample_param(
     return _rng.fill(out, dist, _rng.derive_key(entropy, seed, layer), slot)
 
 
+def _layer_params(
+    info: Any, p: dict[str, Any], dt: np.dtype, entropy: int, seed: int, i: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(weight, bias) of a dense layer or (gamma, beta) of a BatchNorm, drawn from
+    their streams (slot 0 and 1 of layer ``i``); a bias-free dense layer gives None.
+    Dense parameters get the layer's fans, BatchNorm's get (width, width)."""
+    if info.kind == "dense":
+        shape, fan_in = (info.width, info.fan_in), info.fan_in
+    else:
+        shape, fan_in = (info.width,), info.width
+    first = _sample_param(
+        p["weight"], shape, fan_in, info.width, dt, entropy, seed, i, 0
+    )
+    second = None
+    if p.get("bias") is not None:
+        second = _sample_param(
+            p["bias"], (info.width,), fan_in, info.width, dt, entropy, seed, i, 1
+        )
+    return first, second
+
+
 def _fill_param(
     out: np.ndarray,
     init: Any,
@@ -533,30 +554,7 @@ def _run_seed(
         t0 = time.perf_counter()
         if isinstance(layer, Dense):
             p = inits[i]
-            w = _sample_param(
-                p["weight"],
-                (info.width, info.fan_in),
-                info.fan_in,
-                info.width,
-                dt,
-                entropy,
-                seed,
-                i,
-                0,
-            )
-            b = None
-            if p.get("bias") is not None:
-                b = _sample_param(
-                    p["bias"],
-                    (info.width,),
-                    info.fan_in,
-                    info.width,
-                    dt,
-                    entropy,
-                    seed,
-                    i,
-                    1,
-                )
+            w, b = _layer_params(info, p, dt, entropy, seed, i)
             t1 = time.perf_counter()
             t_sample += t1 - t0
             t0 = t1
@@ -567,28 +565,7 @@ def _run_seed(
             by_design = _is_zero_init(p["weight"], info.fan_in, info.width)
         elif isinstance(layer, BatchNorm):
             p = inits[i]
-            gamma = _sample_param(
-                p["weight"],
-                (info.width,),
-                info.width,
-                info.width,
-                dt,
-                entropy,
-                seed,
-                i,
-                0,
-            )
-            beta = _sample_param(
-                p["bias"],
-                (info.width,),
-                info.width,
-                info.width,
-                dt,
-                entropy,
-                seed,
-                i,
-                1,
-            )
+            gamma, beta = _layer_params(info, p, dt, entropy, seed, i)
             t1 = time.perf_counter()
             t_sample += t1 - t0
             t0 = t1
@@ -1531,56 +1508,12 @@ def _jacobian_seed(
         layer = info.layer
         if isinstance(layer, Dense):
             p = inits[i]
-            w = _sample_param(
-                p["weight"],
-                (info.width, info.fan_in),
-                info.fan_in,
-                info.width,
-                dt,
-                entropy,
-                seed,
-                i,
-                0,
-            )
-            b = None
-            if p.get("bias") is not None:
-                b = _sample_param(
-                    p["bias"],
-                    (info.width,),
-                    info.fan_in,
-                    info.width,
-                    dt,
-                    entropy,
-                    seed,
-                    i,
-                    1,
-                )
+            w, b = _layer_params(info, p, dt, entropy, seed, i)
             cur = ops.dense(cur, w, b, np.empty((B, info.width), dtype=dt))
             layers.append(("dense", w))
         elif isinstance(layer, BatchNorm):
             p = inits[i]
-            gamma = _sample_param(
-                p["weight"],
-                (info.width,),
-                info.width,
-                info.width,
-                dt,
-                entropy,
-                seed,
-                i,
-                0,
-            )
-            beta = _sample_param(
-                p["bias"],
-                (info.width,),
-                info.width,
-                info.width,
-                dt,
-                entropy,
-                seed,
-                i,
-                1,
-            )
+            gamma, beta = _layer_params(info, p, dt, entropy, seed, i)
             out, _, invstd = ops.bn(cur, gamma, beta, layer.eps)
             layers.append(("scale", (gamma * invstd).astype(dt)))
             cur = out

@@ -141,7 +141,7 @@ def _activation_backward_numpy(dy, x, act, slope, out):
 
 
 # --------------------------------------------------------------------------- numba
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _act_nb(v, code, slope):
     """Scalar act(v) (generic branch; hot activations have their own loops)."""
     if code == RELU:
@@ -163,7 +163,7 @@ def _act_nb(v, code, slope):
     return v
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _act_grad_nb(g, v, code, slope):
     """Scalar g * act'(v)."""
     if code == RELU:
