@@ -399,13 +399,14 @@ def _sample_param(
     layer: int,
     slot: int,
 ) -> np.ndarray:
-    dist = init.distribution(fan_in, fan_out)
-    if dist is None:
+    """One parameter tensor from its own stream (seed, layer, slot): Philox for the
+    closed-form distributions, a numpy Generator on the same stream otherwise."""
+    if init.distribution(fan_in, fan_out) is None:
         gen = _rng.numpy_generator(entropy, seed, layer, slot)
         arr = init.sample(shape, fan_in, fan_out, gen, dt)
         return np.ascontiguousarray(arr, dtype=dt)
     out = np.empty(shape, dtype=dt)
-    return _rng.fill(out, dist, _rng.derive_key(entropy, seed, layer), slot)
+    return _fill_param(out, init, fan_in, fan_out, dt, entropy, seed, layer, slot)
 
 
 def _layer_params(
