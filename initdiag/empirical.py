@@ -60,15 +60,6 @@ from .profile import STAT_COLUMNS, Profile
 __all__ = ["simulate", "estimate_memory", "parse_bytes", "available_memory"]
 
 _COL = {c: i for i, c in enumerate(STAT_COLUMNS)}
-_FWD_COLS = (
-    "mean",
-    "second_moment",
-    "variance",
-    "squared_mean",
-    "correlation",
-    "active_fraction",
-    "dead_fraction",
-)
 # key words naming the non-parameter streams (parameters use the layer index)
 _INPUT_STREAM = 2**31
 _OUTGRAD_STREAM = 2**31 + 1
@@ -508,10 +499,6 @@ def _default_inputs(
 
 
 # -- the engine ----------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    pass
 
 
 def _finding(info: Any, seed: int, pas: str, kind: str, what: str) -> dict[str, Any]:

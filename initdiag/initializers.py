@@ -83,13 +83,6 @@ def _nonneg(value: Any, what: str) -> float:
     return v
 
 
-def _check_fans(fan_in: int, fan_out: int) -> None:
-    if fan_in <= 0 or fan_out <= 0:
-        raise ValueError(
-            f"fans must be positive, got fan_in={fan_in}, fan_out={fan_out}"
-        )
-
-
 def _pick_fan(mode: str, fan_in: int, fan_out: int) -> float:
     if mode == "fan_in":
         return float(fan_in)

@@ -267,23 +267,29 @@ class Profile:
         hit = np.flatnonzero(np.nan_to_num(c, nan=-np.inf) >= threshold)
         return int(self.block[hit[0]]) if hit.size else None
 
-    def gradient_ratio(self) -> float:
-        """Gradient second moment at the first dense layer's output over that at the
-        last dense layer's output: how much the gradient grows from the output back
-        to the input, like for like (rows of one kind, so a ReLU's factor 1/2 between
-        its output and its input does not count).  Networks without two dense layers
-        use the first and the last row."""
+    def gradient_ratio(self, rows: Sequence[int] | None = None) -> float:
+        """Gradient second moment at the first row over that at the last row of
+        ``rows`` (their finite entries): how much the gradient grows from the output
+        back to the input.  By default the dense rows, like for like (rows of one
+        kind, so a ReLU's factor 1/2 between its output and its input does not
+        count); networks without two dense layers use the first and the last row.
+        With explicit ``rows``, fewer than two finite entries give NaN."""
         g = self.columns["grad_second_moment"]
-        dense = self.rows_of("dense")
-        if dense.size >= 2:
-            g = g[dense]
+        need = 2
+        if rows is None:
+            need = 1
+            dense = self.rows_of("dense")
+            if dense.size >= 2:
+                g = g[dense]
+        else:
+            g = g[np.asarray(rows, dtype=np.int64)]
         ok = np.flatnonzero(np.isfinite(g))
-        if ok.size == 0:
+        if ok.size < need:
             return math.nan
-        first, last = g[ok[0]], g[ok[-1]]
+        first, last = float(g[ok[0]]), float(g[ok[-1]])
         if last == 0:
             return math.inf if first > 0 else math.nan
-        return float(first / last)
+        return first / last
 
     # -- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -254,17 +254,9 @@ def signal_rows(profile: Profile) -> np.ndarray:
 def signal_gradient_ratio(profile: Profile) -> float:
     """Gradient second moment at the first pre-activation over that at the last one
     (:func:`signal_rows`): the growth of the gradient from the output back to the
-    input, like for like.  ``profile.summary["gradient_ratio"]`` instead divides the
-    first row by the last row, whatever their kinds."""
-    rows = signal_rows(profile)
-    g = profile.columns["grad_second_moment"][rows]
-    ok = np.flatnonzero(np.isfinite(g))
-    if ok.size < 2:
-        return math.nan
-    first, last = float(g[ok[0]]), float(g[ok[-1]])
-    if last == 0:
-        return math.inf if first > 0 else math.nan
-    return first / last
+    input, like for like.  ``profile.summary["gradient_ratio"]`` uses the dense
+    rows instead, which differ from these in ``Dense -> BN -> act`` blocks."""
+    return profile.gradient_ratio(signal_rows(profile))
 
 
 def _dense_q(profile: Profile) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..profile import Profile
+from ..profile import SUMMARY_KEYS, Profile
 from ..verdicts import Verdict
 from .study import Entry, Sentence, StudyResult, fmt
 
@@ -168,18 +168,8 @@ def _summary_value(v: Any) -> str:
 
 def summary_lines(analytic: Profile | None, empirical: Profile | None) -> list[str]:
     """``key  predicted  measured`` for the summary keys both engines report."""
-    keys = (
-        "chi1",
-        "regime",
-        "q_star",
-        "c_star",
-        "xi_q",
-        "xi_c",
-        "correlation_depth",
-        "gradient_ratio",
-    )
     lines = []
-    for k in keys:
+    for k in SUMMARY_KEYS:
         a = analytic.summary.get(k, "-") if analytic is not None else None
         e = empirical.summary.get(k, "-") if empirical is not None else None
         parts = [f"  {k:<18}"]
