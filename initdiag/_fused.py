@@ -24,7 +24,8 @@ therefore bit-identical whatever ``numba.set_num_threads`` says.  Every value th
 the generic path stores in the working dtype (BatchNorm output, activation output,
 gradients) is rounded to that dtype here too, so the two paths agree to rounding.
 
-The only fast-math is ``reassoc`` on the row sums of squares (:func:`_row_sumsq`),
+The only fast-math is ``reassoc`` on the row sums of squares (``_row_sumsq``, shared
+with the kernels as ``initdiag.kernels.stats._sumsq_nb``),
 so that LLVM may vectorise that reduction.
 """
 
@@ -38,6 +39,7 @@ from numba import njit, prange
 from .kernels.activation import ACT_CODES
 from .kernels.activation import _act_grad_nb as _act_grad
 from .kernels.activation import _act_nb as _act
+from .kernels.stats import _sumsq_nb as _row_sumsq
 
 __all__ = [
     "ACT_CODES",
@@ -58,16 +60,6 @@ _ROWS = 64
 def row_chunks(B: int) -> int:
     """Number of row chunks of a batch of ``B`` rows."""
     return (B + _ROWS - 1) // _ROWS
-
-
-@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
-def _row_sumsq(r):
-    """sum_j r_j^2 in float64 (reassociated so that it vectorises)."""
-    s = 0.0
-    for j in range(r.shape[0]):
-        v = np.float64(r[j])
-        s += v * v
-    return s
 
 
 @njit(cache=True, error_model="numpy")
