@@ -337,11 +337,15 @@ def _fused_inputs(B, n, seed=0):
     return x
 
 
-def test_fused_col_stats_against_loops():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_col_stats_against_loops(dtype):
     from initdiag import _fused
 
     B, n = 71, 9  # two row chunks of 64 rows, the second one partial, odd length
-    x = _fused_inputs(B, n)
+    x = _fused_inputs(B, n).astype(dtype)
+    # sums run in the dtype over chunks of 64 rows, then in float64: 64 eps of the
+    # dtype relative to the O(1) magnitudes here
+    tol = 64 * np.finfo(dtype).eps if dtype == np.float32 else 1e-12
     nch = _fused.row_chunks(B)
     out, cm, cv = np.empty(10), np.empty(n), np.empty(n)
     _fused.col_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
@@ -364,12 +368,31 @@ def test_fused_col_stats_against_loops():
         np.mean(cos),
         1,
     ]
-    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(cm, x64.mean(axis=0), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(cv, x64.var(axis=0), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol / 100)
+    np.testing.assert_allclose(cm, x64.mean(axis=0), rtol=tol, atol=tol / 100)
+    np.testing.assert_allclose(cv, x64.var(axis=0), rtol=tol, atol=tol / 100)
     x[2, 1], x[9, 4] = np.inf, np.nan
     _fused.col_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
     assert out[7] == 2
+
+
+def test_fused_col_stats_fall_back_to_float64_where_float32_sums_overflow():
+    # finite float32 entries whose squares exceed float32: the chunk's float32 sums
+    # overflow, the statistics must come from the float64 rare path, not be inf
+    from initdiag import _fused
+
+    B, n = 70, 5
+    x = _fused_inputs(B, n, 4)
+    x[:, 2] *= np.float32(3e19)
+    x[7] = np.float32(-2e20)
+    nch = _fused.row_chunks(B)
+    out, cm, cv = np.empty(10), np.empty(n), np.empty(n)
+    _fused.col_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
+    x64 = x.astype(np.float64)
+    assert out[7] == 0 and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[1], (x64**2).mean(), rtol=1e-6)
+    np.testing.assert_allclose(cv, x64.var(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(cm, x64.mean(axis=0), rtol=1e-6, atol=1e-6 * 3e19)
 
 
 def test_fused_batchnorm_relu_against_loops():
