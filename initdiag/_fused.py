@@ -27,13 +27,14 @@ so the fused and generic paths agree to rounding.
 
 Precision: inside a chunk of 64 rows the column sums accumulate in the working
 dtype, vectorised over whole rows, and so does each row's sum of squares; chunk
-partials and row sums are combined in float64.  For float32 that bounds the error by ~64 eps32 relative to
-the summed magnitudes (1e-5 at worst, against Monte Carlo standard errors of 1e-3
-and more), and made the passes 1.5x-2x faster than float64 accumulation
-(bench/SIMULATE.md).  Where a chunk's float32 sums overflow although its entries are
-finite (values beyond ~1e19), that chunk is recomputed in float64 (the rare path);
-non-finite entries propagate as before.  Fast-math: FMA contraction in the element
-loops and ``reassoc`` in the horizontal row sums only (no nnan / ninf).
+partials and row sums are combined in float64.  For float32 that bounds the error
+by ~64 eps32 relative to the summed magnitudes (1e-5 at worst, against Monte Carlo
+standard errors of 1e-3 and more), and made the passes 1.5x-2x faster than
+float64 accumulation (bench/SIMULATE.md).  Where a chunk's float32 sums overflow
+although its entries are finite (values beyond ~1e19), that chunk is recomputed in
+float64 (the rare path); non-finite entries propagate as before.  Fast-math: FMA
+contraction in the element loops and ``reassoc`` in the horizontal row sums only
+(no nnan / ninf).
 """
 
 from __future__ import annotations

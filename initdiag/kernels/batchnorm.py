@@ -22,10 +22,12 @@ Backward, with xhat = (x - mean) invstd and g = dy * act'(z)::
 
 ``beta`` may be None in the backward (it only enters z for act != identity).
 
-Numba and C variants: parallel over blocks of columns (one per thread), so no
-reduction crosses threads.  The variance
-uses sums shifted by the first row (Chan, Golub & LeVeque 1983), accumulated in
-float64, never E[x^2] - E[x]^2 of the raw data.
+Numba and C variants: blocks of columns, one per thread when the kernel runs in
+parallel (``_threading.sweep_threads``: at 512 x 1024 under the default passive
+wait policy it runs on one thread), so no reduction crosses threads.  The variance
+uses sums shifted by the first row (Chan, Golub & LeVeque 1983), never
+E[x^2] - E[x]^2 of the raw data; column sums run in the dtype of x over blocks of
+``ROW_BLOCK`` rows and in float64 across blocks.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import math
 
 import numpy as np
 
-from ._threading import njit, prange
+from ._threading import njit, prange, sweep_threads
 from .activation import (
     ACT_CODES,
     DELEGATE_BACKWARD,
@@ -98,14 +100,53 @@ def _batchnorm_backward_numpy(
 
 
 # --------------------------------------------------------------------------- numba
+# rows summed in the dtype of x before each float64 update of the column sums
+ROW_BLOCK = 64
+
+
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _bn_stats_block_nb(x, j0, j1, kt, s1, s2):
+def _bn_acc8_nb(x, i, j0, j1, kt, a1, a2):
+    """Rows i..i+7 of columns j0..j1: a1 += sum d, a2 += sum d^2, d = x - kt, in
+    the dtype of x (each accumulator loaded and stored once per eight rows)."""
+    w = j1 - j0
+    r0 = x[i, j0:j1]
+    r1 = x[i + 1, j0:j1]
+    r2 = x[i + 2, j0:j1]
+    r3 = x[i + 3, j0:j1]
+    r4 = x[i + 4, j0:j1]
+    r5 = x[i + 5, j0:j1]
+    r6 = x[i + 6, j0:j1]
+    r7 = x[i + 7, j0:j1]
+    for j in range(w):
+        k = kt[j]
+        d0 = r0[j] - k
+        d1 = r1[j] - k
+        d2 = r2[j] - k
+        d3 = r3[j] - k
+        d4 = r4[j] - k
+        d5 = r5[j] - k
+        d6 = r6[j] - k
+        d7 = r7[j] - k
+        a1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+        q = d0 * d0
+        q += d1 * d1
+        q += d2 * d2
+        q += d3 * d3
+        p = d4 * d4
+        p += d5 * d5
+        p += d6 * d6
+        p += d7 * d7
+        a2[j] += q + p
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _bn_stats_block_nb(x, j0, j1, kt, s1, s2, a1, a2):
     """Shifted sums of columns j0..j1: kt = first row (dtype of x); s1, s2 float64.
 
-    Four rows per sweep, their partial sums in the dtype of x, so the float64
-    accumulators are read and written once per four rows (the loop is then bound
-    by loading x; all indices are 0-based on contiguous row slices so LLVM
-    vectorises it)."""
+    Blocks of ROW_BLOCK rows are summed in the dtype of x (a1, a2: scratch of that
+    dtype), eight rows per sweep, then added to the float64 sums: the loop runs at
+    the dtype's SIMD width.  A column whose float32 sum of squares overflowed
+    although its entries are finite is summed again in float64."""
     B = x.shape[0]
     w = j1 - j0
     r = x[0, j0:j1]
@@ -114,26 +155,117 @@ def _bn_stats_block_nb(x, j0, j1, kt, s1, s2):
         s1[j] = 0.0
         s2[j] = 0.0
     i = 0
-    while i + 4 <= B:
-        r0 = x[i, j0:j1]
-        r1 = x[i + 1, j0:j1]
-        r2 = x[i + 2, j0:j1]
-        r3 = x[i + 3, j0:j1]
-        for j in range(w):
-            d0 = r0[j] - kt[j]
-            d1 = r1[j] - kt[j]
-            d2 = r2[j] - kt[j]
-            d3 = r3[j] - kt[j]
-            s1[j] += (d0 + d1) + (d2 + d3)
-            s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        i += 4
     while i < B:
-        r0 = x[i, j0:j1]
+        ie = min(B, i + ROW_BLOCK)
         for j in range(w):
-            d0 = r0[j] - kt[j]
-            s1[j] += d0
-            s2[j] += d0 * d0
-        i += 1
+            a1[j] = 0.0
+            a2[j] = 0.0
+        while i + 8 <= ie:
+            _bn_acc8_nb(x, i, j0, j1, kt, a1, a2)
+            i += 8
+        while i < ie:
+            ri = x[i, j0:j1]
+            for j in range(w):
+                d0 = ri[j] - kt[j]
+                a1[j] += d0
+                a2[j] += d0 * d0
+            i += 1
+        for j in range(w):
+            s1[j] += np.float64(a1[j])
+            s2[j] += np.float64(a2[j])
+    for j in range(w):
+        if not s2[j] < math.inf:
+            k = np.float64(kt[j])
+            t1 = 0.0
+            t2 = 0.0
+            for i in range(B):
+                d = np.float64(x[i, j0 + j]) - k
+                t1 += d
+                t2 += d * d
+            s1[j] = t1
+            s2[j] = t2
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _bn_out4_nb(x, out, i, j0, j1, mu, sc, be, relu, zero):
+    """Rows i..i+3 of the forward output: (x - mean) gamma invstd + beta, then
+    relu when ``relu`` (the per-column coefficients loaded once per four rows)."""
+    w = j1 - j0
+    r0 = x[i, j0:j1]
+    r1 = x[i + 1, j0:j1]
+    r2 = x[i + 2, j0:j1]
+    r3 = x[i + 3, j0:j1]
+    o0 = out[i, j0:j1]
+    o1 = out[i + 1, j0:j1]
+    o2 = out[i + 2, j0:j1]
+    o3 = out[i + 3, j0:j1]
+    for j in range(w):
+        m = mu[j]
+        f = sc[j]
+        b = be[j]
+        z0 = (r0[j] - m) * f + b
+        z1 = (r1[j] - m) * f + b
+        z2 = (r2[j] - m) * f + b
+        z3 = (r3[j] - m) * f + b
+        if relu:
+            z0 = zero if z0 <= zero else z0
+            z1 = zero if z1 <= zero else z1
+            z2 = zero if z2 <= zero else z2
+            z3 = zero if z3 <= zero else z3
+        o0[j] = z0
+        o1[j] = z1
+        o2[j] = z2
+        o3[j] = z3
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _bn_dx4_nb(dy, x, dx, i, j0, j1, mu, inv, ga, be, a, c0, c1, relu, zero):
+    """Rows i..i+3 of dx = a g + c0 + xhat c1 (g = dy, or dy relu'(z) when
+    ``relu``; coefficients loaded once per four rows)."""
+    w = j1 - j0
+    d0 = dy[i, j0:j1]
+    d1 = dy[i + 1, j0:j1]
+    d2 = dy[i + 2, j0:j1]
+    d3 = dy[i + 3, j0:j1]
+    r0 = x[i, j0:j1]
+    r1 = x[i + 1, j0:j1]
+    r2 = x[i + 2, j0:j1]
+    r3 = x[i + 3, j0:j1]
+    o0 = dx[i, j0:j1]
+    o1 = dx[i + 1, j0:j1]
+    o2 = dx[i + 2, j0:j1]
+    o3 = dx[i + 3, j0:j1]
+    for j in range(w):
+        m = mu[j]
+        iv = inv[j]
+        aj = a[j]
+        cz = c0[j]
+        cx = c1[j]
+        h0 = (r0[j] - m) * iv
+        h1 = (r1[j] - m) * iv
+        h2 = (r2[j] - m) * iv
+        h3 = (r3[j] - m) * iv
+        g0 = d0[j]
+        g1 = d1[j]
+        g2 = d2[j]
+        g3 = d3[j]
+        if relu:
+            gm = ga[j]
+            bt = be[j]
+            z0 = gm * h0 + bt
+            z1 = gm * h1 + bt
+            z2 = gm * h2 + bt
+            z3 = gm * h3 + bt
+            # a NaN z comes from a NaN xhat (or parameter), which h * c1 below
+            # carries into dx anyway: no NaN select needed here
+            g0 = g0 if z0 > zero else zero
+            g1 = g1 if z1 > zero else zero
+            g2 = g2 if z2 > zero else zero
+            g3 = g3 if z3 > zero else zero
+        o0[j] = aj * g0 + (h0 * cx + cz)
+        o1[j] = aj * g1 + (h1 * cx + cz)
+        o2[j] = aj * g2 + (h2 * cx + cz)
+        o3[j] = aj * g3 + (h3 * cx + cz)
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
@@ -150,7 +282,7 @@ def _bn_fwd_block_nb(
     kt = wt[0, :w]
     s1 = w64[0, :w]
     s2 = w64[1, :w]
-    _bn_stats_block_nb(x, j0, j1, kt, s1, s2)
+    _bn_stats_block_nb(x, j0, j1, kt, s1, s2, wt[1, :w], wt[2, :w])
     mu = wt[1, :w]
     sc = wt[2, :w]
     be = wt[3, :w]
@@ -166,7 +298,12 @@ def _bn_fwd_block_nb(
         be[j] = beta[j0 + j]
     wt[4, 0] = 0.0
     zero = wt[4, 0]  # a zero of x's dtype keeps the relu select in that dtype
-    for i in range(B):
+    i0 = 0
+    if code == IDENTITY or code == RELU:
+        while i0 + 4 <= B:
+            _bn_out4_nb(x, out, i0, j0, j1, mu, sc, be, code == RELU, zero)
+            i0 += 4
+    for i in range(i0, B):
         r = x[i, j0:j1]
         o = out[i, j0:j1]
         if code == IDENTITY:
@@ -175,7 +312,7 @@ def _bn_fwd_block_nb(
         elif code == RELU:
             for j in range(w):
                 z = (r[j] - mu[j]) * sc[j] + be[j]
-                o[j] = zero if z <= 0 else z
+                o[j] = zero if z <= zero else z
         else:
             for j in range(w):
                 z = (r[j] - mu[j]) * sc[j] + be[j]
@@ -213,6 +350,54 @@ def _bn_fwd_nb(x, gamma, beta, eps, code, slope, out, mean, invstd, blk, w64, wt
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _bn_bwd_acc4_nb(dy, x, i, j0, j1, mu, inv, ga, be, relu, ab, ag, zero):
+    """Rows i..i+3: ab += sum g, ag += sum g xhat in the dtype of x, with
+    g = dy (identity) or dy relu'(z) (``relu``), z = gamma xhat + beta; relu's
+    derivative as selects (no branch on random signs), NaN z propagating."""
+    w = j1 - j0
+    d0 = dy[i, j0:j1]
+    d1 = dy[i + 1, j0:j1]
+    d2 = dy[i + 2, j0:j1]
+    d3 = dy[i + 3, j0:j1]
+    r0 = x[i, j0:j1]
+    r1 = x[i + 1, j0:j1]
+    r2 = x[i + 2, j0:j1]
+    r3 = x[i + 3, j0:j1]
+    if relu:
+        for j in range(w):
+            m = mu[j]
+            iv = inv[j]
+            gm = ga[j]
+            bt = be[j]
+            h0 = (r0[j] - m) * iv
+            h1 = (r1[j] - m) * iv
+            h2 = (r2[j] - m) * iv
+            h3 = (r3[j] - m) * iv
+            z0 = gm * h0 + bt
+            z1 = gm * h1 + bt
+            z2 = gm * h2 + bt
+            z3 = gm * h3 + bt
+            k0 = d0[j] if z0 > zero else zero
+            k1 = d1[j] if z1 > zero else zero
+            k2 = d2[j] if z2 > zero else zero
+            k3 = d3[j] if z3 > zero else zero
+            g0 = k0 if z0 == z0 else z0
+            g1 = k1 if z1 == z1 else z1
+            g2 = k2 if z2 == z2 else z2
+            g3 = k3 if z3 == z3 else z3
+            ab[j] += (g0 + g1) + (g2 + g3)
+            ag[j] += (g0 * h0 + g1 * h1) + (g2 * h2 + g3 * h3)
+    else:
+        for j in range(w):
+            m = mu[j]
+            iv = inv[j]
+            ab[j] += (d0[j] + d1[j]) + (d2[j] + d3[j])
+            ag[j] += (d0[j] * ((r0[j] - m) * iv) + d1[j] * ((r1[j] - m) * iv)) + (
+                d2[j] * ((r2[j] - m) * iv) + d3[j] * ((r3[j] - m) * iv)
+            )
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _bn_bwd_block_nb(
     dy, x, mean, invstd, gamma, beta, code, slope, dx, dgamma, dbeta, j0, j1, w64, wt
 ):
@@ -228,54 +413,52 @@ def _bn_bwd_block_nb(
     be = beta[j0:j1]
     sb = w64[0, :w]
     sg = w64[1, :w]
+    ab = wt[0, :w]  # per row block, in the dtype of x (then into sb, sg)
+    ag = wt[1, :w]
     for j in range(w):
         sb[j] = 0.0
         sg[j] = 0.0
     wt[4, 0] = 0.0
     zero = wt[4, 0]
-    i0 = 0
-    if code == IDENTITY:
-        # four rows per sweep, partial sums in the dtype of x: the float64
-        # accumulators are loaded and stored once per four rows
-        while i0 + 4 <= B:
-            d0 = dy[i0, j0:j1]
-            d1 = dy[i0 + 1, j0:j1]
-            d2 = dy[i0 + 2, j0:j1]
-            d3 = dy[i0 + 3, j0:j1]
-            r0 = x[i0, j0:j1]
-            r1 = x[i0 + 1, j0:j1]
-            r2 = x[i0 + 2, j0:j1]
-            r3 = x[i0 + 3, j0:j1]
-            for j in range(w):
-                sb[j] += (d0[j] + d1[j]) + (d2[j] + d3[j])
-                sg[j] += inv[j] * (
-                    (d0[j] * (r0[j] - mu[j]) + d1[j] * (r1[j] - mu[j]))
-                    + (d2[j] * (r2[j] - mu[j]) + d3[j] * (r3[j] - mu[j]))
+    i = 0
+    while i < B:
+        ie = min(B, i + ROW_BLOCK)
+        for j in range(w):
+            ab[j] = zero
+            ag[j] = zero
+        if code == IDENTITY or code == RELU:
+            while i + 4 <= ie:
+                _bn_bwd_acc4_nb(
+                    dy, x, i, j0, j1, mu, inv, ga, be, code == RELU, ab, ag, zero
                 )
-            i0 += 4
-    for i in range(i0, B):
-        d = dy[i, j0:j1]
-        r = x[i, j0:j1]
-        if code == IDENTITY:
-            for j in range(w):
-                h = (r[j] - mu[j]) * inv[j]
-                sb[j] += d[j]
-                sg[j] += d[j] * h
-        elif code == RELU:
-            for j in range(w):
-                h = (r[j] - mu[j]) * inv[j]
-                z = ga[j] * h + be[j]
-                keep = d[j] if z > 0 else zero
-                gj = keep if z == z else z
-                sb[j] += gj
-                sg[j] += gj * h
-        else:
-            for j in range(w):
-                h = (r[j] - mu[j]) * inv[j]
-                z = np.float64(ga[j]) * np.float64(h) + np.float64(be[j])
-                gj = _act_grad_nb(np.float64(d[j]), z, code, slope)
-                sb[j] += gj
-                sg[j] += gj * h
+                i += 4
+        while i < ie:
+            d = dy[i, j0:j1]
+            r = x[i, j0:j1]
+            if code == IDENTITY:
+                for j in range(w):
+                    h = (r[j] - mu[j]) * inv[j]
+                    ab[j] += d[j]
+                    ag[j] += d[j] * h
+            elif code == RELU:
+                for j in range(w):
+                    h = (r[j] - mu[j]) * inv[j]
+                    z = ga[j] * h + be[j]
+                    keep = d[j] if z > zero else zero
+                    gj = keep if z == z else z
+                    ab[j] += gj
+                    ag[j] += gj * h
+            else:
+                for j in range(w):
+                    h = (r[j] - mu[j]) * inv[j]
+                    z = np.float64(ga[j]) * np.float64(h) + np.float64(be[j])
+                    gj = _act_grad_nb(np.float64(d[j]), z, code, slope)
+                    ab[j] += gj
+                    ag[j] += gj * h
+            i += 1
+        for j in range(w):
+            sb[j] += np.float64(ab[j])
+            sg[j] += np.float64(ag[j])
     a = wt[0, :w]
     c0 = wt[1, :w]
     c1 = wt[2, :w]
@@ -286,7 +469,14 @@ def _bn_bwd_block_nb(
         a[j] = f
         c0[j] = -f * sb[j] / B
         c1[j] = -f * sg[j] / B
-    for i in range(B):
+    i0 = 0
+    if code == IDENTITY or code == RELU:
+        while i0 + 4 <= B:
+            _bn_dx4_nb(
+                dy, x, dx, i0, j0, j1, mu, inv, ga, be, a, c0, c1, code == RELU, zero
+            )
+            i0 += 4
+    for i in range(i0, B):
         d = dy[i, j0:j1]
         r = x[i, j0:j1]
         o = dx[i, j0:j1]
@@ -298,7 +488,7 @@ def _bn_bwd_block_nb(
             for j in range(w):
                 h = (r[j] - mu[j]) * inv[j]
                 z = ga[j] * h + be[j]
-                keep = d[j] if z > 0 else zero
+                keep = d[j] if z > zero else zero
                 gj = keep if z == z else z
                 o[j] = a[j] * gj + c0[j] + h * c1[j]
         else:
@@ -389,7 +579,7 @@ def _batchnorm_forward_numba(x, gamma, beta, eps, act, slope, out, mean, invstd)
         )
         return _split_forward(act, slope, out)
     B, n = x.shape
-    blk = block_width(B, n, x.itemsize, _nthreads())
+    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _nthreads()))
     nblk = -(-n // blk)
     w64 = np.empty((2 * nblk, blk))
     wt = np.empty((5 * nblk, blk), x.dtype)
@@ -422,7 +612,7 @@ def _batchnorm_backward_numba(
     B, n = x.shape
     if beta is None:
         beta = np.zeros_like(gamma)
-    blk = block_width(B, n, x.itemsize, _nthreads())
+    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _nthreads()))
     nblk = -(-n // blk)
     w64 = np.empty((2 * nblk, blk))
     wt = np.empty((5 * nblk, blk), x.dtype)
@@ -455,7 +645,7 @@ def _batchnorm_forward_c(x, gamma, beta, eps, act, slope, out, mean, invstd):
         return _split_forward(act, slope, out)
 
     B, n = x.shape
-    blk = block_width(B, n, x.itemsize, _c_threads())
+    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _c_threads()))
     check(
         fn("idg_batchnorm_forward", x.dtype)(
             ptr(x),
@@ -489,7 +679,7 @@ def _batchnorm_backward_c(
         )
 
     B, n = x.shape
-    blk = block_width(B, n, x.itemsize, _c_threads())
+    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _c_threads()))
     check(
         fn("idg_batchnorm_backward", x.dtype)(
             ptr(dy),

@@ -10,9 +10,12 @@ raises)::
     _row_correlation_<b>(x, out) -> out         # out float64 (1,)
 
 Per feature j over the batch (B rows): mean_j, biased var_j, fraction of entries
-<= 0 and == 0.  Variances come from sums shifted by the first row, accumulated in
-float64 (Chan, Golub & LeVeque 1983), in one pass over x; never E[x^2] - E[x]^2
-of the raw data.
+<= 0 and == 0.  Variances come from sums shifted by the first row (Chan, Golub &
+LeVeque 1983), in one pass over x; never E[x^2] - E[x]^2 of the raw data.  The
+numba and C variants sum blocks of ``ROW_BLOCK`` rows in the dtype of x (SIMD at
+the dtype's width: twice the float32 lanes of float64) and the blocks in float64,
+so float32 results carry float32 rounding (tests: B eps32 relative to max |x|);
+columns whose float32 sums overflow are summed again in float64.
 
 ``layer_summary`` (x of shape (B, n)): mean = mean(x); second_moment = mean(x^2)
 (= mean_j (var_j + mean_j^2)); variance = mean_j var_j; squared_mean = mean_j
@@ -33,8 +36,9 @@ import math
 
 import numpy as np
 
-from ._threading import njit, prange
+from ._threading import njit, prange, sweep_threads
 from .activation import PAR_CHUNK
+from .batchnorm import _nthreads, block_width
 
 SUMMARY_FIELDS = (
     "mean",
@@ -47,9 +51,18 @@ SUMMARY_FIELDS = (
     "nonfinite_count",
 )
 
-# columns per parallel block for the statistics kernels: a row slice of 256
-# elements is a few cache lines, and n = 1024 gives 4 blocks for 2 threads
+# columns per parallel block of row_correlation: a row slice of 256 elements is a
+# few cache lines, and n = 1024 gives 4 blocks for 2 threads
 STATS_BLOCK = 256
+
+# rows summed in the dtype of x before each float64 update (column statistics).
+# Counts are kept in the dtype too, as (<= 0) + (ROW_BLOCK + 1) (== 0): at most
+# ROW_BLOCK (ROW_BLOCK + 2) = 4224, exact in float32.
+ROW_BLOCK = 64
+
+# FMA contraction only (one rounding for a * b + c); no reassociation, NaN / inf
+# semantics untouched
+_CONTRACT = {"contract"}
 
 
 # --------------------------------------------------------------------------- numpy
@@ -99,57 +112,151 @@ def _row_correlation_numpy(x, out):
 
 
 # --------------------------------------------------------------------------- numba
-@njit(cache=True, error_model="numpy")
-def _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq):
-    """Columns j0..j1: shift k (first row), shifted sums s1, s2, counts <= 0, == 0.
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _colacc8_nb(x, i, j0, j1, k, a1, a2, ac, one, big, zero):
+    """Rows i..i+7, columns j0..j1 into the block accumulators (dtype of x):
+    a1 += sum d, a2 += sum d^2 (d = x - k), ac += count(x <= 0) + big count(x == 0).
 
-    float64 throughout (the outputs are float64: squares of large float32 values
-    must not overflow); four rows per sweep so each accumulator is loaded and
-    stored once per four rows; 0-based indices on contiguous row slices so LLVM
-    vectorises the loop."""
+    Eight rows per sweep: each accumulator is loaded and stored once per eight
+    rows; the counts are masked adds on one accumulator (four arrays, eight rows and
+    the shift keep LLVM's runtime alias checks small enough to vectorise)."""
+    w = j1 - j0
+    r0 = x[i, j0:j1]
+    r1 = x[i + 1, j0:j1]
+    r2 = x[i + 2, j0:j1]
+    r3 = x[i + 3, j0:j1]
+    r4 = x[i + 4, j0:j1]
+    r5 = x[i + 5, j0:j1]
+    r6 = x[i + 6, j0:j1]
+    r7 = x[i + 7, j0:j1]
+    for j in range(w):
+        kj = k[j]
+        v0 = r0[j]
+        v1 = r1[j]
+        v2 = r2[j]
+        v3 = r3[j]
+        v4 = r4[j]
+        v5 = r5[j]
+        v6 = r6[j]
+        v7 = r7[j]
+        d0 = v0 - kj
+        d1 = v1 - kj
+        d2 = v2 - kj
+        d3 = v3 - kj
+        d4 = v4 - kj
+        d5 = v5 - kj
+        d6 = v6 - kj
+        d7 = v7 - kj
+        a1[j] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+        q = d0 * d0
+        q += d1 * d1
+        q += d2 * d2
+        q += d3 * d3
+        p = d4 * d4
+        p += d5 * d5
+        p += d6 * d6
+        p += d7 * d7
+        a2[j] += q + p
+        c = ac[j]
+        c = c + one if v0 <= zero else c
+        c = c + one if v1 <= zero else c
+        c = c + one if v2 <= zero else c
+        c = c + one if v3 <= zero else c
+        c = c + one if v4 <= zero else c
+        c = c + one if v5 <= zero else c
+        c = c + one if v6 <= zero else c
+        c = c + one if v7 <= zero else c
+        c = c + big if v0 == zero else c
+        c = c + big if v1 == zero else c
+        c = c + big if v2 == zero else c
+        c = c + big if v3 == zero else c
+        c = c + big if v4 == zero else c
+        c = c + big if v5 == zero else c
+        c = c + big if v6 == zero else c
+        c = c + big if v7 == zero else c
+        ac[j] = c
+
+
+@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
+def _colacc1_nb(x, i, j0, j1, k, a1, a2, ac, one, big, zero):
+    """:func:`_colacc8_nb` of the single row i."""
+    r = x[i, j0:j1]
+    for j in range(j1 - j0):
+        v = r[j]
+        d = v - k[j]
+        a1[j] += d
+        a2[j] += d * d
+        ac[j] += (one if v <= zero else zero) + (big if v == zero else zero)
+
+
+@njit(cache=True, error_model="numpy")
+def _col64_nb(x, j, k):
+    """Shifted sums (s1, s2) of column j in float64 (the rare path: columns whose
+    sums overflowed the dtype, or hold NaN / inf)."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(x.shape[0]):
+        d = np.float64(x[i, j]) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(cache=True, error_model="numpy")
+def _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at):
+    """Columns j0..j1: shift k (first row, float64), shifted sums s1, s2 and the
+    counts <= 0, == 0 (float64).
+
+    Rows are taken in blocks of ``ROW_BLOCK``, summed in the dtype of x (``at``:
+    4 rows of scratch of that dtype) and added to the float64 totals after each
+    block: the element loop runs at the dtype's SIMD width (16 float32 lanes with
+    AVX-512) and the error is that of ROW_BLOCK-term sums in the dtype plus
+    float64 across blocks.  Columns whose sum of squares is not finite are summed
+    again in float64 (values beyond ~1e19 overflow float32 squares; NaN / inf
+    propagate)."""
     B = x.shape[0]
     w = j1 - j0
+    kt = np.empty(w, x.dtype)
+    a1 = np.empty(w, x.dtype)
+    a2 = np.empty(w, x.dtype)
+    ac = np.empty(w, x.dtype)
     r = x[0, j0:j1]
     for j in range(w):
-        k[j] = r[j]
+        kt[j] = r[j]
         s1[j] = 0.0
         s2[j] = 0.0
         cle[j] = 0.0
         ceq[j] = 0.0
+    # one, zero and the count weight of x == 0 in the dtype of x
+    a1[0] = 1.0
+    one = a1[0]
+    zero = one - one
+    a1[0] = ROW_BLOCK + 1.0
+    big = a1[0]
     i = 0
-    while i + 4 <= B:
-        r0 = x[i, j0:j1]
-        r1 = x[i + 1, j0:j1]
-        r2 = x[i + 2, j0:j1]
-        r3 = x[i + 3, j0:j1]
-        for j in range(w):
-            v0 = np.float64(r0[j])
-            v1 = np.float64(r1[j])
-            v2 = np.float64(r2[j])
-            v3 = np.float64(r3[j])
-            d0 = v0 - k[j]
-            d1 = v1 - k[j]
-            d2 = v2 - k[j]
-            d3 = v3 - k[j]
-            s1[j] += (d0 + d1) + (d2 + d3)
-            s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            cle[j] += ((1.0 if v0 <= 0 else 0.0) + (1.0 if v1 <= 0 else 0.0)) + (
-                (1.0 if v2 <= 0 else 0.0) + (1.0 if v3 <= 0 else 0.0)
-            )
-            ceq[j] += ((1.0 if v0 == 0 else 0.0) + (1.0 if v1 == 0 else 0.0)) + (
-                (1.0 if v2 == 0 else 0.0) + (1.0 if v3 == 0 else 0.0)
-            )
-        i += 4
     while i < B:
-        r0 = x[i, j0:j1]
+        ie = min(B, i + ROW_BLOCK)
         for j in range(w):
-            v0 = np.float64(r0[j])
-            d0 = v0 - k[j]
-            s1[j] += d0
-            s2[j] += d0 * d0
-            cle[j] += 1.0 if v0 <= 0 else 0.0
-            ceq[j] += 1.0 if v0 == 0 else 0.0
-        i += 1
+            a1[j] = zero
+            a2[j] = zero
+            ac[j] = zero
+        while i + 8 <= ie:
+            _colacc8_nb(x, i, j0, j1, kt, a1, a2, ac, one, big, zero)
+            i += 8
+        while i < ie:
+            _colacc1_nb(x, i, j0, j1, kt, a1, a2, ac, one, big, zero)
+            i += 1
+        for j in range(w):
+            s1[j] += np.float64(a1[j])
+            s2[j] += np.float64(a2[j])
+            c = np.float64(ac[j])
+            e = math.floor(c / (ROW_BLOCK + 1.0))
+            ceq[j] += e
+            cle[j] += c - (ROW_BLOCK + 1.0) * e
+    for j in range(w):
+        k[j] = np.float64(kt[j])
+        if not abs(s2[j]) < math.inf:
+            s1[j], s2[j] = _col64_nb(x, j0 + j, k[j])
 
 
 @njit(cache=True, error_model="numpy")
@@ -168,8 +275,8 @@ def _count_nonfinite_nb(x, j):
 
 
 @njit(cache=True, error_model="numpy")
-def _colstats_block_nb(x, j0, j1, mean, var, frac_le0, frac_eq0):
-    """column_stats of columns j0..j1."""
+def _colstats_block_nb(x, j0, j1, mean, var, frac_le0, frac_eq0, at):
+    """column_stats of columns j0..j1 (``at``: (4, j1 - j0) scratch, dtype of x)."""
     B = x.shape[0]
     w = j1 - j0
     k = np.empty(w)
@@ -177,7 +284,7 @@ def _colstats_block_nb(x, j0, j1, mean, var, frac_le0, frac_eq0):
     s2 = np.empty(w)
     cle = np.empty(w)
     ceq = np.empty(w)
-    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq)
+    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at)
     for j in range(w):
         ms = s1[j] / B
         v = s2[j] / B - ms * ms
@@ -188,26 +295,30 @@ def _colstats_block_nb(x, j0, j1, mean, var, frac_le0, frac_eq0):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _column_stats_nb(x, mean, var, frac_le0, frac_eq0):
-    """Parallel over column blocks (serial below PAR_CHUNK elements); one pass."""
-    B, n = x.shape
-    blk = STATS_BLOCK
+def _column_stats_nb(x, mean, var, frac_le0, frac_eq0, blk, par, at):
+    """Column blocks of width blk, in parallel when ``par`` (one pass over x);
+    ``at``: (4 nblk, blk) scratch of x's dtype."""
+    n = x.shape[1]
     nblk = (n + blk - 1) // blk
-    if nblk <= 1 or B * n < PAR_CHUNK:
+    if nblk <= 1 or not par:
         for bi in range(nblk):
+            j0 = bi * blk
+            j1 = min(n, j0 + blk)
             _colstats_block_nb(
-                x, bi * blk, min(n, (bi + 1) * blk), mean, var, frac_le0, frac_eq0
+                x, j0, j1, mean, var, frac_le0, frac_eq0, at[4 * bi : 4 * bi + 4]
             )
     else:
         for bi in prange(nblk):
+            j0 = bi * blk
+            j1 = min(n, j0 + blk)
             _colstats_block_nb(
-                x, bi * blk, min(n, (bi + 1) * blk), mean, var, frac_le0, frac_eq0
+                x, j0, j1, mean, var, frac_le0, frac_eq0, at[4 * bi : 4 * bi + 4]
             )
     return mean
 
 
 @njit(cache=True, error_model="numpy")
-def _summary_block_nb(x, j0, j1, p):
+def _summary_block_nb(x, j0, j1, p, at):
     """Partial sums of the 8 summary numbers over columns j0..j1 into p (8,)."""
     B = x.shape[0]
     w = j1 - j0
@@ -216,7 +327,7 @@ def _summary_block_nb(x, j0, j1, p):
     s2 = np.empty(w)
     cle = np.empty(w)
     ceq = np.empty(w)
-    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq)
+    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at)
     for j in range(w):
         ms = s1[j] / B
         v = s2[j] / B - ms * ms
@@ -239,11 +350,10 @@ def _summary_block_nb(x, j0, j1, p):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _layer_summary_nb(x, out):
-    """Parallel over column blocks (serial below PAR_CHUNK elements); per-block
-    partial sums, combined in block order."""
+def _layer_summary_nb(x, out, blk, par, at):
+    """Column blocks of width blk, in parallel when ``par``; per-block partial
+    sums, combined in block order."""
     B, n = x.shape
-    blk = STATS_BLOCK
     nblk = (n + blk - 1) // blk
     # np.empty + a serial fill: in a parallel=True function np.zeros would itself
     # become a parallel loop and wake the thread pool even for tiny inputs
@@ -251,12 +361,16 @@ def _layer_summary_nb(x, out):
     for bi in range(nblk):
         for f in range(8):
             parts[bi, f] = 0.0
-    if nblk <= 1 or B * n < PAR_CHUNK:
+    if nblk <= 1 or not par:
         for bi in range(nblk):
-            _summary_block_nb(x, bi * blk, min(n, (bi + 1) * blk), parts[bi])
+            j0 = bi * blk
+            j1 = min(n, j0 + blk)
+            _summary_block_nb(x, j0, j1, parts[bi], at[4 * bi : 4 * bi + 4])
     else:
         for bi in prange(nblk):
-            _summary_block_nb(x, bi * blk, min(n, (bi + 1) * blk), parts[bi])
+            j0 = bi * blk
+            j1 = min(n, j0 + blk)
+            _summary_block_nb(x, j0, j1, parts[bi], at[4 * bi : 4 * bi + 4])
     tot = np.empty(8)
     for f in range(8):
         tot[f] = 0.0
@@ -362,15 +476,27 @@ def _row_correlation_nb(x, out):
     return out
 
 
+def _sweep_plan(x, nthreads):
+    """(block width, parallel?, scratch) of a column-statistics sweep over x."""
+    B, n = x.shape
+    nt = sweep_threads(B * n, nthreads)
+    blk = block_width(B, n, x.itemsize, nt)
+    nblk = -(-n // blk)
+    return blk, nt > 1 and nblk > 1, np.empty((4 * nblk, blk), x.dtype)
+
+
 def _column_stats_numba(x, mean, var, frac_le0, frac_eq0):
-    """Numba variant: one pass over x, shifted float64 sums."""
-    _column_stats_nb(x, mean, var, frac_le0, frac_eq0)
+    """Numba variant: one pass over x, shifted sums (dtype per row block, float64
+    across blocks)."""
+    blk, par, at = _sweep_plan(x, _nthreads())
+    _column_stats_nb(x, mean, var, frac_le0, frac_eq0, blk, par, at)
     return mean, var, frac_le0, frac_eq0
 
 
 def _layer_summary_numba(x, out):
     """Numba variant: one pass over x."""
-    _layer_summary_nb(x, out)
+    blk, par, at = _sweep_plan(x, _nthreads())
+    _layer_summary_nb(x, out, blk, par, at)
     return out
 
 
