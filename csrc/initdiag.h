@@ -41,35 +41,42 @@ int idg_dense_epilogue_f64(double *out, double *pre, const double *b, long B, lo
 int idg_colsum_f32(const float *x, long B, long n, float *out);
 int idg_colsum_f64(const double *x, long B, long n, double *out);
 
-/* Training-mode BatchNorm (+ activation) in column blocks of width blk. */
+/* Training-mode BatchNorm (+ activation) in column blocks of width blk, on nthr
+ * threads (1: serial). */
 int idg_batchnorm_forward_f32(const float *x, const float *gamma, const float *beta,
                               long B, long n, double eps, int act, double slope,
-                              float *out, float *mean, float *invstd, long blk);
+                              float *out, float *mean, float *invstd, long blk,
+                              int nthr);
 int idg_batchnorm_forward_f64(const double *x, const double *gamma, const double *beta,
                               long B, long n, double eps, int act, double slope,
-                              double *out, double *mean, double *invstd, long blk);
+                              double *out, double *mean, double *invstd, long blk,
+                              int nthr);
 
 /* BatchNorm (+ activation) backward; beta may be NULL (zero). */
 int idg_batchnorm_backward_f32(const float *dy, const float *x, const float *mean,
                                const float *invstd, const float *gamma,
                                const float *beta, long B, long n, int act,
                                double slope, float *dx, float *dgamma, float *dbeta,
-                               long blk);
+                               long blk, int nthr);
 int idg_batchnorm_backward_f64(const double *dy, const double *x, const double *mean,
                                const double *invstd, const double *gamma,
                                const double *beta, long B, long n, int act,
                                double slope, double *dx, double *dgamma,
-                               double *dbeta, long blk);
+                               double *dbeta, long blk, int nthr);
 
-/* Per-column mean, biased variance, fraction <= 0, fraction == 0 (one pass). */
+/* Per-column mean, biased variance, fraction <= 0, fraction == 0 (one pass), in
+ * column blocks of width blk (<= 1024) on nthr threads. */
 int idg_column_stats_f32(const float *x, long B, long n, double *mean, double *var,
-                         double *frac_le0, double *frac_eq0);
+                         double *frac_le0, double *frac_eq0, long blk, int nthr);
 int idg_column_stats_f64(const double *x, long B, long n, double *mean, double *var,
-                         double *frac_le0, double *frac_eq0);
+                         double *frac_le0, double *frac_eq0, long blk, int nthr);
 
-/* The 8 summary numbers of initdiag.kernels.stats.SUMMARY_FIELDS (one pass). */
-int idg_layer_summary_f32(const float *x, long B, long n, double *out);
-int idg_layer_summary_f64(const double *x, long B, long n, double *out);
+/* The 8 summary numbers of initdiag.kernels.stats.SUMMARY_FIELDS (one pass);
+ * blk, nthr as for idg_column_stats. */
+int idg_layer_summary_f32(const float *x, long B, long n, double *out, long blk,
+                          int nthr);
+int idg_layer_summary_f64(const double *x, long B, long n, double *out, long blk,
+                          int nthr);
 
 /* Mean cosine between distinct rows; scratch holds 2 B doubles. */
 int idg_row_correlation_f32(const float *x, long B, long n, double *scratch,

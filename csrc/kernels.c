@@ -4,8 +4,10 @@
  *
  * Rules: plain C99 (+ OpenMP when available); no allocation (fixed-size stack
  * scratch per column block only); no error other than a negative return code;
- * NaN and inf propagate.  Reductions accumulate in double; variances use sums
- * shifted by the first row (Chan, Golub & LeVeque 1983). */
+ * NaN and inf propagate.  Column sums of BatchNorm and the statistics run in the
+ * element type over blocks of ROW_BLOCK rows and in double across blocks; other
+ * reductions accumulate in double; variances use sums shifted by the first row
+ * (Chan, Golub & LeVeque 1983). */
 #include <math.h>
 #include <string.h>
 
@@ -19,8 +21,10 @@ enum { ACT_RELU, ACT_LEAKY, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_SILU, ACT_SELU,
 #define PAR_MIN 65536L
 /* widest column block (stack scratch per thread: a few doubles per column) */
 #define MAXBLK 1024L
-/* column block of the statistics kernels */
+/* column block of row_correlation and colsum */
 #define STATS_BLK 256L
+/* rows summed in the element type before each double update of a column sum */
+#define ROW_BLOCK 64L
 
 #define SELU_ALPHA 1.6732632423543772848170429916717
 #define SELU_SCALE 1.0507009873554804934193349852946

@@ -62,15 +62,20 @@ def configure() -> None:
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
-# Row-sweep kernels (BatchNorm, statistics) open a parallel region only for at least
-# this many elements.  Under the PASSIVE policy a region costs the wake-up of the
-# sleeping worker and the end-of-region barrier: ~47 us back to back, ~9 us after a
-# pause, measured on this project's 2-core VM (an empty 2-iteration prange), more
-# than the whole 512 x 1024 float32 statistics pass (~36 us on one thread); with
-# 2 threads it measured 86 us against 38 us serial.  With workers spinning
-# (OMP_WAIT_POLICY=ACTIVE) the same region costs ~3 us and 2 threads took 22 us.
+# Row-sweep kernels (BatchNorm, statistics) open a parallel region only when the
+# work is large enough to pay for it.  Under the PASSIVE policy a region costs the
+# wake-up of the sleeping worker and the end-of-region barrier: ~47 us back to back,
+# ~9 us after a pause, on this project's 2-core VM (an empty 2-iteration prange).
+# Measured crossovers there (serial vs 2 threads, PASSIVE, float32, us):
+#   column_stats  512 x 1024: 45 vs 79;   1024 x 1024: 86 vs 98;  numba
+#   BN forward    512 x 1024: 84 vs 106;  1024 x 1024: 164 vs 163
+#   BN backward   512 x 1024: 202 vs 166 (c: 175 vs 149)
+# so the threshold is PAR_MIN_PASSIVE elements divided by the kernel's relative cost
+# per element (statistics 1, BatchNorm forward 2, backward 4).  With workers
+# spinning (OMP_WAIT_POLICY=ACTIVE) a region costs ~3 us: PAR_MIN_ACTIVE.
 PAR_MIN_PASSIVE = 1 << 21
 PAR_MIN_ACTIVE = 1 << 16
+COST_STATS, COST_BN_FORWARD, COST_BN_BACKWARD = 1, 2, 4
 
 
 def pool_is_hot() -> bool:
@@ -79,10 +84,10 @@ def pool_is_hot() -> bool:
     return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "ACTIVE"
 
 
-def sweep_threads(elements: int, nthreads: int) -> int:
-    """Threads for a row-sweep kernel over ``elements`` entries: 1 below the
-    wait policy's threshold (see PAR_MIN_PASSIVE), else ``nthreads``."""
-    par_min = PAR_MIN_ACTIVE if pool_is_hot() else PAR_MIN_PASSIVE
+def sweep_threads(elements: int, nthreads: int, cost: int = COST_STATS) -> int:
+    """Threads for a row-sweep kernel over ``elements`` entries of relative cost
+    ``cost`` per entry: 1 below the wait policy's threshold, else ``nthreads``."""
+    par_min = PAR_MIN_ACTIVE if pool_is_hot() else PAR_MIN_PASSIVE // max(1, cost)
     return max(1, nthreads) if elements >= par_min else 1
 
 

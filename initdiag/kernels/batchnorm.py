@@ -36,7 +36,7 @@ import math
 
 import numpy as np
 
-from ._threading import njit, prange, sweep_threads
+from ._threading import COST_BN_BACKWARD, COST_BN_FORWARD, njit, prange, sweep_threads
 from .activation import (
     ACT_CODES,
     DELEGATE_BACKWARD,
@@ -320,14 +320,28 @@ def _bn_fwd_block_nb(
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _bn_fwd_nb(x, gamma, beta, eps, code, slope, out, mean, invstd, blk, w64, wt):
-    """Parallel over column blocks of width blk; w64 (2 nblk, blk), wt (5 nblk, blk)."""
+def _bn_fwd_nb(x, gamma, beta, eps, code, slope, out, mean, invstd, blk, par, w64, wt):
+    """Column blocks of width blk, in parallel when ``par``; w64 (2 nblk, blk),
+    wt (5 nblk, blk)."""
     n = x.shape[1]
     nblk = (n + blk - 1) // blk
-    if nblk <= 1:
-        _bn_fwd_block_nb(
-            x, gamma, beta, eps, code, slope, out, mean, invstd, 0, n, w64, wt
-        )
+    if nblk <= 1 or not par:
+        for bi in range(nblk):
+            _bn_fwd_block_nb(
+                x,
+                gamma,
+                beta,
+                eps,
+                code,
+                slope,
+                out,
+                mean,
+                invstd,
+                bi * blk,
+                min(n, (bi + 1) * blk),
+                w64[2 * bi : 2 * bi + 2],
+                wt[5 * bi : 5 * bi + 5],
+            )
     else:
         for bi in prange(nblk):
             j1 = min(n, (bi + 1) * blk)
@@ -501,29 +515,31 @@ def _bn_bwd_block_nb(
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _bn_bwd_nb(
-    dy, x, mean, invstd, gamma, beta, code, slope, dx, dgamma, dbeta, blk, w64, wt
+    dy, x, mean, invstd, gamma, beta, code, slope, dx, dgamma, dbeta, blk, par, w64, wt
 ):
-    """Parallel over column blocks of width blk; w64 (2 nblk, blk), wt (5 nblk, blk)."""
+    """Column blocks of width blk, in parallel when ``par``; w64 (2 nblk, blk),
+    wt (5 nblk, blk)."""
     n = x.shape[1]
     nblk = (n + blk - 1) // blk
-    if nblk <= 1:
-        _bn_bwd_block_nb(
-            dy,
-            x,
-            mean,
-            invstd,
-            gamma,
-            beta,
-            code,
-            slope,
-            dx,
-            dgamma,
-            dbeta,
-            0,
-            n,
-            w64,
-            wt,
-        )
+    if nblk <= 1 or not par:
+        for bi in range(nblk):
+            _bn_bwd_block_nb(
+                dy,
+                x,
+                mean,
+                invstd,
+                gamma,
+                beta,
+                code,
+                slope,
+                dx,
+                dgamma,
+                dbeta,
+                bi * blk,
+                min(n, (bi + 1) * blk),
+                w64[2 * bi : 2 * bi + 2],
+                wt[5 * bi : 5 * bi + 5],
+            )
     else:
         for bi in prange(nblk):
             j1 = min(n, (bi + 1) * blk)
@@ -579,7 +595,8 @@ def _batchnorm_forward_numba(x, gamma, beta, eps, act, slope, out, mean, invstd)
         )
         return _split_forward(act, slope, out)
     B, n = x.shape
-    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _nthreads()))
+    nt = sweep_threads(B * n, _nthreads(), COST_BN_FORWARD)
+    blk = block_width(B, n, x.itemsize, nt)
     nblk = -(-n // blk)
     w64 = np.empty((2 * nblk, blk))
     wt = np.empty((5 * nblk, blk), x.dtype)
@@ -594,6 +611,7 @@ def _batchnorm_forward_numba(x, gamma, beta, eps, act, slope, out, mean, invstd)
         mean,
         invstd,
         blk,
+        nt > 1,
         w64,
         wt,
     )
@@ -612,7 +630,8 @@ def _batchnorm_backward_numba(
     B, n = x.shape
     if beta is None:
         beta = np.zeros_like(gamma)
-    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _nthreads()))
+    nt = sweep_threads(B * n, _nthreads(), COST_BN_BACKWARD)
+    blk = block_width(B, n, x.itemsize, nt)
     nblk = -(-n // blk)
     w64 = np.empty((2 * nblk, blk))
     wt = np.empty((5 * nblk, blk), x.dtype)
@@ -629,6 +648,7 @@ def _batchnorm_backward_numba(
         dgamma,
         dbeta,
         blk,
+        nt > 1,
         w64,
         wt,
     )
@@ -645,7 +665,8 @@ def _batchnorm_forward_c(x, gamma, beta, eps, act, slope, out, mean, invstd):
         return _split_forward(act, slope, out)
 
     B, n = x.shape
-    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _c_threads()))
+    nt = sweep_threads(B * n, _c_threads(), COST_BN_FORWARD)
+    blk = block_width(B, n, x.itemsize, nt)
     check(
         fn("idg_batchnorm_forward", x.dtype)(
             ptr(x),
@@ -660,6 +681,7 @@ def _batchnorm_forward_c(x, gamma, beta, eps, act, slope, out, mean, invstd):
             ptr(mean),
             ptr(invstd),
             blk,
+            nt,
         ),
         "idg_batchnorm_forward",
     )
@@ -679,7 +701,8 @@ def _batchnorm_backward_c(
         )
 
     B, n = x.shape
-    blk = block_width(B, n, x.itemsize, sweep_threads(B * n, _c_threads()))
+    nt = sweep_threads(B * n, _c_threads(), COST_BN_BACKWARD)
+    blk = block_width(B, n, x.itemsize, nt)
     check(
         fn("idg_batchnorm_backward", x.dtype)(
             ptr(dy),
@@ -696,6 +719,7 @@ def _batchnorm_backward_c(
             ptr(dgamma),
             ptr(dbeta),
             blk,
+            nt,
         ),
         "idg_batchnorm_backward",
     )

@@ -507,14 +507,23 @@ def _row_correlation_numba(x, out):
 
 
 # --------------------------------------------------------------------------- c
+def _c_sweep(B, n, itemsize):
+    """(block width, threads) of a C column-statistics sweep."""
+    from .batchnorm import _c_threads
+
+    nt = sweep_threads(B * n, _c_threads())
+    return block_width(B, n, itemsize, nt), nt
+
+
 def _column_stats_c(x, mean, var, frac_le0, frac_eq0):
     """C variant (idg_column_stats)."""
     from ._c import check, fn, ptr
 
     B, n = x.shape
+    blk, nt = _c_sweep(B, n, x.itemsize)
     check(
         fn("idg_column_stats", x.dtype)(
-            ptr(x), B, n, ptr(mean), ptr(var), ptr(frac_le0), ptr(frac_eq0)
+            ptr(x), B, n, ptr(mean), ptr(var), ptr(frac_le0), ptr(frac_eq0), blk, nt
         ),
         "idg_column_stats",
     )
@@ -526,7 +535,11 @@ def _layer_summary_c(x, out):
     from ._c import check, fn, ptr
 
     B, n = x.shape
-    check(fn("idg_layer_summary", x.dtype)(ptr(x), B, n, ptr(out)), "idg_layer_summary")
+    blk, nt = _c_sweep(B, n, x.itemsize)
+    check(
+        fn("idg_layer_summary", x.dtype)(ptr(x), B, n, ptr(out), blk, nt),
+        "idg_layer_summary",
+    )
     return out
 
 
