@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 
 import initdiag.kernels as K
+from initdiag.kernels import _threading
 from initdiag.kernels import activation as ka
 from initdiag.kernels import batchnorm as kb
 from initdiag.kernels import dense as kd
@@ -55,8 +56,7 @@ def _run(benchmark, name, fn, rounds=ROUNDS):
     MEDIANS[name] = benchmark.stats.stats.median
 
 
-@pytest.fixture(scope="module")
-def data():
+def make_data():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, N)).astype(DT)
     return {
@@ -71,6 +71,11 @@ def data():
         "vec": [np.empty(N, DT) for _ in range(4)],
         "vec64": [np.empty(N) for _ in range(4)],
     }
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
 
 
 def test_report_blas(blas_report):
@@ -178,7 +183,7 @@ def test_dense_epilogue_only(benchmark, data, backend):
     if backend == "numba":
 
         def fn():
-            kd._dense_epilogue_nb(out, d["b"], True, False, ka.RELU, 0.0, out)
+            kd._dense_epilogue_nb(out, d["b"], True, False, ka.RELU, 0.0, out, False)
     else:
         from initdiag.kernels._c import fn as cfn
         from initdiag.kernels._c import ptr
@@ -186,7 +191,7 @@ def test_dense_epilogue_only(benchmark, data, backend):
         f = cfn("idg_dense_epilogue", out.dtype)
 
         def fn():
-            f(ptr(out), ptr(None), ptr(d["b"]), B, N, ka.RELU, 0.0)
+            f(ptr(out), ptr(None), ptr(d["b"]), B, N, ka.RELU, 0.0, 1)
 
     _run(benchmark, f"dense_epilogue:{backend}", fn)
 
@@ -423,12 +428,32 @@ FLOOR_ARRAYS = {
 }
 
 
-def test_zz_ratio_table(data, blas_report):
-    """Interleaved medians of every group, and the ratio table (printed, and
-    written to $INITDIAG_BENCH_OUT when set)."""
+# threads a row-sweep kernel runs on at this size (initdiag.kernels._threading)
+SWEEP_COST = {
+    "bn_fwd": _threading.COST_BN_FORWARD,
+    "bn_bwd": _threading.COST_BN_BACKWARD,
+    "column_stats": _threading.COST_STATS,
+    "layer_summary": _threading.COST_STATS,
+}
+
+
+def _threads_used(op: str, label: str) -> str:
+    if op not in SWEEP_COST or label not in ("numba", "c"):
+        return ""
+    if label == "numba":
+        import numba
+
+        nt = numba.get_num_threads()
+    else:
+        nt = kb._c_threads()
+    return str(_threading.sweep_threads(B * N, nt, SWEEP_COST[op]))
+
+
+def ratio_table(d) -> tuple[str, dict]:
+    """Interleaved medians of every group and the ratio table (markdown)."""
     rows = []
     summary = {}
-    for op, fns in _groups(data).items():
+    for op, fns in _groups(d).items():
         rounds = 15 if op == "dense_fwd" else 30
         raw: dict = {}
         med = _interleaved(fns, rounds, raw)
@@ -449,33 +474,74 @@ def test_zz_ratio_table(data, blas_report):
                 else ""
             )
             cn = f"{t / med['numba']:.2f}" if label == "c" and "numba" in med else ""
-            rows.append(f"| {op} | {label} | {t * 1e6:.0f} | {speed} | {ref} | {cn} |")
+            th = _threads_used(op, label)
+            rows.append(
+                f"| {op} | {label} | {th} | {t * 1e6:.0f} | {speed} | {ref} | {cn} |"
+            )
             summary[f"{op}:{label}"] = t
         summary[f"{op}:copy"] = copy
+    nbytes = B * N * np.dtype(DT).itemsize
+    bw = 2 * nbytes / np.median([v for k, v in summary.items() if k.endswith(":copy")])
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    text = "\n".join(
+        [
+            f"OMP_WAIT_POLICY={policy}; copy bandwidth {bw / 1e9:.1f} GB/s "
+            "(512 x 1024 float32, interleaved with each group)",
+            "",
+            "| op | backend | threads | median (us) | speed-up vs NumPy | "
+            "vs floor / GEMM | c / numba |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+    return text, summary
+
+
+def _active_policy_table() -> str:
+    """The ratio table again in a fresh process with OMP_WAIT_POLICY=ACTIVE
+    (spinning workers: the row-sweep kernels then split across threads)."""
+    env = dict(os.environ)
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        [sys.executable, os.path.join("bench", "bench_kernels.py"), "--table"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=here,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()
+
+
+def test_zz_ratio_table(data, blas_report):
+    """Interleaved medians of every group, and the ratio table (printed, and
+    written to $INITDIAG_BENCH_OUT when set), under our default wait policy and,
+    in a fresh process, under OMP_WAIT_POLICY=ACTIVE."""
+    text, _ = ratio_table(data)
+    rows = []
     for k in [k for k in MEDIANS if k.startswith("mlp:")]:
         t = MEDIANS[k]
         rel = f"{MEDIANS['mlp:numpy'] / t:.2f}x" if "mlp:numpy" in MEDIANS else ""
-        rows.append(f"| mlp step, in-process | {k[4:]} | {t * 1e6:.0f} | {rel} | | |")
+        rows.append(f"| mlp step, in-process | {k[4:]} | | {t * 1e6:.0f} | {rel} | | |")
     for k in [k for k in MEDIANS if k.startswith("mlp_policy:")]:
         t = MEDIANS[k]
         p = MEDIANS.get("mlp_policy:numba+passive")
         rel = f"{t / p:.2f} x passive" if p else ""
-        rows.append(f"| mlp step, subprocess | {k[11:]} | {t * 1e6:.0f} | | {rel} | |")
-    nbytes = B * N * np.dtype(DT).itemsize
-    bw = 2 * nbytes / np.median([v for k, v in summary.items() if k.endswith(":copy")])
-    text = "\n".join(
-        [
-            f"copy bandwidth {bw / 1e9:.1f} GB/s (512 x 1024 float32, interleaved "
-            "with each group)",
-            "",
-            "| op | backend | median (us) | speed-up vs NumPy | vs floor / GEMM | "
-            "c / numba |",
-            "|---|---|---:|---:|---:|---:|",
-            *rows,
-        ]
-    )
+        rows.append(
+            f"| mlp step, subprocess | {k[11:]} | | {t * 1e6:.0f} | | {rel} | |"
+        )
+    text = "\n".join([text, *rows])
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "ACTIVE":
+        text += "\n\n" + _active_policy_table()
     print("\n" + text)
     path = os.environ.get("INITDIAG_BENCH_OUT")
     if path:
         with open(path, "w") as fh:
             fh.write(text + "\n\n" + json.dumps(blas_report, default=str, indent=1))
+
+
+if __name__ == "__main__" and "--table" in sys.argv:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    print(ratio_table(make_data())[0])

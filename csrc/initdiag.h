@@ -19,23 +19,25 @@ int idg_selftest(double *out, long n);
 /* Threads an OpenMP parallel region would use (1 without OpenMP). */
 int idg_num_threads(void);
 
-/* out = act(x) over N elements (out may equal x). */
-int idg_activation_forward_f32(const float *x, long N, int act, double slope, float *out);
-int idg_activation_forward_f64(const double *x, long N, int act, double slope, double *out);
+/* out = act(x) over N elements (out may equal x), on nthr threads (1: serial). */
+int idg_activation_forward_f32(const float *x, long N, int act, double slope, float *out,
+                               int nthr);
+int idg_activation_forward_f64(const double *x, long N, int act, double slope,
+                               double *out, int nthr);
 
-/* out = dy * act'(x) over N elements. */
+/* out = dy * act'(x) over N elements, on nthr threads. */
 int idg_activation_backward_f32(const float *dy, const float *x, long N, int act,
-                                double slope, float *out);
+                                double slope, float *out, int nthr);
 int idg_activation_backward_f64(const double *dy, const double *x, long N, int act,
-                                double slope, double *out);
+                                double slope, double *out, int nthr);
 
 /* Epilogue of a dense layer after the GEMM.  pre == NULL: out holds x @ w.T and
  * becomes act(out + b).  pre != NULL: pre holds x @ w.T and becomes pre + b, out
- * becomes act(pre).  b may be NULL (no bias). */
+ * becomes act(pre).  b may be NULL (no bias).  On nthr threads. */
 int idg_dense_epilogue_f32(float *out, float *pre, const float *b, long B, long n,
-                           int act, double slope);
+                           int act, double slope, int nthr);
 int idg_dense_epilogue_f64(double *out, double *pre, const double *b, long B, long n,
-                           int act, double slope);
+                           int act, double slope, int nthr);
 
 /* out[j] = sum_i x[i, j] (float64 accumulation). */
 int idg_colsum_f32(const float *x, long B, long n, float *out);
@@ -78,8 +80,8 @@ int idg_layer_summary_f32(const float *x, long B, long n, double *out, long blk,
 int idg_layer_summary_f64(const double *x, long B, long n, double *out, long blk,
                           int nthr);
 
-/* Mean cosine between distinct rows; scratch holds 2 B doubles. */
+/* Mean cosine between distinct rows; scratch holds 2 B doubles; nthr threads. */
 int idg_row_correlation_f32(const float *x, long B, long n, double *scratch,
-                            double *out);
+                            double *out, int nthr);
 int idg_row_correlation_f64(const double *x, long B, long n, double *scratch,
-                            double *out);
+                            double *out, int nthr);

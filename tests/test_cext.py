@@ -42,7 +42,7 @@ def test_c_kernels_reject_a_bad_activation_code():
     if err is not None:
         pytest.skip(f"C extension not built here: {err}")
     x = np.ones(3)
-    rc = lib.idg_activation_forward_f64(_c.ptr(x), 3, 99, 0.0, _c.ptr(x))
+    rc = lib.idg_activation_forward_f64(_c.ptr(x), 3, 99, 0.0, _c.ptr(x), 1)
     assert rc == lib.IDG_EINVAL
 
 

@@ -42,7 +42,7 @@ import math
 import numpy as np
 from scipy import special
 
-from ._threading import njit, prange
+from ._threading import njit, prange, sweep_threads
 
 ACTIVATIONS = (
     "relu",
@@ -71,9 +71,27 @@ _TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
 DELEGATE_FORWARD = frozenset({"tanh", "sigmoid", "silu"})
 DELEGATE_BACKWARD = frozenset({"tanh", "sigmoid", "silu", "erf"})
 
-# element count per parallel chunk: below ~64k elements one thread is faster than
-# waking the pool (measured; a wake-up costs ~10-50 us with a passive wait policy)
+# element count per parallel chunk (whether to go parallel at all: act_threads)
 PAR_CHUNK = 1 << 16
+
+# relative cost per element (initdiag.kernels._threading.sweep_threads): the
+# select-only activations cost about a statistics pass; the others (scalar libm
+# calls) about 16 times more
+_CHEAP = frozenset({"relu", "leaky_relu", "identity"})
+
+
+def act_threads(N: int, act: str, backward: bool = False, c: bool = False) -> int:
+    """Threads for an activation pass over N elements under the wait policy."""
+    cost = (2 if backward else 1) if act in _CHEAP else 16
+    if c:
+        from .batchnorm import _c_threads
+
+        nt = _c_threads()
+    else:
+        from .batchnorm import _nthreads
+
+        nt = _nthreads()
+    return sweep_threads(N, nt, cost)
 
 
 # --------------------------------------------------------------------------- numpy
@@ -245,13 +263,13 @@ def _act_grad_span_nb(dy, x, out, code, slope):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _act_fwd_nb(x, code, slope, out):
-    """Parallel act over a C-contiguous 2-D array."""
+def _act_fwd_nb(x, code, slope, out, par):
+    """act over a C-contiguous 2-D array, in parallel chunks when ``par``."""
     xf = x.reshape(-1)
     of = out.reshape(-1)
     N = xf.size
     nch = (N + PAR_CHUNK - 1) // PAR_CHUNK
-    if nch <= 1:
+    if nch <= 1 or not par:
         _act_span_nb(xf, of, code, slope)
     else:
         for c in prange(nch):
@@ -262,14 +280,14 @@ def _act_fwd_nb(x, code, slope, out):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _act_bwd_nb(dy, x, code, slope, out):
-    """Parallel dy * act'(x) over C-contiguous 2-D arrays."""
+def _act_bwd_nb(dy, x, code, slope, out, par):
+    """dy * act'(x) over C-contiguous 2-D arrays, in parallel chunks when ``par``."""
     df = dy.reshape(-1)
     xf = x.reshape(-1)
     of = out.reshape(-1)
     N = xf.size
     nch = (N + PAR_CHUNK - 1) // PAR_CHUNK
-    if nch <= 1:
+    if nch <= 1 or not par:
         _act_grad_span_nb(df, xf, of, code, slope)
     else:
         for c in prange(nch):
@@ -283,7 +301,7 @@ def _activation_forward_numba(x, act, slope, out):
     """Numba variant of ``out = act(x)`` (DELEGATE_FORWARD acts: NumPy ufuncs)."""
     if act in DELEGATE_FORWARD:
         return _activation_forward_numpy(x, act, slope, out)
-    _act_fwd_nb(x, ACT_CODES[act], float(slope), out)
+    _act_fwd_nb(x, ACT_CODES[act], float(slope), out, act_threads(x.size, act) > 1)
     return out
 
 
@@ -291,7 +309,9 @@ def _activation_backward_numba(dy, x, act, slope, out):
     """Numba variant of ``out = dy * act'(x)`` (DELEGATE_BACKWARD: NumPy)."""
     if act in DELEGATE_BACKWARD:
         return _activation_backward_numpy(dy, x, act, slope, out)
-    _act_bwd_nb(dy, x, ACT_CODES[act], float(slope), out)
+    _act_bwd_nb(
+        dy, x, ACT_CODES[act], float(slope), out, act_threads(x.size, act, True) > 1
+    )
     return out
 
 
@@ -305,7 +325,12 @@ def _activation_forward_c(x, act, slope, out):
 
     check(
         fn("idg_activation_forward", x.dtype)(
-            ptr(x), x.size, ACT_CODES[act], float(slope), ptr(out)
+            ptr(x),
+            x.size,
+            ACT_CODES[act],
+            float(slope),
+            ptr(out),
+            act_threads(x.size, act, c=True),
         ),
         "idg_activation_forward",
     )
@@ -321,7 +346,13 @@ def _activation_backward_c(dy, x, act, slope, out):
 
     check(
         fn("idg_activation_backward", x.dtype)(
-            ptr(dy), ptr(x), x.size, ACT_CODES[act], float(slope), ptr(out)
+            ptr(dy),
+            ptr(x),
+            x.size,
+            ACT_CODES[act],
+            float(slope),
+            ptr(out),
+            act_threads(x.size, act, True, c=True),
         ),
         "idg_activation_backward",
     )

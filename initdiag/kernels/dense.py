@@ -30,6 +30,7 @@ from .activation import (
     RELU,
     _act_span_nb,
     _activation_forward_numpy,
+    act_threads,
 )
 
 
@@ -86,11 +87,12 @@ def _epilogue_rows_nb(acc, b, has_b, write_pre, code, slope, out, r0, r1):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _dense_epilogue_nb(acc, b, has_b, write_pre, code, slope, out):
-    """Fused bias + pre-activation copy + activation over the GEMM output."""
+def _dense_epilogue_nb(acc, b, has_b, write_pre, code, slope, out, par):
+    """Fused bias + pre-activation copy + activation over the GEMM output (row
+    chunks in parallel when ``par``)."""
     B, n = acc.shape
     nch = min(B, (B * n + PAR_CHUNK - 1) // PAR_CHUNK)
-    if nch <= 1:
+    if nch <= 1 or not par:
         _epilogue_rows_nb(acc, b, has_b, write_pre, code, slope, out, 0, B)
     else:
         for c in prange(nch):
@@ -137,8 +139,9 @@ def _dense_forward_numba(x, w, b, act, slope, out, pre_out):
     if not has_b and pre_out is None and act == "identity":
         return out
     bb = b if has_b else out[0, :0]
+    par = act_threads(out.size, act) > 1
     _dense_epilogue_nb(
-        acc, bb, has_b, pre_out is not None, ACT_CODES[act], float(slope), out
+        acc, bb, has_b, pre_out is not None, ACT_CODES[act], float(slope), out, par
     )
     return out
 
@@ -164,7 +167,14 @@ def _dense_forward_c(x, w, b, act, slope, out, pre_out):
     B, n = out.shape
     check(
         fn("idg_dense_epilogue", out.dtype)(
-            ptr(out), ptr(pre_out), ptr(b), B, n, ACT_CODES[act], float(slope)
+            ptr(out),
+            ptr(pre_out),
+            ptr(b),
+            B,
+            n,
+            ACT_CODES[act],
+            float(slope),
+            act_threads(out.size, act, c=True),
         ),
         "idg_dense_epilogue",
     )

@@ -37,7 +37,6 @@ import math
 import numpy as np
 
 from ._threading import njit, prange, sweep_threads
-from .activation import PAR_CHUNK
 from .batchnorm import _nthreads, block_width
 
 SUMMARY_FIELDS = (
@@ -444,9 +443,9 @@ def _rc_block_nb(x, j0, j1, inv):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _row_correlation_nb(x, out):
-    """Row norms, then S = sum_a u_a by column block (each parallel above
-    PAR_CHUNK elements); sum_a |u_a|^2 comes from the norms."""
+def _row_correlation_nb(x, out, par):
+    """Row norms, then S = sum_a u_a by column block (each in parallel when
+    ``par``); sum_a |u_a|^2 comes from the norms."""
     B, n = x.shape
     if B < 2:
         out[0] = np.nan
@@ -456,7 +455,7 @@ def _row_correlation_nb(x, out):
     blk = STATS_BLOCK
     nblk = (n + blk - 1) // blk
     parts = np.empty(nblk)  # not np.zeros: see _layer_summary_nb
-    if B * n < PAR_CHUNK:
+    if not par:
         for a in range(B):
             _rc_norm_nb(x, a, inv, uu)
         for bi in range(nblk):
@@ -502,16 +501,17 @@ def _layer_summary_numba(x, out):
 
 def _row_correlation_numba(x, out):
     """Numba variant: two passes over x (norms, then the sum of unit rows)."""
-    _row_correlation_nb(x, out)
+    B, n = x.shape
+    _row_correlation_nb(x, out, sweep_threads(B * n, _nthreads(), 2) > 1)
     return out
 
 
 # --------------------------------------------------------------------------- c
-def _c_sweep(B, n, itemsize):
+def _c_sweep(B, n, itemsize, cost=1):
     """(block width, threads) of a C column-statistics sweep."""
     from .batchnorm import _c_threads
 
-    nt = sweep_threads(B * n, _c_threads())
+    nt = sweep_threads(B * n, _c_threads(), cost)
     return block_width(B, n, itemsize, nt), nt
 
 
@@ -550,7 +550,9 @@ def _row_correlation_c(x, out):
     B, n = x.shape
     scratch = np.empty(2 * B)
     check(
-        fn("idg_row_correlation", x.dtype)(ptr(x), B, n, ptr(scratch), ptr(out)),
+        fn("idg_row_correlation", x.dtype)(
+            ptr(x), B, n, ptr(scratch), ptr(out), _c_sweep(B, n, x.itemsize, 2)[1]
+        ),
         "idg_row_correlation",
     )
     return out
