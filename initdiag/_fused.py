@@ -648,30 +648,108 @@ def unit_backward(
     )
 
 
+# BLAS syrk from SciPy's Cython BLAS table (the OpenBLAS SciPy ships), called through
+# ctypes, which releases the GIL during the call.  scipy.linalg.blas.ssyrk holds the
+# GIL: two seed workers calling it took 2x the time of one (measured).
+_SYRK: dict = {}
+
+
+def _syrk_functions() -> dict:
+    """{dtype: ctypes function} for float32 (ssyrk) and float64 (dsyrk); empty
+    when SciPy's Cython BLAS table is not reachable (the blocked GEMM path then)."""
+    if "loaded" in _SYRK:
+        return _SYRK["fns"]
+    fns: dict = {}
+    try:
+        import ctypes
+
+        from scipy.linalg import cython_blas
+
+        get_name = ctypes.pythonapi.PyCapsule_GetName
+        get_name.restype = ctypes.c_char_p
+        get_name.argtypes = [ctypes.py_object]
+        get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+        get_ptr.restype = ctypes.c_void_p
+        get_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        ip = ctypes.POINTER(ctypes.c_int)
+        for dt, name, ct in (
+            (np.float32, "ssyrk", ctypes.c_float),
+            (np.float64, "dsyrk", ctypes.c_double),
+        ):
+            cap = cython_blas.__pyx_capi__[name]
+            addr = get_ptr(cap, get_name(cap))
+            proto = ctypes.CFUNCTYPE(
+                None,
+                ctypes.c_char_p,
+                ctypes.c_char_p,
+                ip,
+                ip,
+                ctypes.POINTER(ct),
+                ctypes.c_void_p,
+                ip,
+                ctypes.POINTER(ct),
+                ctypes.c_void_p,
+                ip,
+            )
+            fns[np.dtype(dt)] = (proto(addr), ct)
+    except Exception:  # pragma: no cover - SciPy without the Cython BLAS table
+        fns = {}
+    _SYRK["fns"] = fns
+    _SYRK["loaded"] = True
+    return fns
+
+
 def gram_split(B: int) -> int:
-    """Block size of the blocked Gram matrix (:func:`gram`); 0 = unblocked."""
-    return B // 2 if B >= 128 else 0
+    """Layout of :func:`gram`'s result: -1 = upper triangle by rows (BLAS syrk),
+    h > 0 = lower block triangle in blocks of h rows, 0 = full matrix."""
+    if B < 128:
+        return 0
+    return -1 if _syrk_functions() else B // 2
 
 
 def gram(a: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """The lower block triangle of ``a a^T`` (B x B) by BLAS: with ``h =
-    gram_split(B)``, row blocks ``a_k = a[kh : (k + 1) h]`` (the last one may be
-    shorter), the diagonal blocks ``a_k a_k^T`` (syrk, both triangles) and the
-    blocks left of them ``a_k a[: kh]^T`` (one gemm per block row); blocks right of
-    the diagonal blocks are left unset.  Same flops as one syrk of ``a``, but ~9%
-    faster with single-threaded OpenBLAS (SkylakeX kernels) at B = 512, N = 1024:
-    h = 256 1.74 ms, h = 128 1.83 ms, h = 64 2.16 ms, one syrk 1.91 ms
-    (bench/SIMULATE.md).  ``h = 0``: one syrk, full matrix."""
-    h = gram_split(a.shape[0])
+    """``a a^T`` (B x B) by BLAS, in the layout ``gram_split(B)`` names.
+
+    -1: one syrk (``uplo='L', trans='T'`` on ``a`` read as the column-major
+    N x B matrix it is, so no copy): row i of ``out`` holds entries i..B-1; entries
+    left of the diagonal are left unset.  B = 512, N = 1024 float32, one thread:
+    1.33 ms, against 1.74 ms for the blocked GEMMs below (h = 256) and 4.65 ms for
+    the GEMM forming dW (bench/SIMULATE.md).
+    h > 0 (SciPy's BLAS table unreachable): row blocks ``a_k = a[kh : (k + 1) h]``,
+    the diagonal blocks ``a_k a_k^T`` and the blocks left of them
+    ``a_k a[: kh]^T``; blocks right of the diagonal blocks are left unset.
+    0: the full matrix (small B)."""
+    B, N = a.shape
+    h = gram_split(B)
     if h == 0:
         return np.matmul(a, a.T, out=out)
-    B = a.shape[0]
-    for s in range(0, B, h):
-        e = min(s + h, B)
-        ak = a[s:e]
-        np.matmul(ak, ak.T, out=out[s:e, s:e])
-        if s:
-            np.matmul(ak, a[:s].T, out=out[s:e, :s])
+    if h < 0:
+        import ctypes
+
+        fn, ct = _syrk_functions()[a.dtype]
+        a = np.ascontiguousarray(a)
+        assert out.flags.c_contiguous and out.dtype == a.dtype
+        n_, k_, ldc = ctypes.c_int(B), ctypes.c_int(N), ctypes.c_int(B)
+        one, zero = ct(1.0), ct(0.0)
+        fn(
+            b"L",
+            b"T",
+            ctypes.byref(n_),
+            ctypes.byref(k_),
+            ctypes.byref(one),
+            a.ctypes.data,
+            ctypes.byref(k_),
+            ctypes.byref(zero),
+            out.ctypes.data,
+            ctypes.byref(ldc),
+        )
+        return out
+    for s0 in range(0, B, h):
+        e = min(s0 + h, B)
+        ak = a[s0:e]
+        np.matmul(ak, ak.T, out=out[s0:e, s0:e])
+        if s0:
+            np.matmul(ak, a[:s0].T, out=out[s0:e, :s0])
     return out
 
 
@@ -695,10 +773,11 @@ def _dot_t(a, b, k0, k1, zero):
 def gram_dot(a, b, h):
     """(sum_ij a_ij b_ij, trace a) in float64 for two symmetric B x B Gram matrices
     stored as :func:`gram` leaves them (``h`` its block size; 0 = full matrices):
-    ``||G^T X||_F^2 = <G G^T, X X^T>``, ``trace(G G^T) = ||G||_F^2``.  Row ``i`` in
-    the block starting at ``k0`` contributes twice its entries left of ``k0`` and
-    once those of its diagonal block.  Each row piece is summed in the Grams' dtype
-    (vectorised), the rows in float64."""
+    ``||G^T X||_F^2 = <G G^T, X X^T>``, ``trace(G G^T) = ||G||_F^2``.  h = -1: row
+    ``i`` contributes its diagonal entry once and the entries right of it twice;
+    h > 0: row ``i`` in the block starting at ``k0`` contributes twice its entries
+    left of ``k0`` and once those of its diagonal block.  Each row piece is summed
+    in the Grams' dtype (vectorised), the rows in float64."""
     B = a.shape[0]
     s = 0.0
     t = 0.0
@@ -707,6 +786,10 @@ def gram_dot(a, b, h):
         ai = a[i]
         bi = b[i]
         t += np.float64(ai[i])
+        if h < 0:  # upper triangle by rows
+            d = np.float64(ai[i]) * np.float64(bi[i])
+            s += 2.0 * _dot_t(ai, bi, i + 1, B, zero) + d
+            continue
         if h == 0:
             k0 = 0
             k1 = B

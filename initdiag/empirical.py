@@ -1143,6 +1143,9 @@ def _full64(f: Any, g: np.ndarray) -> np.ndarray:
     if g.dtype == np.float64 and h == 0:
         return g
     full = g.astype(np.float64)
+    if h < 0:  # upper triangle by rows
+        up = np.triu(full)
+        return up + np.triu(full, 1).T
     if h:
         B = g.shape[0]
         for s in range(h, B, h):  # mirror the blocks left of each diagonal block

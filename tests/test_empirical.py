@@ -573,12 +573,19 @@ def test_fused_path_matches_numpy_backend(net):
     np.testing.assert_allclose(got, ref, rtol=500 * eps, atol=500 * eps)
 
 
+@pytest.mark.parametrize("syrk", [True, False])
 @pytest.mark.parametrize("B", [12, 131, 600])
-def test_blocked_gram_identity(B):
-    # ||G^T X||_F^2 = <G G^T, X X^T> (B x B Grams, blocked when B >= 128; 131:
-    # a shorter last block row)
+def test_blocked_gram_identity(B, syrk, monkeypatch):
+    # ||G^T X||_F^2 = <G G^T, X X^T> (B x B Grams: full below B = 128, else one
+    # BLAS syrk (upper triangle by rows) or, without SciPy's BLAS table, blocked
+    # GEMMs (131: a shorter last block row))
     from initdiag import _fused
 
+    if not syrk:
+        monkeypatch.setattr(_fused, "_syrk_functions", lambda: {})
+    elif not _fused._syrk_functions():
+        pytest.skip("SciPy's Cython BLAS table is not reachable")
+    assert _fused.gram_split(B) == (0 if B < 128 else (-1 if syrk else B // 2))
     rng = np.random.default_rng(B)
     g, x = rng.standard_normal((2, B, 40))
     ga, xa = np.full((B, B), np.nan), np.full((B, B), np.nan)
@@ -587,8 +594,20 @@ def test_blocked_gram_identity(B):
     s, tr = _fused.gram_dot(ga, xa, _fused.gram_split(B))
     assert s == pytest.approx(np.sum((g.T @ x) ** 2), rel=1e-12)
     assert tr == pytest.approx(np.sum(g * g), rel=1e-12)
-    # the float64 fallback's full matrix from the block-triangle layout
+    # the float64 fallback's full matrix from the stored layout
     np.testing.assert_allclose(empirical._full64(_fused, ga), g @ g.T, rtol=1e-12)
+    # float32 (ssyrk / float32 GEMMs, row pieces summed in float32)
+    g32, x32 = g.astype(np.float32), x.astype(np.float32)
+    ga32, xa32 = (
+        np.full((B, B), np.nan, np.float32),
+        np.full((B, B), np.nan, np.float32),
+    )
+    _fused.gram(g32, ga32)
+    _fused.gram(x32, xa32)
+    s32, tr32 = _fused.gram_dot(ga32, xa32, _fused.gram_split(B))
+    g64, x64 = g32.astype(np.float64), x32.astype(np.float64)
+    assert s32 == pytest.approx(np.sum((g64.T @ x64) ** 2), rel=1e-4)
+    assert tr32 == pytest.approx(np.sum(g64 * g64), rel=1e-5)
 
 
 def test_gradients_near_float32_range_are_not_overflow():
