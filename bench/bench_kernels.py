@@ -441,11 +441,9 @@ def _threads_used(op: str, label: str) -> str:
     if op not in SWEEP_COST or label not in ("numba", "c"):
         return ""
     if label == "numba":
-        import numba
-
-        nt = numba.get_num_threads()
+        nt = _threading.numba_threads()
     else:
-        nt = kb._c_threads()
+        nt = _threading.c_threads()
     return str(_threading.sweep_threads(B * N, nt, SWEEP_COST[op]))
 
 

@@ -26,8 +26,10 @@ Policy, applied once when ``initdiag.kernels`` is imported:
 Measured (bench/KERNELS.md, 2 shared cores): the forward + backward step of a
 3-layer 1024-wide MLP was 1.5x-2.5x slower with ``OMP_WAIT_POLICY=ACTIVE`` than
 with PASSIVE, and a short ``GOMP_SPINCOUNT`` (1e3-3e4) was worse still on the
-oversubscribed machine.  The price of PASSIVE: a ~40-100 us kernel pays the
-wake-up of the second worker (column statistics ~90 us passive vs ~40 us active).
+oversubscribed machine.  The price of PASSIVE: a parallel region pays the wake-up
+of the second worker (~47 us back to back here), so the row-sweep kernels open one
+only when their work outweighs it (:func:`sweep_threads`); at 512 x 1024 float32 the
+statistics, BatchNorm forward and cheap activations run on one thread.
 
 Both settings only take effect before the respective runtime is loaded; if libgomp
 was already loaded by another library (or Numba's pool already started), the
@@ -76,6 +78,24 @@ def configure() -> None:
 PAR_MIN_PASSIVE = 1 << 21
 PAR_MIN_ACTIVE = 1 << 16
 COST_STATS, COST_BN_FORWARD, COST_BN_BACKWARD = 1, 2, 4
+
+
+def numba_threads() -> int:
+    """Threads of Numba's pool as seen by the calling thread (1 without Numba)."""
+    try:
+        import numba
+
+        return numba.get_num_threads()
+    except ImportError:  # pragma: no cover
+        return 1
+
+
+def c_threads() -> int:
+    """Threads of the C extension's OpenMP regions (1 without it or OpenMP)."""
+    from ._c import load
+
+    ffi, lib, err = load()
+    return int(lib.idg_num_threads()) if err is None else 1
 
 
 def pool_is_hot() -> bool:

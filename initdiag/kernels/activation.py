@@ -42,7 +42,7 @@ import math
 import numpy as np
 from scipy import special
 
-from ._threading import njit, prange, sweep_threads
+from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
 
 ACTIVATIONS = (
     "relu",
@@ -83,15 +83,7 @@ _CHEAP = frozenset({"relu", "leaky_relu", "identity"})
 def act_threads(N: int, act: str, backward: bool = False, c: bool = False) -> int:
     """Threads for an activation pass over N elements under the wait policy."""
     cost = (2 if backward else 1) if act in _CHEAP else 16
-    if c:
-        from .batchnorm import _c_threads
-
-        nt = _c_threads()
-    else:
-        from .batchnorm import _nthreads
-
-        nt = _nthreads()
-    return sweep_threads(N, nt, cost)
+    return sweep_threads(N, c_threads() if c else numba_threads(), cost)
 
 
 # --------------------------------------------------------------------------- numpy

@@ -36,7 +36,15 @@ import math
 
 import numpy as np
 
-from ._threading import COST_BN_BACKWARD, COST_BN_FORWARD, njit, prange, sweep_threads
+from ._threading import (
+    COST_BN_BACKWARD,
+    COST_BN_FORWARD,
+    c_threads,
+    njit,
+    numba_threads,
+    prange,
+    sweep_threads,
+)
 from .activation import (
     ACT_CODES,
     DELEGATE_BACKWARD,
@@ -563,15 +571,6 @@ def _bn_bwd_nb(
     return dx
 
 
-def _nthreads() -> int:
-    try:
-        import numba
-
-        return numba.get_num_threads()
-    except ImportError:  # pragma: no cover
-        return 1
-
-
 def _split_forward(act, slope, out):
     """BatchNorm ran with identity; apply a DELEGATE_FORWARD act with NumPy."""
     _activation_forward_numpy(out, act, slope, out)
@@ -595,7 +594,7 @@ def _batchnorm_forward_numba(x, gamma, beta, eps, act, slope, out, mean, invstd)
         )
         return _split_forward(act, slope, out)
     B, n = x.shape
-    nt = sweep_threads(B * n, _nthreads(), COST_BN_FORWARD)
+    nt = sweep_threads(B * n, numba_threads(), COST_BN_FORWARD)
     blk = block_width(B, n, x.itemsize, nt)
     nblk = -(-n // blk)
     w64 = np.empty((2 * nblk, blk))
@@ -630,7 +629,7 @@ def _batchnorm_backward_numba(
     B, n = x.shape
     if beta is None:
         beta = np.zeros_like(gamma)
-    nt = sweep_threads(B * n, _nthreads(), COST_BN_BACKWARD)
+    nt = sweep_threads(B * n, numba_threads(), COST_BN_BACKWARD)
     blk = block_width(B, n, x.itemsize, nt)
     nblk = -(-n // blk)
     w64 = np.empty((2 * nblk, blk))
@@ -665,7 +664,7 @@ def _batchnorm_forward_c(x, gamma, beta, eps, act, slope, out, mean, invstd):
         return _split_forward(act, slope, out)
 
     B, n = x.shape
-    nt = sweep_threads(B * n, _c_threads(), COST_BN_FORWARD)
+    nt = sweep_threads(B * n, c_threads(), COST_BN_FORWARD)
     blk = block_width(B, n, x.itemsize, nt)
     check(
         fn("idg_batchnorm_forward", x.dtype)(
@@ -701,7 +700,7 @@ def _batchnorm_backward_c(
         )
 
     B, n = x.shape
-    nt = sweep_threads(B * n, _c_threads(), COST_BN_BACKWARD)
+    nt = sweep_threads(B * n, c_threads(), COST_BN_BACKWARD)
     blk = block_width(B, n, x.itemsize, nt)
     check(
         fn("idg_batchnorm_backward", x.dtype)(
@@ -724,10 +723,3 @@ def _batchnorm_backward_c(
         "idg_batchnorm_backward",
     )
     return dx, dgamma, dbeta
-
-
-def _c_threads() -> int:
-    from ._c import load
-
-    ffi, lib, err = load()
-    return int(lib.idg_num_threads()) if err is None else 1

@@ -36,8 +36,8 @@ import math
 
 import numpy as np
 
-from ._threading import njit, prange, sweep_threads
-from .batchnorm import _nthreads, block_width
+from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
+from .batchnorm import block_width
 
 SUMMARY_FIELDS = (
     "mean",
@@ -215,10 +215,10 @@ def _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at):
     propagate)."""
     B = x.shape[0]
     w = j1 - j0
-    kt = np.empty(w, x.dtype)
-    a1 = np.empty(w, x.dtype)
-    a2 = np.empty(w, x.dtype)
-    ac = np.empty(w, x.dtype)
+    kt = at[0, :w]
+    a1 = at[1, :w]
+    a2 = at[2, :w]
+    ac = at[3, :w]
     r = x[0, j0:j1]
     for j in range(w):
         kt[j] = r[j]
@@ -487,14 +487,14 @@ def _sweep_plan(x, nthreads):
 def _column_stats_numba(x, mean, var, frac_le0, frac_eq0):
     """Numba variant: one pass over x, shifted sums (dtype per row block, float64
     across blocks)."""
-    blk, par, at = _sweep_plan(x, _nthreads())
+    blk, par, at = _sweep_plan(x, numba_threads())
     _column_stats_nb(x, mean, var, frac_le0, frac_eq0, blk, par, at)
     return mean, var, frac_le0, frac_eq0
 
 
 def _layer_summary_numba(x, out):
     """Numba variant: one pass over x."""
-    blk, par, at = _sweep_plan(x, _nthreads())
+    blk, par, at = _sweep_plan(x, numba_threads())
     _layer_summary_nb(x, out, blk, par, at)
     return out
 
@@ -502,16 +502,14 @@ def _layer_summary_numba(x, out):
 def _row_correlation_numba(x, out):
     """Numba variant: two passes over x (norms, then the sum of unit rows)."""
     B, n = x.shape
-    _row_correlation_nb(x, out, sweep_threads(B * n, _nthreads(), 2) > 1)
+    _row_correlation_nb(x, out, sweep_threads(B * n, numba_threads(), 2) > 1)
     return out
 
 
 # --------------------------------------------------------------------------- c
 def _c_sweep(B, n, itemsize, cost=1):
     """(block width, threads) of a C column-statistics sweep."""
-    from .batchnorm import _c_threads
-
-    nt = sweep_threads(B * n, _c_threads(), cost)
+    nt = sweep_threads(B * n, c_threads(), cost)
     return block_width(B, n, itemsize, nt), nt
 
 
