@@ -147,6 +147,19 @@ def _bn_acc8_nb(x, i, j0, j1, kt, a1, a2):
         a2[j] += q + p
 
 
+@njit(cache=True, error_model="numpy")
+def _col64_nb(x, j, k):
+    """Shifted sums (s1, s2) of column j in float64 (the rare path: columns whose
+    sums overflowed the dtype, or hold NaN / inf)."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(x.shape[0]):
+        d = np.float64(x[i, j]) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _bn_stats_block_nb(x, j0, j1, kt, s1, s2, a1, a2):
     """Shifted sums of columns j0..j1: kt = first row (dtype of x); s1, s2 float64.
@@ -183,15 +196,7 @@ def _bn_stats_block_nb(x, j0, j1, kt, s1, s2, a1, a2):
             s2[j] += np.float64(a2[j])
     for j in range(w):
         if not s2[j] < math.inf:
-            k = np.float64(kt[j])
-            t1 = 0.0
-            t2 = 0.0
-            for i in range(B):
-                d = np.float64(x[i, j0 + j]) - k
-                t1 += d
-                t2 += d * d
-            s1[j] = t1
-            s2[j] = t2
+            s1[j], s2[j] = _col64_nb(x, j0 + j, np.float64(kt[j]))
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)

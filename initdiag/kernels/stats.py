@@ -37,7 +37,7 @@ import math
 import numpy as np
 
 from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
-from .batchnorm import block_width
+from .batchnorm import _col64_nb, block_width
 
 SUMMARY_FIELDS = (
     "mean",
@@ -186,19 +186,6 @@ def _colacc1_nb(x, i, j0, j1, k, a1, a2, ac, one, big, zero):
         a1[j] += d
         a2[j] += d * d
         ac[j] += (one if v <= zero else zero) + (big if v == zero else zero)
-
-
-@njit(cache=True, error_model="numpy")
-def _col64_nb(x, j, k):
-    """Shifted sums (s1, s2) of column j in float64 (the rare path: columns whose
-    sums overflowed the dtype, or hold NaN / inf)."""
-    s1 = 0.0
-    s2 = 0.0
-    for i in range(x.shape[0]):
-        d = np.float64(x[i, j]) - k
-        s1 += d
-        s2 += d * d
-    return s1, s2
 
 
 @njit(cache=True, error_model="numpy")
