@@ -8,7 +8,11 @@ Command (repository root; results go to bench/KERNELS.md by hand)::
 
 Every kernel is timed through its private variant with preallocated outputs (what
 the empirical engine's hot path runs); medians of many rounds.  The last test
-prints the ratio table:
+prints the ratio table, under the wait policy in force (our default PASSIVE) and
+again in a fresh process under OMP_WAIT_POLICY=ACTIVE (``python
+bench/bench_kernels.py --table`` prints one table under the current environment);
+the ``threads`` column says how many threads each row-sweep kernel used
+(``initdiag.kernels._threading.sweep_threads``):
 
 * BatchNorm(+ReLU) forward / backward: plain-NumPy time / ours (target >= 5) and
   ours / memory floor (target <= 2), the floor being the bytes that must move
