@@ -200,38 +200,6 @@ def _bn_stats_block_nb(x, j0, j1, kt, s1, s2, a1, a2):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _bn_out4_nb(x, out, i, j0, j1, mu, sc, be, relu, zero):
-    """Rows i..i+3 of the forward output: (x - mean) gamma invstd + beta, then
-    relu when ``relu`` (the per-column coefficients loaded once per four rows)."""
-    w = j1 - j0
-    r0 = x[i, j0:j1]
-    r1 = x[i + 1, j0:j1]
-    r2 = x[i + 2, j0:j1]
-    r3 = x[i + 3, j0:j1]
-    o0 = out[i, j0:j1]
-    o1 = out[i + 1, j0:j1]
-    o2 = out[i + 2, j0:j1]
-    o3 = out[i + 3, j0:j1]
-    for j in range(w):
-        m = mu[j]
-        f = sc[j]
-        b = be[j]
-        z0 = (r0[j] - m) * f + b
-        z1 = (r1[j] - m) * f + b
-        z2 = (r2[j] - m) * f + b
-        z3 = (r3[j] - m) * f + b
-        if relu:
-            z0 = zero if z0 <= zero else z0
-            z1 = zero if z1 <= zero else z1
-            z2 = zero if z2 <= zero else z2
-            z3 = zero if z3 <= zero else z3
-        o0[j] = z0
-        o1[j] = z1
-        o2[j] = z2
-        o3[j] = z3
-
-
-@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _bn_dx4_nb(dy, x, dx, i, j0, j1, mu, inv, ga, be, a, c0, c1, relu, zero):
     """Rows i..i+3 of dx = a g + c0 + xhat c1 (g = dy, or dy relu'(z) when
     ``relu``; coefficients loaded once per four rows)."""
@@ -311,12 +279,9 @@ def _bn_fwd_block_nb(
         be[j] = beta[j0 + j]
     wt[4, 0] = 0.0
     zero = wt[4, 0]  # a zero of x's dtype keeps the relu select in that dtype
-    i0 = 0
-    if code == IDENTITY or code == RELU:
-        while i0 + 4 <= B:
-            _bn_out4_nb(x, out, i0, j0, j1, mu, sc, be, code == RELU, zero)
-            i0 += 4
-    for i in range(i0, B):
+    # one row per sweep: measured faster than four (47 vs 43 us for 512 x 1024
+    # float32), the opposite of the dx pass, which has more per-column terms
+    for i in range(B):
         r = x[i, j0:j1]
         o = out[i, j0:j1]
         if code == IDENTITY:
