@@ -593,6 +593,53 @@ def test_activation_spec_objects_are_accepted():
     np.testing.assert_array_equal(y, [[-0.5, 3.0]])
 
 
+@pytest.mark.parametrize("backend", [b for b in CPU if b != "numpy"])
+def test_parallel_and_serial_sweeps_agree(backend, monkeypatch):
+    # at test sizes the row-sweep kernels run serially (sweep_threads); force the
+    # parallel branches (several column blocks, and row chunks for activations) and
+    # compare: column blocks are independent, so results must be identical
+    from initdiag.kernels import _threading
+
+    rng = np.random.default_rng(16)
+    x = rand(rng, (37, 2100), np.float32)  # 2100 columns: three blocks of <= 1024
+    dy = rand(rng, (37, 2100), np.float32)
+    gamma = rand(rng, (2100,), np.float32, shift=1.0)
+    beta = rand(rng, (2100,), np.float32)
+    w = rand(rng, (40, 2100), np.float32)
+
+    def run():
+        y, m, s = K.batchnorm_forward(
+            x, gamma, beta, activation="relu", backend=backend
+        )
+        grads = K.batchnorm_backward(
+            dy, x, (m, s), gamma, beta, activation="relu", backend=backend
+        )
+        return [
+            y,
+            m,
+            s,
+            *grads,
+            *K.column_stats(x, backend=backend),
+            K.layer_summary_array(x, backend=backend),
+            K.row_correlation(x, backend=backend),
+            K.activation_forward(x, "gelu", backend=backend),
+            K.activation_backward(dy, x, "relu", backend=backend),
+            K.dense_forward(x, w, None, "relu", backend=backend),
+        ]
+
+    serial = run()
+    monkeypatch.setattr(_threading, "PAR_MIN_PASSIVE", 1)
+    monkeypatch.setattr(_threading, "PAR_MIN_ACTIVE", 1)
+    assert _threading.sweep_threads(37 * 2100, 2) == 2
+    for got, want in zip(run(), serial, strict=True):
+        if backend == "c" and np.size(got) == 8:
+            # layer_summary: the C core's OpenMP reduction adds the per-thread
+            # partials in its own order (last-bit differences in float64)
+            np.testing.assert_allclose(got, want, rtol=4 * np.finfo(float).eps)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
 def test_kernels_are_thread_safe():
     from concurrent.futures import ThreadPoolExecutor
 

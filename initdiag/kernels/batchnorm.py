@@ -251,15 +251,20 @@ def _bn_dx4_nb(dy, x, dx, i, j0, j1, mu, inv, ga, be, a, c0, c1, relu, zero):
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _bn_fwd_block_nb(
-    x, gamma, beta, eps, code, slope, out, mean, invstd, j0, j1, w64, wt
+    x, gamma, beta, eps, code, slope, out, mean, invstd, blk, bi, w64, wt
 ):
-    """BatchNorm forward of columns j0..j1 (statistics pass, then output pass).
+    """BatchNorm forward of column block bi (columns bi blk .. (bi + 1) blk):
+    statistics pass, then output pass.
 
-    Scratch comes from the caller (w64: 2 float64 rows, wt: 5 rows of x's dtype):
-    allocating inside the parallel region was measured to make the kernel
+    Scratch comes from the caller (w64: 2 float64 rows, wt: 5 rows of x's dtype per
+    block): allocating inside the parallel region was measured to make the kernel
     sensitive to the process's allocator churn (bench/KERNELS.md)."""
-    B = x.shape[0]
+    B, n = x.shape
+    j0 = bi * blk
+    j1 = min(n, j0 + blk)
     w = j1 - j0
+    w64 = w64[2 * bi : 2 * bi + 2]
+    wt = wt[5 * bi : 5 * bi + 5]
     kt = wt[0, :w]
     s1 = w64[0, :w]
     s2 = w64[1, :w]
@@ -301,43 +306,14 @@ def _bn_fwd_block_nb(
 def _bn_fwd_nb(x, gamma, beta, eps, code, slope, out, mean, invstd, blk, par, w64, wt):
     """Column blocks of width blk, in parallel when ``par``; w64 (2 nblk, blk),
     wt (5 nblk, blk)."""
-    n = x.shape[1]
-    nblk = (n + blk - 1) // blk
+    nblk = (x.shape[1] + blk - 1) // blk
+    args = (x, gamma, beta, eps, code, slope, out, mean, invstd, blk)
     if nblk <= 1 or not par:
         for bi in range(nblk):
-            _bn_fwd_block_nb(
-                x,
-                gamma,
-                beta,
-                eps,
-                code,
-                slope,
-                out,
-                mean,
-                invstd,
-                bi * blk,
-                min(n, (bi + 1) * blk),
-                w64[2 * bi : 2 * bi + 2],
-                wt[5 * bi : 5 * bi + 5],
-            )
+            _bn_fwd_block_nb(*args, bi, w64, wt)
     else:
         for bi in prange(nblk):
-            j1 = min(n, (bi + 1) * blk)
-            _bn_fwd_block_nb(
-                x,
-                gamma,
-                beta,
-                eps,
-                code,
-                slope,
-                out,
-                mean,
-                invstd,
-                bi * blk,
-                j1,
-                w64[2 * bi : 2 * bi + 2],
-                wt[5 * bi : 5 * bi + 5],
-            )
+            _bn_fwd_block_nb(*args, bi, w64, wt)
     return out
 
 
@@ -391,14 +367,19 @@ def _bn_bwd_acc4_nb(dy, x, i, j0, j1, mu, inv, ga, be, relu, ab, ag, zero):
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _bn_bwd_block_nb(
-    dy, x, mean, invstd, gamma, beta, code, slope, dx, dgamma, dbeta, j0, j1, w64, wt
+    dy, x, mean, invstd, gamma, beta, code, slope, dx, dgamma, dbeta, blk, bi, w64, wt
 ):
-    """BatchNorm backward of columns j0..j1 (reduction pass, then dx pass).
+    """BatchNorm backward of column block bi (reduction pass, then dx pass);
+    scratch as in :func:`_bn_fwd_block_nb`.
 
     relu's derivative is written as selects (no branch to mispredict on random
     signs); other activations go through the scalar ``_act_grad_nb``."""
-    B = x.shape[0]
+    B, n = x.shape
+    j0 = bi * blk
+    j1 = min(n, j0 + blk)
     w = j1 - j0
+    w64 = w64[2 * bi : 2 * bi + 2]
+    wt = wt[5 * bi : 5 * bi + 5]
     mu = mean[j0:j1]
     inv = invstd[j0:j1]
     ga = gamma[j0:j1]
@@ -497,47 +478,14 @@ def _bn_bwd_nb(
 ):
     """Column blocks of width blk, in parallel when ``par``; w64 (2 nblk, blk),
     wt (5 nblk, blk)."""
-    n = x.shape[1]
-    nblk = (n + blk - 1) // blk
+    nblk = (x.shape[1] + blk - 1) // blk
+    args = (dy, x, mean, invstd, gamma, beta, code, slope, dx, dgamma, dbeta, blk)
     if nblk <= 1 or not par:
         for bi in range(nblk):
-            _bn_bwd_block_nb(
-                dy,
-                x,
-                mean,
-                invstd,
-                gamma,
-                beta,
-                code,
-                slope,
-                dx,
-                dgamma,
-                dbeta,
-                bi * blk,
-                min(n, (bi + 1) * blk),
-                w64[2 * bi : 2 * bi + 2],
-                wt[5 * bi : 5 * bi + 5],
-            )
+            _bn_bwd_block_nb(*args, bi, w64, wt)
     else:
         for bi in prange(nblk):
-            j1 = min(n, (bi + 1) * blk)
-            _bn_bwd_block_nb(
-                dy,
-                x,
-                mean,
-                invstd,
-                gamma,
-                beta,
-                code,
-                slope,
-                dx,
-                dgamma,
-                dbeta,
-                bi * blk,
-                j1,
-                w64[2 * bi : 2 * bi + 2],
-                wt[5 * bi : 5 * bi + 5],
-            )
+            _bn_bwd_block_nb(*args, bi, w64, wt)
     return dx
 
 
