@@ -189,13 +189,14 @@ def _colacc1_nb(x, i, j0, j1, k, a1, a2, ac, one, big, zero):
 
 
 @njit(cache=True, error_model="numpy")
-def _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at):
-    """Columns j0..j1: shift k (first row, float64), shifted sums s1, s2 and the
-    counts <= 0, == 0 (float64).
+def _colacc_block_nb(x, j0, j1, m, v, cle, ceq, at):
+    """Columns j0..j1 of x: mean m, biased variance v (clipped at 0; NaN passes)
+    and the counts <= 0, == 0, all float64 arrays of length j1 - j0.
 
-    Rows are taken in blocks of ``ROW_BLOCK``, summed in the dtype of x (``at``:
-    4 rows of scratch of that dtype) and added to the float64 totals after each
-    block: the element loop runs at the dtype's SIMD width (16 float32 lanes with
+    Variances come from sums shifted by the first row.  Rows are taken in blocks
+    of ``ROW_BLOCK``, summed in the dtype of x (``at``: 4 rows of scratch of that
+    dtype) and added to float64 totals after each block (kept in m and v until the
+    end): the element loop runs at the dtype's SIMD width (16 float32 lanes with
     AVX-512) and the error is that of ROW_BLOCK-term sums in the dtype plus
     float64 across blocks.  Columns whose sum of squares is not finite are summed
     again in float64 (values beyond ~1e19 overflow float32 squares; NaN / inf
@@ -206,6 +207,8 @@ def _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at):
     a1 = at[1, :w]
     a2 = at[2, :w]
     ac = at[3, :w]
+    s1 = m  # float64 sums until the end
+    s2 = v
     r = x[0, j0:j1]
     for j in range(w):
         kt[j] = r[j]
@@ -240,9 +243,15 @@ def _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at):
             ceq[j] += e
             cle[j] += c - (ROW_BLOCK + 1.0) * e
     for j in range(w):
-        k[j] = np.float64(kt[j])
-        if not abs(s2[j]) < math.inf:
-            s1[j], s2[j] = _col64_nb(x, j0 + j, k[j])
+        k = np.float64(kt[j])
+        t1 = s1[j]
+        t2 = s2[j]
+        if not abs(t2) < math.inf:
+            t1, t2 = _col64_nb(x, j0 + j, k)
+        ms = t1 / B
+        var = t2 / B - ms * ms
+        m[j] = k + ms
+        v[j] = 0.0 if var < 0.0 else var
 
 
 @njit(cache=True, error_model="numpy")
@@ -261,74 +270,59 @@ def _count_nonfinite_nb(x, j):
 
 
 @njit(cache=True, error_model="numpy")
-def _colstats_block_nb(x, j0, j1, mean, var, frac_le0, frac_eq0, at):
-    """column_stats of columns j0..j1 (``at``: (4, j1 - j0) scratch, dtype of x)."""
-    B = x.shape[0]
-    w = j1 - j0
-    k = np.empty(w)
-    s1 = np.empty(w)
-    s2 = np.empty(w)
-    cle = np.empty(w)
-    ceq = np.empty(w)
-    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at)
-    for j in range(w):
-        ms = s1[j] / B
-        v = s2[j] / B - ms * ms
-        mean[j0 + j] = k[j] + ms
-        var[j0 + j] = 0.0 if v < 0.0 else v
-        frac_le0[j0 + j] = cle[j] / B
-        frac_eq0[j0 + j] = ceq[j] / B
+def _colstats_block_nb(x, blk, bi, mean, var, frac_le0, frac_eq0, at):
+    """column_stats of column block bi (``at``: 4 rows of scratch per block),
+    written straight into the outputs."""
+    B, n = x.shape
+    j0 = bi * blk
+    j1 = min(n, j0 + blk)
+    le = frac_le0[j0:j1]
+    eq = frac_eq0[j0:j1]
+    _colacc_block_nb(
+        x, j0, j1, mean[j0:j1], var[j0:j1], le, eq, at[4 * bi : 4 * bi + 4]
+    )
+    for j in range(j1 - j0):
+        le[j] /= B
+        eq[j] /= B
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _column_stats_nb(x, mean, var, frac_le0, frac_eq0, blk, par, at):
     """Column blocks of width blk, in parallel when ``par`` (one pass over x);
     ``at``: (4 nblk, blk) scratch of x's dtype."""
-    n = x.shape[1]
-    nblk = (n + blk - 1) // blk
+    nblk = (x.shape[1] + blk - 1) // blk
     if nblk <= 1 or not par:
         for bi in range(nblk):
-            j0 = bi * blk
-            j1 = min(n, j0 + blk)
-            _colstats_block_nb(
-                x, j0, j1, mean, var, frac_le0, frac_eq0, at[4 * bi : 4 * bi + 4]
-            )
+            _colstats_block_nb(x, blk, bi, mean, var, frac_le0, frac_eq0, at)
     else:
         for bi in prange(nblk):
-            j0 = bi * blk
-            j1 = min(n, j0 + blk)
-            _colstats_block_nb(
-                x, j0, j1, mean, var, frac_le0, frac_eq0, at[4 * bi : 4 * bi + 4]
-            )
+            _colstats_block_nb(x, blk, bi, mean, var, frac_le0, frac_eq0, at)
     return mean
 
 
 @njit(cache=True, error_model="numpy")
-def _summary_block_nb(x, j0, j1, p, at):
-    """Partial sums of the 8 summary numbers over columns j0..j1 into p (8,)."""
-    B = x.shape[0]
+def _summary_block_nb(x, blk, bi, p, at):
+    """Partial sums of the 8 summary numbers over column block bi into p (8,)."""
+    B, n = x.shape
+    j0 = bi * blk
+    j1 = min(n, j0 + blk)
     w = j1 - j0
-    k = np.empty(w)
-    s1 = np.empty(w)
-    s2 = np.empty(w)
+    m = np.empty(w)
+    v = np.empty(w)
     cle = np.empty(w)
     ceq = np.empty(w)
-    _colacc_block_nb(x, j0, j1, k, s1, s2, cle, ceq, at)
+    _colacc_block_nb(x, j0, j1, m, v, cle, ceq, at[4 * bi : 4 * bi + 4])
     for j in range(w):
-        ms = s1[j] / B
-        v = s2[j] / B - ms * ms
-        if v < 0.0:
-            v = 0.0
-        m = k[j] + ms
-        # entries > 0 = B - (<= 0) - NaN; NaN / inf counted on the rare path
+        # entries > 0 = B - (<= 0) - NaN; NaN / inf counted on the rare path (a
+        # column with a non-finite sum of squares has a non-finite variance)
         nan = 0.0
         inf = 0.0
-        if not abs(s2[j]) < math.inf:
+        if not abs(v[j]) < math.inf:
             nan, inf = _count_nonfinite_nb(x, j0 + j)
-        p[0] += m
-        p[1] += v + m * m
-        p[2] += v
-        p[3] += m * m
+        p[0] += m[j]
+        p[1] += v[j] + m[j] * m[j]
+        p[2] += v[j]
+        p[3] += m[j] * m[j]
         p[4] += B - cle[j] - nan
         p[5] += 1.0 if cle[j] == B else 0.0
         p[6] += ceq[j]
@@ -349,14 +343,10 @@ def _layer_summary_nb(x, out, blk, par, at):
             parts[bi, f] = 0.0
     if nblk <= 1 or not par:
         for bi in range(nblk):
-            j0 = bi * blk
-            j1 = min(n, j0 + blk)
-            _summary_block_nb(x, j0, j1, parts[bi], at[4 * bi : 4 * bi + 4])
+            _summary_block_nb(x, blk, bi, parts[bi], at)
     else:
         for bi in prange(nblk):
-            j0 = bi * blk
-            j1 = min(n, j0 + blk)
-            _summary_block_nb(x, j0, j1, parts[bi], at[4 * bi : 4 * bi + 4])
+            _summary_block_nb(x, blk, bi, parts[bi], at)
     tot = np.empty(8)
     for f in range(8):
         tot[f] = 0.0
