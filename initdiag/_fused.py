@@ -47,6 +47,7 @@ from numba import njit, prange
 from .kernels.activation import ACT_CODES
 from .kernels.activation import _act_grad_nb as _act_grad
 from .kernels.activation import _act_nb as _act
+from .kernels.batchnorm import _bn_bwd_acc4_nb
 from .kernels.stats import _sumsq_nb as _row_sumsq
 
 __all__ = [
@@ -324,15 +325,23 @@ def col_stats(x, acc, sc, out, colmean, colvar):
     return out
 
 
-def _affine(mean, invstd, gamma, beta, dt):
-    """Per-column coefficients in the working dtype, as the BatchNorm kernels round
-    them: (mean, gamma invstd, beta, invstd)."""
-    return (
-        mean.astype(dt),
-        (gamma * invstd).astype(dt),
-        beta.astype(dt),
-        invstd.astype(dt),
-    )
+@njit(cache=True, error_model="numpy")
+def _affine(mean, invstd, gamma, beta, dt_like):
+    """Per-column coefficients (mean, gamma invstd, beta, invstd) from float64,
+    rounded to the dtype of ``dt_like`` (the working dtype).  Plain loops: called
+    from the parallel passes, where array expressions would become parallel loops
+    of their own."""
+    n = mean.shape[0]
+    mu = np.empty(n, dt_like.dtype)
+    sc = np.empty(n, dt_like.dtype)
+    be = np.empty(n, dt_like.dtype)
+    iv = np.empty(n, dt_like.dtype)
+    for j in range(n):
+        mu[j] = mean[j]
+        sc[j] = gamma[j] * invstd[j]
+        be[j] = beta[j]
+        iv[j] = invstd[j]
+    return mu, sc, be, iv
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
@@ -354,10 +363,29 @@ def _unit_row(xr, mu, s, be, code, slope, yr, hr, zero):
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
-def _unit_forward(
-    x, mu, s, be, code, slope, rec_y, h, acc_y, sc_y, acc_h, sc_h, out_y, out_h
+def unit_forward(
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    code,
+    slope,
+    rec_y,
+    h,
+    acc_y,
+    sc_y,
+    acc_h,
+    sc_h,
+    out_y,
+    out_h,
 ):
+    """h = act(gamma (x - mean) invstd + beta) with the statistics of y (when
+    ``rec_y``) and of h, in one pass over x (a chunk of y rows at a time lives in
+    scratch).  Plain activation: mean 0, invstd 1, gamma 1, beta 0 (then y = x
+    exactly).  ``mean``/``invstd``/``gamma``/``beta`` float64."""
     B, n = x.shape
+    mu, s, be, _ = _affine(mean, invstd, gamma, beta, h[0])
     nch = acc_h.shape[0]
     shy = np.empty(n, h.dtype)
     shy64 = np.empty(n)
@@ -392,33 +420,6 @@ def _unit_forward(
     _finish(acc_h, sc_h, shh64, B, out_h, empty, empty)
 
 
-def unit_forward(
-    x,
-    mean,
-    invstd,
-    gamma,
-    beta,
-    code,
-    slope,
-    rec_y,
-    h,
-    acc_y,
-    sc_y,
-    acc_h,
-    sc_h,
-    out_y,
-    out_h,
-):
-    """h = act(gamma (x - mean) invstd + beta) with the statistics of y (when
-    ``rec_y``) and of h, in one pass over x (a chunk of y rows at a time lives in
-    scratch).  Plain activation: mean 0, invstd 1, gamma 1, beta 0 (then y = x
-    exactly).  ``mean``/``invstd``/``gamma``/``beta`` float64."""
-    mu, s, be, _ = _affine(mean, invstd, gamma, beta, h.dtype)
-    _unit_forward(
-        x, mu, s, be, code, slope, rec_y, h, acc_y, sc_y, acc_h, sc_h, out_y, out_h
-    )
-
-
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
 def _grad_row(gr, xr, mu, s, be, code, slope, gp, zero):
     """g' = g act'(y) in the dtype of ``gp``; y recomputed exactly as forward."""
@@ -434,18 +435,6 @@ def _grad_row(gr, xr, mu, s, be, code, slope, gp, zero):
         for j in range(n):
             v = (xr[j] - mu[j]) * s[j] + be[j]
             gp[j] = _act_grad(np.float64(gr[j]), np.float64(v), code, slope)
-
-
-@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _acc_bn4(g0, g1, g2, g3, x0, x1, x2, x3, mu, iv, t0, t1):
-    """Four rows: t0 += g', t1 += g' xhat (xhat = (x - mean) invstd)."""
-    for j in range(mu.shape[0]):
-        m = mu[j]
-        i = iv[j]
-        t0[j] += (g0[j] + g1[j]) + (g2[j] + g3[j])
-        t1[j] += (g0[j] * ((x0[j] - m) * i) + g1[j] * ((x1[j] - m) * i)) + (
-            g2[j] * ((x2[j] - m) * i) + g3[j] * ((x3[j] - m) * i)
-        )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
@@ -485,16 +474,13 @@ def _bwd_flush(t, a, k, gp, x, b0, b1, mean, invstd, xhat):
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
-def _unit_backward(
+def unit_backward(
     g,
     x,
     mean,
     invstd,
     gamma,
-    mu,
-    s,
-    be,
-    ivt,
+    beta,
     code,
     slope,
     has_bn,
@@ -506,7 +492,17 @@ def _unit_backward(
     dbeta,
     dxsum,
 ):
+    """Backward of :func:`unit_forward`: g (B x n) is the gradient w.r.t. h.
+
+    ``sums`` (float64, 3) receives [sum g^2, sum g'^2, sum dx^2] (g' = g act'(y),
+    the gradient w.r.t. y); ``dgamma``, ``dbeta`` (BatchNorm) and ``dxsum`` (the
+    column sums of dx, i.e. the bias gradient of a preceding Dense) are float64 (n,).
+    ``part`` (nch, 4, n) is scratch; ``dx`` must not alias ``g``.  The first pass
+    writes g' into dx; without BatchNorm dx = g', with it the second pass overwrites
+    dx in place by the standard formula (module docstring).  ``need_dx`` False skips
+    the second pass (first layer: dx then holds g')."""
     B, n = x.shape
+    mu, s, be, ivt = _affine(mean, invstd, gamma, beta, g[0])
     nch = part.shape[0]
     ss = np.zeros((nch, 3))
     for c in prange(nch):
@@ -524,10 +520,8 @@ def _unit_backward(
         b = b0
         while b + 4 <= b1:
             if has_bn:
-                _acc_bn4(
-                    dx[b], dx[b + 1], dx[b + 2], dx[b + 3],
-                    x[b], x[b + 1], x[b + 2], x[b + 3], mu, ivt, t[0], t[1],
-                )  # fmt: skip
+                # t0 += g', t1 += g' xhat over four rows (g' is in dx)
+                _bn_bwd_acc4_nb(dx, x, b, 0, n, mu, ivt, s, be, False, t[0], t[1], zero)
             else:
                 _add4(dx[b], dx[b + 1], dx[b + 2], dx[b + 3], t[0])
             b += 4
@@ -595,57 +589,6 @@ def _unit_backward(
         sums[2] += ss[c, 2]
         for j in range(n):
             dxsum[j] += part[c, 2, j]
-
-
-def unit_backward(
-    g,
-    x,
-    mean,
-    invstd,
-    gamma,
-    beta,
-    code,
-    slope,
-    has_bn,
-    need_dx,
-    dx,
-    part,
-    sums,
-    dgamma,
-    dbeta,
-    dxsum,
-):
-    """Backward of :func:`unit_forward`: g (B x n) is the gradient w.r.t. h.
-
-    ``sums`` (float64, 3) receives [sum g^2, sum g'^2, sum dx^2] (g' = g act'(y),
-    the gradient w.r.t. y); ``dgamma``, ``dbeta`` (BatchNorm) and ``dxsum`` (the
-    column sums of dx, i.e. the bias gradient of a preceding Dense) are float64 (n,).
-    ``part`` (nch, 4, n) is scratch; ``dx`` must not alias ``g``.  The first pass
-    writes g' into dx; without BatchNorm dx = g', with it the second pass overwrites
-    dx in place by the standard formula (module docstring).  ``need_dx`` False skips
-    the second pass (first layer: dx then holds g')."""
-    mu, s, be, ivt = _affine(mean, invstd, gamma, beta, g.dtype)
-    _unit_backward(
-        g,
-        x,
-        mean,
-        invstd,
-        gamma,
-        mu,
-        s,
-        be,
-        ivt,
-        code,
-        slope,
-        has_bn,
-        need_dx,
-        dx,
-        part,
-        sums,
-        dgamma,
-        dbeta,
-        dxsum,
-    )
 
 
 # BLAS syrk from SciPy's Cython BLAS table (the OpenBLAS SciPy ships), called through
