@@ -118,7 +118,10 @@ def _colacc8_nb(x, i, j0, j1, k, a1, a2, ac, one, big, zero):
 
     Eight rows per sweep: each accumulator is loaded and stored once per eight
     rows; the counts are masked adds on one accumulator (four arrays, eight rows and
-    the shift keep LLVM's runtime alias checks small enough to vectorise)."""
+    the shift keep LLVM's runtime alias checks small enough to vectorise).  The
+    shifted sums repeat batchnorm._bn_acc8_nb on purpose: calling it and then a
+    counts-only sweep over the same rows measured 62-64 vs 46-47 us (512 x 1024
+    float32, one thread)."""
     w = j1 - j0
     r0 = x[i, j0:j1]
     r1 = x[i + 1, j0:j1]
