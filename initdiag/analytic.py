@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from . import meanfield as mf
 from . import mfstate
+from ._inputs import check_input_moments
 from .network import LayerInfo, Network
 from .profile import Profile
 
@@ -169,12 +170,7 @@ def _check_batch(inputs, batch_size, q0, c0, d_in):
                 "leave batch_size=None"
             )
         return x, x.shape[0]
-    q0 = float(q0)
-    c0 = float(c0)
-    if not (q0 > 0 and math.isfinite(q0)):
-        raise ValueError(f"input_second_moment must be > 0, got {q0}")
-    if not -1 <= c0 <= 1:
-        raise ValueError(f"input_correlation must be in [-1, 1], got {c0}")
+    check_input_moments(q0, c0)
     return None, batch_size
 
 

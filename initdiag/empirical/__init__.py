@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import _rng
+from .._inputs import check_input_moments
 from ..network import Network
 from ..profile import STAT_COLUMNS, Profile
 from .engine import COL, SeedContext, run_seed
@@ -179,6 +180,7 @@ def simulate(
     batch_size: int = 256,
     seeds: int = 8,
     inputs: npt.ArrayLike | None = None,
+    input_second_moment: float = 1.0,
     input_correlation: float = 0.0,
     output_grad: npt.ArrayLike | Callable[[np.ndarray], npt.ArrayLike] | None = None,
     backend: str | None = None,
@@ -207,6 +209,8 @@ def simulate(
         The user's data, used for every seed.  Default: a fresh Gaussian batch per seed
         with ``E[x^2] = 1`` and pairwise correlation ``input_correlation``:
         ``x_b = sqrt(c) z_0 + sqrt(1 - c) z_b`` per feature (matches ``analyze``).
+    input_second_moment : float > 0
+        The default inputs' second moment ``E[x^2]`` per feature (as ``analyze``).
     input_correlation : float in [0, 1]
         The default inputs' correlation ``c``.
     output_grad : array (B, output_dim) or callable, optional
@@ -264,16 +268,7 @@ def simulate(
         )
     dt = _check_dtype(dtype)
     seeds = _check_int(seeds, "seeds", 1)
-    try:
-        c_in = float(input_correlation)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"input_correlation must be a number in [0, 1], got {input_correlation!r}"
-        ) from None
-    if not 0.0 <= c_in <= 1.0:
-        raise ValueError(
-            f"input_correlation must be in [0, 1], got {input_correlation!r}"
-        )
+    q_in, c_in = check_input_moments(input_second_moment, input_correlation)
     if inputs is not None:
         x_user = check_array(inputs, (0, network.input_dim), "inputs", dt)
         B = x_user.shape[0]
@@ -340,7 +335,7 @@ def simulate(
         x = (
             x_user
             if x_user is not None
-            else default_inputs(B, network.input_dim, c_in, dt, entropy, s, buf)
+            else default_inputs(B, network.input_dim, q_in, c_in, dt, entropy, s, buf)
         )
         tm["sample"] += time.perf_counter() - t0
         sc = SeedContext(
@@ -381,6 +376,7 @@ def simulate(
         "batch_size": B,
         "seeds": seeds,
         "inputs": "user" if x_user is not None else "gaussian",
+        "input_second_moment": q_in if x_user is None else None,
         "input_correlation": c_in if x_user is None else None,
         "output_grad": "gaussian"
         if output_grad is None

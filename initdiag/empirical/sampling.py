@@ -139,6 +139,7 @@ def output_grad(
 def default_inputs(
     B: int,
     d: int,
+    q: float,
     c: float,
     dt: np.dtype,
     entropy: int,
@@ -153,4 +154,6 @@ def default_inputs(
         z0 = _rng.fill_normal(np.empty((1, d), dtype=dt), key, 1)
         x *= dt.type(math.sqrt(1.0 - c))
         x += dt.type(math.sqrt(c)) * z0
+    if q != 1.0:
+        x *= dt.type(math.sqrt(q))
     return x
