@@ -207,8 +207,14 @@ def test_variance_is_stable_under_a_large_offset(backend):
 
 
 # ------------------------------------------------------------------ derivatives
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("act", ["identity", "tanh", "relu"])
+# the simulator needs ~0.3 s a forward call: one activation for cuda (the formula
+# is shared; its act' is held to the loops above)
+FD_CASES = [
+    (b, a) for b in BACKENDS for a in ("identity", "tanh", "relu") if b != "cuda"
+] + [("cuda", "tanh")] * ("cuda" in BACKENDS)
+
+
+@pytest.mark.parametrize(("backend", "act"), FD_CASES)
 def test_backward_matches_finite_differences(backend, act):
     rng = np.random.default_rng(5)
     B, n = 3, 4
@@ -439,9 +445,6 @@ def test_cuda_kernels_are_listed_for_ptx():
     jitted = {
         k for k in vars(_cuda_layernorm) if k.startswith("_") and k.endswith("_kernel")
     }
-    assert jitted == {
-        "_layernorm_forward_kernel",
-        "_layernorm_backward_kernel",
-        "_layernorm_backward_reduce_kernel",
-    }
-    assert jitted <= names
+    assert jitted == {"_layernorm_forward_kernel", "_layernorm_backward_kernel"}
+    # dgamma / dbeta: BatchNorm's column reduction, compiled with per-row statistics
+    assert jitted | {"_batchnorm_backward_reduce_kernel"} <= names

@@ -15,10 +15,10 @@ block then writes the row.  The variance uses sums shifted by the row's first en
 (Chan, Golub & LeVeque 1983): var = S2/n - (S1/n)^2, S_p = sum_j (x_j - x_0)^p.
 Backward (Ba, Kiros & Hinton 2016): per row, with xhat = (x - mean) invstd,
 g = dy act'(gamma xhat + beta) and h = g gamma, dx = invstd / n (n h - sum h -
-xhat sum h xhat); ``dgamma = sum_b g xhat`` and ``dbeta = sum_b g`` are column sums,
-a column reduction (blocks of ``REDUCE_COLS`` features x a few batch rows, as in
-``_cuda_batchnorm``) run only with affine parameters.  Arithmetic is float64 and
-rounds once on store.
+xhat sum h xhat); ``dgamma = sum_b g xhat`` and ``dbeta = sum_b g`` are column sums:
+BatchNorm's column reduction (``_cuda_batchnorm.param_grads``, blocks of
+``REDUCE_COLS`` features x a few batch rows) with per-row statistics, run only with
+affine parameters.  Arithmetic is float64 and rounds once on store.
 """
 
 from __future__ import annotations
@@ -32,7 +32,29 @@ from numba import float64 as _f64
 from numba import int64 as _i64
 
 from . import _cuda_common as _cc
+from ._cuda_batchnorm import param_grads
 from ._cuda_common import REDUCE_SMEM
+
+
+def _block_sums_py(s1, s2, a1, a2, tid, bd):
+    """(sum a1, sum a2) over the block's threads (tree sums in shared memory; every
+    thread must call it)."""
+    s1[tid] = a1
+    s2[tid] = a2
+    cuda.syncthreads()
+    return _cc.block_sum(s1, tid, bd), _cc.block_sum(s2, tid, bd)
+
+
+def _ln_h_py(dy, x, gamma, beta, affine, has_beta, act, slope, row, j, mu, iv):
+    """(xhat, h) of entry (row, j): h = gamma dy act'(gamma xhat + beta)."""
+    xh = (float(x[row, j]) - mu) * iv
+    ga = float(gamma[j]) if affine else 1.0
+    be = float(beta[j]) if has_beta else 0.0
+    return xh, _cc.act_grad(act, float(dy[row, j]), ga * xh + be, slope) * ga
+
+
+_block_sums = cuda.jit(device=True)(_block_sums_py)
+_ln_h = cuda.jit(device=True)(_ln_h_py)
 
 
 def _layernorm_forward_kernel_py(
@@ -54,11 +76,7 @@ def _layernorm_forward_kernel_py(
             d = float(x[row, j]) - k
             a1 += d
             a2 += d * d
-        s1[tid] = a1
-        s2[tid] = a2
-        cuda.syncthreads()
-        t1 = _cc.block_sum(s1, tid, bd)
-        t2 = _cc.block_sum(s2, tid, bd)
+        t1, t2 = _block_sums(s1, s2, a1, a2, tid, bd)
         if tid == 0:
             ms = t1 / n
             var = t2 / n - ms * ms
@@ -95,65 +113,20 @@ def _layernorm_backward_kernel_py(
         iv = float(invstd[row])
         a1 = 0.0
         a2 = 0.0
+        args = (dy, x, gamma, beta, affine, has_beta, act, slope, row)
         for j in range(tid, n, bd):
-            xh = (float(x[row, j]) - mu) * iv
-            ga = float(gamma[j]) if affine else 1.0
-            be = float(beta[j]) if has_beta else 0.0
-            h = _cc.act_grad(act, float(dy[row, j]), ga * xh + be, slope) * ga
+            xh, h = _ln_h(*args, j, mu, iv)
             a1 += h
             a2 += h * xh
-        s1[tid] = a1
-        s2[tid] = a2
-        cuda.syncthreads()
-        t1 = _cc.block_sum(s1, tid, bd)
-        t2 = _cc.block_sum(s2, tid, bd)
+        t1, t2 = _block_sums(s1, s2, a1, a2, tid, bd)
         for j in range(tid, n, bd):
-            xh = (float(x[row, j]) - mu) * iv
-            ga = float(gamma[j]) if affine else 1.0
-            be = float(beta[j]) if has_beta else 0.0
-            h = _cc.act_grad(act, float(dy[row, j]), ga * xh + be, slope) * ga
+            xh, h = _ln_h(*args, j, mu, iv)
             dx[row, j] = iv / n * (n * h - t1 - xh * t2)
-        cuda.syncthreads()
-
-
-def _layernorm_backward_reduce_kernel_py(
-    dy, x, mean, invstd, gamma, beta, has_beta, act, slope, dgamma, dbeta
-):
-    """Per column: dbeta = sum_b g, dgamma = sum_b g xhat (float64, fixed order),
-    xhat with each row's own mean and invstd."""
-    sb = cuda.shared.array(REDUCE_SMEM, dtype=_f64)
-    sg = cuda.shared.array(REDUCE_SMEM, dtype=_f64)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    bx = cuda.blockDim.x
-    by = cuda.blockDim.y
-    B = x.shape[0]
-    n = x.shape[1]
-    groups = (n + bx - 1) // bx
-    for grp in range(cuda.blockIdx.x, groups, cuda.gridDim.x):
-        j = grp * bx + tx
-        ab = 0.0
-        ag = 0.0
-        if j < n:
-            ga = float(gamma[j])
-            be = float(beta[j]) if has_beta else 0.0
-            for r in range(ty, B, by):
-                xh = (float(x[r, j]) - float(mean[r])) * float(invstd[r])
-                g = _cc.act_grad(act, float(dy[r, j]), ga * xh + be, slope)
-                ab += g
-                ag += g * xh
-        sb[ty * bx + tx] = ab
-        sg[ty * bx + tx] = ag
-        cuda.syncthreads()
-        if ty == 0 and j < n:
-            dbeta[j] = _cc.col_sum(sb, tx, bx, by)
-            dgamma[j] = _cc.col_sum(sg, tx, bx, by)
         cuda.syncthreads()
 
 
 _layernorm_forward_kernel = cuda.jit(_layernorm_forward_kernel_py)
 _layernorm_backward_kernel = cuda.jit(_layernorm_backward_kernel_py)
-_layernorm_backward_reduce_kernel = cuda.jit(_layernorm_backward_reduce_kernel_py)
 
 
 def _row_threads() -> int:
@@ -244,10 +217,7 @@ def layernorm_backward_cuda(
         d_dx,
     )
     if affine:
-        d_dgamma = tr.output(dgamma)
-        d_dbeta = tr.output(dbeta)
-        bx, by = _cc.reduce_block()
-        _layernorm_backward_reduce_kernel[_cc.blocks_for(n, bx), (bx, by)](
+        param_grads(
             d_dy,
             d_x,
             d_mean,
@@ -255,10 +225,11 @@ def layernorm_backward_cuda(
             d_gamma,
             d_beta,
             has_beta,
+            True,
             code,
-            float(slope),
-            d_dgamma,
-            d_dbeta,
+            slope,
+            tr.output(dgamma),
+            tr.output(dbeta),
         )
     tr.finish()
     return dx, dgamma, dbeta
@@ -276,18 +247,7 @@ def _sig_bwd(dt):
     return (m, m, v, v, v, v, _b1, _b1, _i64, _f64, m)
 
 
-def _sig_bwd_reduce(dt):
-    m = dt[:, ::1]
-    v = dt[::1]
-    return (m, m, v, v, v, v, _b1, _i64, _f64, v, v)
-
-
 PTX_KERNELS = [
     ("_layernorm_forward_kernel", _layernorm_forward_kernel_py, _sig_fwd),
     ("_layernorm_backward_kernel", _layernorm_backward_kernel_py, _sig_bwd),
-    (
-        "_layernorm_backward_reduce_kernel",
-        _layernorm_backward_reduce_kernel_py,
-        _sig_bwd_reduce,
-    ),
 ]
