@@ -18,6 +18,7 @@ the ``threads`` column says how many threads each row-sweep kernel used
   ours / memory floor (target <= 2), the floor being the bytes that must move
   (forward: read x, write y; backward: read dy and x, write dx) divided by the
   copy bandwidth measured on a 512 x 1024 float32 array in the same run;
+* LayerNorm(+ReLU, affine) forward / backward: the same ratios and floor;
 * dense forward with fused bias + ReLU / the bare ``np.matmul`` GEMM (<= 1.1);
 * column_stats / layer_summary / floor (read x once) (<= 1.5);
 * c / numba for every op (within 1.5 either way);
@@ -44,6 +45,7 @@ from initdiag.kernels import _threading
 from initdiag.kernels import activation as ka
 from initdiag.kernels import batchnorm as kb
 from initdiag.kernels import dense as kd
+from initdiag.kernels import layernorm as kl
 from initdiag.kernels import stats as ks
 
 B, N = 512, 1024
@@ -148,6 +150,77 @@ def test_bn_bwd(benchmark, data, backend):
     _run(
         benchmark,
         f"bn_bwd:{backend}",
+        lambda: fn(
+            d["dy"], d["x"], m, s, d["gamma"], d["beta"], "relu", 0.0, d["out"], dg, db
+        ),
+    )
+
+
+# ------------------------------------------------------------------ LayerNorm
+def _ln_plain_numpy_fwd(x, gamma, beta, eps=1e-5):
+    m = x.mean(axis=1, keepdims=True)
+    inv = 1 / np.sqrt(x.var(axis=1, keepdims=True) + eps)
+    y = np.maximum((x - m) * inv * gamma + beta, 0)
+    return y, m[:, 0], inv[:, 0]
+
+
+def _ln_plain_numpy_bwd(dy, x, m, inv, gamma, beta):
+    n = x.shape[1]
+    xhat = (x - m[:, None]) * inv[:, None]
+    g = np.where(gamma * xhat + beta > 0, dy, 0)
+    h = g * gamma
+    s1 = h.sum(1, keepdims=True)
+    s2 = (h * xhat).sum(1, keepdims=True)
+    dx = inv[:, None] / n * (n * h - s1 - xhat * s2)
+    return dx, (g * xhat).sum(0), g.sum(0)
+
+
+def _ln_saved(d):
+    """Row statistics (float32, (B,)) of the benchmark input."""
+    _, m, s = K.layernorm_forward(d["x"], d["gamma"], d["beta"], backend="numpy")
+    return m, s
+
+
+def test_ln_fwd_numpy(benchmark, data):
+    d = data
+    _run(
+        benchmark,
+        "ln_fwd:numpy",
+        lambda: _ln_plain_numpy_fwd(d["x"], d["gamma"], d["beta"]),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ln_fwd(benchmark, data, backend):
+    d = data
+    fn = getattr(kl, f"_layernorm_forward_{backend}")
+    m, s = (np.empty(B, DT) for _ in range(2))
+    _run(
+        benchmark,
+        f"ln_fwd:{backend}",
+        lambda: fn(d["x"], d["gamma"], d["beta"], 1e-5, "relu", 0.0, d["out"], m, s),
+    )
+
+
+def test_ln_bwd_numpy(benchmark, data):
+    d = data
+    m, s = _ln_saved(d)
+    _run(
+        benchmark,
+        "ln_bwd:numpy",
+        lambda: _ln_plain_numpy_bwd(d["dy"], d["x"], m, s, d["gamma"], d["beta"]),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ln_bwd(benchmark, data, backend):
+    d = data
+    m, s = _ln_saved(d)
+    fn = getattr(kl, f"_layernorm_backward_{backend}")
+    dg, db = d["vec"][2], d["vec"][3]
+    _run(
+        benchmark,
+        f"ln_bwd:{backend}",
         lambda: fn(
             d["dy"], d["x"], m, s, d["gamma"], d["beta"], "relu", 0.0, d["out"], dg, db
         ),
@@ -379,10 +452,14 @@ def _groups(d):
     v32, v64 = d["vec"], d["vec64"]
     o8, o1 = np.empty(8), np.empty(1)
     _, m, s = K.batchnorm_forward(x, g, be, backend="numpy")
+    ln_m, ln_s = _ln_saved(d)
+    ln_rows = [np.empty(B, DT) for _ in range(2)]
     copy = lambda: np.copyto(out2, x)  # noqa: E731
     groups: dict = {
         "bn_fwd": {"numpy": lambda: _bn_plain_numpy_fwd(x, g, be)},
         "bn_bwd": {"numpy": lambda: _bn_plain_numpy_bwd(dy, x, m, s, g, be)},
+        "ln_fwd": {"numpy": lambda: _ln_plain_numpy_fwd(x, g, be)},
+        "ln_bwd": {"numpy": lambda: _ln_plain_numpy_bwd(dy, x, ln_m, ln_s, g, be)},
         "dense_fwd": {"gemm": lambda: np.matmul(x, w.T, out=out)},
         "column_stats": {"numpy": lambda: ks._column_stats_numpy(x, *v64)},
         "layer_summary": {"numpy": lambda: ks._layer_summary_numpy(x, o8)},
@@ -397,6 +474,8 @@ def _groups(d):
     for bk in BACKENDS:
         bnf = getattr(kb, f"_batchnorm_forward_{bk}")
         bnb = getattr(kb, f"_batchnorm_backward_{bk}")
+        lnf = getattr(kl, f"_layernorm_forward_{bk}")
+        lnb = getattr(kl, f"_layernorm_backward_{bk}")
         dfw = getattr(kd, f"_dense_forward_{bk}")
         cs = getattr(ks, f"_column_stats_{bk}")
         ls = getattr(ks, f"_layer_summary_{bk}")
@@ -408,6 +487,12 @@ def _groups(d):
         )
         groups["bn_bwd"][bk] = lambda f=bnb: f(
             dy, x, m, s, g, be, "relu", 0.0, out, v32[2], v32[3]
+        )
+        groups["ln_fwd"][bk] = lambda f=lnf: f(
+            x, g, be, 1e-5, "relu", 0.0, out, *ln_rows
+        )
+        groups["ln_bwd"][bk] = lambda f=lnb: f(
+            dy, x, ln_m, ln_s, g, be, "relu", 0.0, out, v32[2], v32[3]
         )
         groups["dense_fwd"][bk] = lambda f=dfw: f(x, w, b, "relu", 0.0, out, None)
         groups["column_stats"][bk] = lambda f=cs: f(x, *v64)
@@ -424,6 +509,8 @@ def _groups(d):
 FLOOR_ARRAYS = {
     "bn_fwd": 2,  # read x, write y
     "bn_bwd": 3,  # read dy, x, write dx
+    "ln_fwd": 2,  # read x, write y
+    "ln_bwd": 3,  # read dy, x, write dx
     "column_stats": 1,  # read x
     "layer_summary": 1,
     "row_correlation": 1,
@@ -436,6 +523,8 @@ FLOOR_ARRAYS = {
 SWEEP_COST = {
     "bn_fwd": _threading.COST_BN_FORWARD,
     "bn_bwd": _threading.COST_BN_BACKWARD,
+    "ln_fwd": kl.COST_LN_FORWARD,
+    "ln_bwd": kl.COST_LN_BACKWARD,
     "column_stats": _threading.COST_STATS,
     "layer_summary": _threading.COST_STATS,
 }

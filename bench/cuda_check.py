@@ -136,6 +136,7 @@ def run_dtype(dt: np.dtype, B: int, n: int, reps: int, rows: list) -> int:
     from initdiag.kernels import _cuda_activation as ka
     from initdiag.kernels import _cuda_batchnorm as kb
     from initdiag.kernels import _cuda_dense as kd
+    from initdiag.kernels import _cuda_layernorm as kl
     from initdiag.kernels import _cuda_stats as ks
 
     bad = 0
@@ -293,6 +294,77 @@ def run_dtype(dt: np.dtype, B: int, n: int, reps: int, rows: list) -> int:
             (
                 dgam.copy_to_host(),
                 rdg,
+                eps,
+                B * e64 / eps * (ag * np.abs(xh)).sum(0),
+            ),
+        ],
+        5.0 * B * n * it,
+        "GB/s",
+    )
+    lm, li = dev(B), dev(B)
+    kl.layernorm_forward_cuda(d["x"], d["g"], d["be"], EPS_BN, "relu", SLOPE, a, lm, li)
+    rm = x64.mean(1, keepdims=True)
+    rs = 1 / np.sqrt(x64.var(1, keepdims=True) + EPS_BN)
+    xh = (x64 - rm) * rs
+    zscale = 2 * np.abs(g64) * (np.abs(x64) + np.abs(rm)) * rs + np.abs(be64)
+    add(
+        "layernorm_forward +relu",
+        lambda: kl.layernorm_forward_cuda(
+            d["x"], d["g"], d["be"], EPS_BN, "relu", SLOPE, a, lm, li
+        ),
+        [
+            (a.copy_to_host(), ref_act(g64 * xh + be64, "relu"), eps, zscale),
+            (lm.copy_to_host(), rm[:, 0], eps, np.abs(x64).max(1)),
+            (li.copy_to_host(), rs[:, 0], eps),
+        ],
+        3.0 * B * n * it,
+        "GB/s",
+    )
+    kl.layernorm_backward_cuda(
+        d["dy"], d["x"], lm, li, d["g"], d["be"], "relu", SLOPE, a, dgam, dbet
+    )
+    m_s = lm.copy_to_host().astype(np.float64)[:, None]
+    i_s = li.copy_to_host().astype(np.float64)[:, None]
+    xh = (x64 - m_s) * i_s
+    gg = ref_act_grad(dy64, g64 * xh + be64, "relu")
+    h = gg * g64
+    rdx = (
+        i_s
+        / n
+        * (n * h - h.sum(1, keepdims=True) - xh * (h * xh).sum(1, keepdims=True))
+    )
+    ah = np.abs(dy64) * np.abs(g64)
+    dscale = (
+        i_s
+        / n
+        * (
+            n * ah
+            + ah.sum(1, keepdims=True)
+            + np.abs(xh) * (ah * np.abs(xh)).sum(1, keepdims=True)
+        )
+    )
+    ag = np.abs(dy64)
+    add(
+        "layernorm_backward +relu",
+        lambda: kl.layernorm_backward_cuda(
+            d["dy"],
+            d["x"],
+            lm,
+            li,
+            d["g"],
+            d["be"],
+            "relu",
+            SLOPE,
+            a,
+            dgam,
+            dbet,
+        ),
+        [
+            (a.copy_to_host(), rdx, eps, dscale),
+            (dbet.copy_to_host(), gg.sum(0), eps, B * e64 / eps * ag.sum(0)),
+            (
+                dgam.copy_to_host(),
+                (gg * xh).sum(0),
                 eps,
                 B * e64 / eps * (ag * np.abs(xh)).sum(0),
             ),

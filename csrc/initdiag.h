@@ -66,6 +66,28 @@ int idg_batchnorm_backward_f64(const double *dy, const double *x, const double *
                                double slope, double *dx, double *dgamma,
                                double *dbeta, long blk, int nthr);
 
+/* LayerNorm over the n features of each row (+ activation), rows in chunks of 64 on
+ * nthr threads; gamma / beta may be NULL (1 / 0), beta only with gamma. */
+int idg_layernorm_forward_f32(const float *x, const float *gamma, const float *beta,
+                              long B, long n, double eps, int act, double slope,
+                              float *out, float *mean, float *invstd, int nthr);
+int idg_layernorm_forward_f64(const double *x, const double *gamma, const double *beta,
+                              long B, long n, double eps, int act, double slope,
+                              double *out, double *mean, double *invstd, int nthr);
+
+/* LayerNorm (+ activation) backward; gamma NULL: no dgamma / dbeta (they, part and
+ * acc may be NULL); else part: 2 n ceil(B / 64) elements, acc: 2 n doubles. */
+int idg_layernorm_backward_f32(const float *dy, const float *x, const float *mean,
+                               const float *invstd, const float *gamma,
+                               const float *beta, long B, long n, int act,
+                               double slope, float *dx, float *dgamma, float *dbeta,
+                               float *part, double *acc, int nthr);
+int idg_layernorm_backward_f64(const double *dy, const double *x, const double *mean,
+                               const double *invstd, const double *gamma,
+                               const double *beta, long B, long n, int act,
+                               double slope, double *dx, double *dgamma,
+                               double *dbeta, double *part, double *acc, int nthr);
+
 /* Per-column mean, biased variance, fraction <= 0, fraction == 0 (one pass), in
  * column blocks of width blk (<= 1024) on nthr threads. */
 int idg_column_stats_f32(const float *x, long B, long n, double *mean, double *var,

@@ -25,6 +25,11 @@ enum { ACT_RELU, ACT_LEAKY, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_SILU, ACT_SELU,
 #define STATS_BLK 256L
 /* rows summed in the element type before each double update of a column sum */
 #define ROW_BLOCK 64L
+/* LayerNorm: rows per chunk (initdiag/kernels/layernorm.py ROW_CHUNK) and
+ * features summed in the element type before each double update of a row sum
+ * (SPAN) */
+#define LN_ROWS 64L
+#define LN_SPAN 1024L
 
 #define SELU_ALPHA 1.6732632423543772848170429916717
 #define SELU_SCALE 1.0507009873554804934193349852946

@@ -349,3 +349,71 @@ def naive_row_correlation(x, gram: bool = False):
     else:
         c = sum(G[a, b] for a in range(B) for b in range(B) if a != b) / (B * (B - 1))
     return (c, G) if gram else c
+
+
+def _row_mean_var(x, i):
+    # math.fsum (exactly rounded sums): float64 input with a large offset would
+    # otherwise lose n eps64 |x| in the reference itself
+    n = x.shape[1]
+    m = math.fsum(x[i, j] for j in range(n)) / n
+    v = math.fsum((x[i, j] - m) * (x[i, j] - m) for j in range(n))
+    return m, v / n
+
+
+def naive_layernorm_forward(
+    x, gamma=None, beta=None, eps: float = 1e-5, act: str = "identity", slope=0.01
+):
+    """LayerNorm over the features of each row (biased variance), then act ->
+    (out, mean, invstd); gamma / beta None: 1 / 0 (torch.nn.LayerNorm)."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    out = np.empty((B, n))
+    mean = np.empty(B)
+    invstd = np.empty(B)
+    for i in range(B):
+        m, v = _row_mean_var(x, i)
+        s = math.inf if v + eps == 0 else 1.0 / math.sqrt(v + eps)  # NaN passes
+        mean[i] = m
+        invstd[i] = s
+        for j in range(n):
+            z = (x[i, j] - m) * s
+            if gamma is not None:
+                z = float(gamma[j]) * z
+            if beta is not None:
+                z += float(beta[j])
+            out[i, j] = naive_act(z, act, slope)
+    return out, mean, invstd
+
+
+def naive_layernorm_backward(
+    dy, x, mean, invstd, gamma=None, beta=None, act: str = "identity", slope=0.01
+):
+    """Return (dx, dgamma, dbeta) of the LayerNorm(+act) forward; dgamma and dbeta
+    are None when gamma is None."""
+    dy = np.asarray(dy, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    dx = np.empty((B, n))
+    dgamma = None if gamma is None else np.zeros(n)
+    dbeta = None if gamma is None else np.zeros(n)
+    for i in range(B):
+        m = float(mean[i])
+        s = float(invstd[i])
+        h = []
+        xhat = []
+        for j in range(n):
+            xh = (x[i, j] - m) * s
+            gj = 1.0 if gamma is None else float(gamma[j])
+            z = gj * xh + (0.0 if beta is None else float(beta[j]))
+            d = naive_act_deriv(z, act, slope)
+            g = 0.0 if act == "relu" and d == 0.0 else dy[i, j] * d
+            if gamma is not None:
+                dbeta[j] += g
+                dgamma[j] += g * xh
+            h.append(g * gj)
+            xhat.append(xh)
+        s1 = sum(h)
+        s2 = sum(hj * xh for hj, xh in zip(h, xhat, strict=True))
+        for j in range(n):
+            dx[i, j] = s / n * (n * h[j] - s1 - xhat[j] * s2)
+    return dx, dgamma, dbeta

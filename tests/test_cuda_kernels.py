@@ -41,6 +41,7 @@ from initdiag.kernels import (  # noqa: E402
     _cuda_activation,
     _cuda_batchnorm,
     _cuda_dense,
+    _cuda_layernorm,
     _cuda_stats,
 )
 
@@ -453,7 +454,13 @@ def test_cuda_status_reports():
 
 def test_every_kernel_is_listed_for_ptx():
     names = [name for name, _, _ in cc.ptx_kernels()]
-    mods = (_cuda_dense, _cuda_activation, _cuda_batchnorm, _cuda_stats)
+    mods = (
+        _cuda_dense,
+        _cuda_activation,
+        _cuda_batchnorm,
+        _cuda_layernorm,
+        _cuda_stats,
+    )
     jitted = {
         n for m in mods for n in vars(m) if n.startswith("_") and n.endswith("_kernel")
     }

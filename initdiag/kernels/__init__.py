@@ -60,6 +60,8 @@ __all__ = [
     "get_backend",
     "layer_summary",
     "layer_summary_array",
+    "layernorm_backward",
+    "layernorm_forward",
     "row_correlation",
     "set_backend",
 ]
@@ -623,6 +625,194 @@ def batchnorm_backward(
         dbeta,
     )
     return cu.get(dx), cu.get(dgamma), cu.get(dbeta)
+
+
+def _ln_params(gamma: Any, beta: Any, n: int, dt: np.dtype) -> tuple:
+    """LayerNorm's affine parameters: both None (no affine), gamma alone (zero bias,
+    torch's ``bias=False``) or both, each of shape (n,) in x's dtype."""
+    if gamma is None:
+        if beta is not None:
+            raise ValueError(
+                "beta was given without gamma; pass both (affine), gamma alone "
+                "(no bias) or neither (elementwise_affine=False)"
+            )
+        return None, None
+    gamma = _array(gamma, "gamma", 1, dt)
+    _shape(gamma, "gamma", (n,))
+    if beta is not None:
+        beta = _array(beta, "beta", 1, dt)
+        _shape(beta, "beta", (n,))
+    return gamma, beta
+
+
+def layernorm_forward(
+    x: npt.NDArray[np.floating],
+    gamma: npt.NDArray[np.floating] | None = None,
+    beta: npt.NDArray[np.floating] | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: Any = None,
+    negative_slope: float = 0.01,
+    backend: str | None = None,
+    out: npt.NDArray[np.floating] | None = None,
+):
+    """LayerNorm over the features of each example, optionally fused with an
+    activation.
+
+    ``y = act(gamma * (x - mean) / sqrt(var + eps) + beta)`` with the per-example
+    (per-row) mean and biased variance over the n features (Ba, Kiros & Hinton
+    2016; ``torch.nn.LayerNorm(n, eps)``, the same in training and eval).
+
+    Parameters
+    ----------
+    x : ndarray, shape (B, n), float32 or float64
+    gamma, beta : ndarray, shape (n,), same dtype, or None
+        Both None: no affine parameters (``elementwise_affine=False``); gamma
+        alone: no bias.  None is never materialised as ones / zeros for the
+        numpy, c and cuda kernels (the numba kernel gets a flag and, for a
+        missing beta next to a gamma, a zero vector).
+    eps : float >= 0
+    activation : str, activation spec or None (identity)
+    negative_slope : float
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
+    out : ndarray, shape (B, n), optional
+        C-contiguous, x's dtype; written and returned as ``y``.
+
+    Returns
+    -------
+    (y, mean, invstd) : (B, n), (B,), (B,), dtype of x
+        ``mean`` and ``invstd = 1 / sqrt(var + eps)`` are what the backward needs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong dtype / shape / layout of an input or ``out``, eps < 0, beta without
+        gamma; BackendUnavailableError for an unavailable backend.
+    """
+    act, slope = _activation(activation, negative_slope)
+    e = _eps(eps)
+    x = _array(x, "x", 2)
+    dt = x.dtype
+    B, n = x.shape
+    gamma, beta = _ln_params(gamma, beta, n, dt)
+    name = _resolve(backend, (x, gamma, beta))
+    cu = _Cuda(name, (x, gamma, beta))
+    staged = cu.on and not cu.device_in  # host arrays through the GPU
+    if out is not None:
+        _out(out, "out", x.shape, dt, cu.device_in)
+    y = out if out is not None and not staged else cu.alloc(x.shape, dt)
+    mean = cu.alloc((B,), dt)
+    invstd = cu.alloc((B,), dt)
+    _call(
+        "layernorm_forward",
+        name,
+        cu.put(x),
+        cu.put(gamma),
+        cu.put(beta),
+        e,
+        act,
+        slope,
+        y,
+        mean,
+        invstd,
+    )
+    if staged:
+        y = cu.get(y)
+        if out is not None:
+            out[...] = y
+            y = out
+    return y, cu.get(mean), cu.get(invstd)
+
+
+def layernorm_backward(
+    dy: npt.NDArray[np.floating],
+    x: npt.NDArray[np.floating],
+    saved: tuple,
+    gamma: npt.NDArray[np.floating] | None = None,
+    beta: npt.NDArray[np.floating] | None = None,
+    *,
+    activation: Any = None,
+    negative_slope: float = 0.01,
+    backend: str | None = None,
+    out: npt.NDArray[np.floating] | None = None,
+):
+    """Gradients of :func:`layernorm_forward` (activation derivative fused).
+
+    With ``xhat = (x - mean) invstd``, ``g = dy * act'(gamma * xhat + beta)`` and
+    ``h = g * gamma``: ``dbeta = sum_b g``, ``dgamma = sum_b g * xhat`` and, per
+    row, ``dx = invstd / n * (n h - sum_j h - xhat * sum_j h xhat)``.
+
+    Parameters
+    ----------
+    dy : ndarray, shape (B, n)
+        Gradient with respect to the forward's output.
+    x : ndarray, shape (B, n)
+        The forward's input.
+    saved : (mean, invstd)
+        As returned by the forward, each of shape (B,).
+    gamma, beta : ndarray, shape (n,), or None
+        As given to the forward.
+    out : ndarray, shape (B, n), optional
+        C-contiguous, x's dtype; written and returned as ``dx``.
+
+    Returns
+    -------
+    (dx, dgamma, dbeta) : (B, n), (n,) or None, (n,) or None
+        ``dgamma`` and ``dbeta`` are None without affine parameters (gamma None);
+        with gamma but no beta, ``dbeta`` is the gradient of a zero bias.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`layernorm_forward`; ``saved`` not a (mean, invstd) pair of (B,)
+        arrays.
+    """
+    act, slope = _activation(activation, negative_slope)
+    dy = _array(dy, "dy", 2)
+    dt = dy.dtype
+    x = _array(x, "x", 2, dt)
+    _shape(x, "x", dy.shape)
+    B, n = x.shape
+    try:
+        mean, invstd = saved
+    except (TypeError, ValueError):
+        raise TypeError(
+            "saved must be the (mean, invstd) pair returned by layernorm_forward"
+        ) from None
+    mean = _array(mean, "saved mean", 1, dt)
+    invstd = _array(invstd, "saved invstd", 1, dt)
+    _shape(mean, "saved mean", (B,))
+    _shape(invstd, "saved invstd", (B,))
+    gamma, beta = _ln_params(gamma, beta, n, dt)
+    name = _resolve(backend, (dy, x, mean, invstd, gamma, beta))
+    cu = _Cuda(name, (dy, x, mean, invstd, gamma, beta))
+    staged = cu.on and not cu.device_in
+    if out is not None:
+        _out(out, "out", x.shape, dt, cu.device_in)
+    dx = out if out is not None and not staged else cu.alloc(x.shape, dt)
+    dgamma = cu.alloc((n,), dt) if gamma is not None else None
+    dbeta = cu.alloc((n,), dt) if gamma is not None else None
+    _call(
+        "layernorm_backward",
+        name,
+        cu.put(dy),
+        cu.put(x),
+        cu.put(mean),
+        cu.put(invstd),
+        cu.put(gamma),
+        cu.put(beta),
+        act,
+        slope,
+        dx,
+        dgamma,
+        dbeta,
+    )
+    if staged:
+        dx = cu.get(dx)
+        if out is not None:
+            out[...] = dx
+            dx = out
+    return dx, cu.get(dgamma), cu.get(dbeta)
 
 
 # ------------------------------------------------------------------ statistics

@@ -78,9 +78,12 @@ def _batchnorm_forward_kernel_py(x, gamma, beta, mean, invstd, act, slope, out):
 
 
 def _batchnorm_backward_reduce_kernel_py(
-    dy, x, mean, invstd, gamma, beta, has_beta, act, slope, dgamma, dbeta
+    dy, x, mean, invstd, gamma, beta, has_beta, per_row, act, slope, dgamma, dbeta
 ):
-    """Per column: dbeta = sum g, dgamma = sum g xhat (float64, fixed order)."""
+    """Per column: dbeta = sum g, dgamma = sum g xhat (float64, fixed order).
+
+    ``per_row``: mean / invstd hold one entry per row (LayerNorm's statistics,
+    ``_cuda_layernorm``) instead of one per column (BatchNorm's)."""
     sb = cuda.shared.array(REDUCE_SMEM, dtype=_f64)
     sg = cuda.shared.array(REDUCE_SMEM, dtype=_f64)
     tx = cuda.threadIdx.x
@@ -95,11 +98,14 @@ def _batchnorm_backward_reduce_kernel_py(
         ab = 0.0
         ag = 0.0
         if j < n:
-            mu = float(mean[j])
-            inv = float(invstd[j])
+            mu = 0.0 if per_row else float(mean[j])
+            inv = 0.0 if per_row else float(invstd[j])
             ga = float(gamma[j])
             be = float(beta[j]) if has_beta else 0.0
             for r in range(ty, B, by):
+                if per_row:
+                    mu = float(mean[r])
+                    inv = float(invstd[r])
                 xh = (float(x[r, j]) - mu) * inv
                 g = _cc.act_grad(act, float(dy[r, j]), ga * xh + be, slope)
                 ab += g
@@ -133,6 +139,39 @@ _batchnorm_forward_stats_kernel = cuda.jit(_batchnorm_forward_stats_kernel_py)
 _batchnorm_forward_kernel = cuda.jit(_batchnorm_forward_kernel_py)
 _batchnorm_backward_reduce_kernel = cuda.jit(_batchnorm_backward_reduce_kernel_py)
 _batchnorm_backward_kernel = cuda.jit(_batchnorm_backward_kernel_py)
+
+
+def param_grads(
+    d_dy,
+    d_x,
+    d_mean,
+    d_inv,
+    d_gamma,
+    d_beta,
+    has_beta,
+    per_row,
+    code,
+    slope,
+    d_dgamma,
+    d_dbeta,
+) -> None:
+    """Launch the column reduction dbeta = sum_b g, dgamma = sum_b g xhat on device
+    arrays (BatchNorm; LayerNorm with ``per_row`` statistics)."""
+    bx, by = _cc.reduce_block()
+    _batchnorm_backward_reduce_kernel[_cc.blocks_for(d_x.shape[1], bx), (bx, by)](
+        d_dy,
+        d_x,
+        d_mean,
+        d_inv,
+        d_gamma,
+        d_beta,
+        has_beta,
+        per_row,
+        code,
+        float(slope),
+        d_dgamma,
+        d_dbeta,
+    )
 
 
 def batchnorm_forward_cuda(
@@ -203,8 +242,7 @@ def batchnorm_backward_cuda(
     d_dbeta = tr.output(dbeta)
     B, n = d_x.shape
     code = _cc.act_code(act)
-    bx, by = _cc.reduce_block()
-    _batchnorm_backward_reduce_kernel[_cc.blocks_for(n, bx), (bx, by)](
+    param_grads(
         d_dy,
         d_x,
         d_mean,
@@ -212,8 +250,9 @@ def batchnorm_backward_cuda(
         d_gamma,
         d_beta,
         has_beta,
+        False,
         code,
-        float(slope),
+        slope,
         d_dgamma,
         d_dbeta,
     )
@@ -250,7 +289,7 @@ def _sig_fwd(dt):
 def _sig_bwd_reduce(dt):
     m = dt[:, ::1]
     v = dt[::1]
-    return (m, m, v, v, v, v, _b1, _i64, _f64, v, v)
+    return (m, m, v, v, v, v, _b1, _b1, _i64, _f64, v, v)
 
 
 def _sig_bwd(dt):

@@ -357,9 +357,22 @@ def ptx_kernels() -> list[tuple[str, Any, Any]]:
     types the host launcher passes; the PTX test compiles each with
     ``numba.cuda.compile_ptx``.
     """
-    from . import _cuda_activation, _cuda_batchnorm, _cuda_dense, _cuda_stats
+    from . import (
+        _cuda_activation,
+        _cuda_batchnorm,
+        _cuda_dense,
+        _cuda_layernorm,
+        _cuda_stats,
+    )
 
     out: list[tuple[str, Any, Any]] = []
-    for mod in (_cuda_dense, _cuda_activation, _cuda_batchnorm, _cuda_stats):
+    mods = (
+        _cuda_dense,
+        _cuda_activation,
+        _cuda_batchnorm,
+        _cuda_layernorm,
+        _cuda_stats,
+    )
+    for mod in mods:
         out.extend(mod.PTX_KERNELS)
     return out

@@ -19,6 +19,8 @@ OPS = {
     "activation_backward": "activation",
     "batchnorm_forward": "batchnorm",
     "batchnorm_backward": "batchnorm",
+    "layernorm_forward": "layernorm",
+    "layernorm_backward": "layernorm",
     "column_stats": "stats",
     "layer_summary": "stats",
     "row_correlation": "stats",
