@@ -21,7 +21,8 @@ Design notes
   by BLAS syrk), which costs ``B^2 (n_in + n_out)`` flops instead of the
   ``2 B n_in n_out`` of forming ``dW``; it is used when cheaper (``B < ~N``), else
   ``dW`` is formed.  ``dW`` itself is never needed at initialisation.
-- Fused numba path (the default ``numba`` backend): :mod:`initdiag._fused` computes
+- Fused numba path (the default ``numba`` backend): :mod:`initdiag.kernels.fused`
+  computes
   every forward statistic of a layer output in one pass, BatchNorm + activation and
   the statistics of both outputs in one pass (the BatchNorm output is never stored:
   backward recomputes it), and the backward of activation + BatchNorm with the
@@ -682,9 +683,9 @@ class _FusedPlan:
     """
 
     def __init__(self, net: Network, B: int, dt: np.dtype) -> None:
-        from . import _fused
+        from .kernels import fused as _fused
 
-        self.f = _fused
+        self.f = _fused.resolve("numba")
         infos = net.infos
         units: list[tuple] = []
         i = 0
@@ -829,7 +830,7 @@ def _run_seed_fused(
     findings: list[dict[str, Any]],
     timing: dict[str, float],
 ) -> None:
-    """:func:`_run_seed` through the fused numba passes of :mod:`initdiag._fused`."""
+    """:func:`_run_seed` through the fused passes of :mod:`initdiag.kernels.fused`."""
     f = plan.f
     B = x.shape[0]
     infos = net.infos
@@ -868,7 +869,7 @@ def _run_seed_fused(
             np.matmul(cur, w.T, out=pre)
             if b is not None and not _is_zero_init(p["bias"], n_in, n_out):
                 pre += b
-            f.col_stats(
+            f.layer_stats(
                 pre,
                 plan.acc[1],
                 plan.sc[1],
@@ -911,7 +912,7 @@ def _run_seed_fused(
             t_sample += t1 - t0
             t0 = t1
             if not cur_has_colstats:
-                f.col_stats(
+                f.layer_stats(
                     cur,
                     plan.acc[1],
                     plan.sc[1],
@@ -1034,7 +1035,7 @@ def _backward_fused(
     infos = net.infos
     B = y.shape[0]
     g = _output_grad(g_out_spec, y, dt, entropy, seed, plan.buf(("gout",), y.shape))
-    m_out = f._row_sumsq(g.reshape(-1)) / g.size
+    m_out = f.row_sumsq(g.reshape(-1)) / g.size
     if not m_out > 0:
         raise ValueError("the output gradient is all zeros; nothing to propagate")
     norm = 1.0 / (B * m_out)
@@ -1050,7 +1051,7 @@ def _backward_fused(
             if gram:
                 gg = _safe_gram(f, g, plan.gg)
                 if gg.dtype == xs.dtype:
-                    wn, ss = f.gram_dot(gg, xs, f.gram_split(B))
+                    wn, ss = f.gram_dot(gg, xs, f.gram_layout(B))
                 else:  # a float64 fallback on one side: both full, float64
                     wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
             else:
@@ -1137,9 +1138,9 @@ def _safe_gram(f: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def _full64(f: Any, g: np.ndarray) -> np.ndarray:
-    """A Gram stored as :func:`initdiag._fused.gram` leaves it, as a full float64
+    """A Gram stored as :func:`initdiag.kernels.gram` leaves it, as a full float64
     matrix."""
-    h = f.gram_split(g.shape[0])
+    h = f.gram_layout(g.shape[0])
     if g.dtype == np.float64 and h == 0:
         return g
     full = g.astype(np.float64)
