@@ -248,10 +248,12 @@ def _gram_weights(B: int, h: int) -> np.ndarray:
 
 def _gram_dot_numpy(a, b, h):
     """NumPy reference of :func:`_gram_dot_numba`, float64."""
-    a64 = a.astype(np.float64)
     w = _gram_weights(a.shape[0], h)
+    keep = w > 0  # entries the layout leaves unset may hold anything
     with np.errstate(all="ignore"):
-        s = float(np.sum(w * (a64 * b.astype(np.float64))))
+        a64 = a.astype(np.float64)
+        p = a64[keep] * b.astype(np.float64)[keep]
+        s = float(np.sum(w[keep] * p))
     return s, float(np.trace(a64))
 
 
