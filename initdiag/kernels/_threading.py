@@ -94,14 +94,17 @@ def configure_threads(
         already held a value before initdiag first configured (that value wins);
         None leaves the variable alone.  PASSIVE keeps idle OpenMP workers from
         spinning on the cores OpenBLAS needs for the GEMMs between our kernels.
-    layer_priority : sequence of {"omp", "tbb", "workqueue"} or None
+    layer_priority : permutation of ("omp", "tbb", "workqueue"), or None
         ``numba.config.THREADING_LAYER_PRIORITY`` (ignored when
         ``NUMBA_THREADING_LAYER`` is set); None leaves Numba's default.
 
     Returns
     -------
     dict
-        :func:`report` after the change.
+        The settings now in force: ``OMP_WAIT_POLICY`` (the environment's value),
+        ``layer_priority`` (Numba's) and ``NUMBA_THREADING_LAYER`` (the
+        environment's, None when unset).  Unlike :func:`report` it starts no
+        thread pool.
 
     Raises
     ------
@@ -112,7 +115,13 @@ def configure_threads(
         started, when it can no longer take effect.
     """
     _apply(wait_policy, layer_priority, strict=True)
-    return report()
+    numba = _import_numba() if "numba" in sys.modules else None
+    prio = getattr(getattr(numba, "config", None), "THREADING_LAYER_PRIORITY", None)
+    return {
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "layer_priority": None if prio is None else list(prio),
+        "NUMBA_THREADING_LAYER": os.environ.get("NUMBA_THREADING_LAYER"),
+    }
 
 
 def ensure_configured() -> None:
@@ -136,9 +145,9 @@ def _apply(wait_policy: Any, layer_priority: Any, strict: bool) -> None:
         if isinstance(layer_priority, str):
             layer_priority = (layer_priority,)
         prio = [str(p).lower() for p in layer_priority]
-        if not prio or any(p not in LAYERS for p in prio):
+        if sorted(prio) != sorted(LAYERS):  # Numba accepts permutations only
             raise ValueError(
-                f"layer_priority must be a non-empty sequence of {LAYERS} or None; "
+                f"layer_priority must be a permutation of {LAYERS} or None; "
                 f"got {layer_priority!r}"
             )
     omp_up, numba_up = _runtimes_started()

@@ -989,3 +989,13 @@ def resolve(backend: str = "numba") -> FusedKernels:
         row_sumsq=_row_sumsq if backend == "numba" else _row_sumsq_numpy,
         **ops,
     )
+
+
+# The names of the former ``initdiag._fused`` (tests/test_empirical.py still uses
+# them through the alias module initdiag/_fused.py); remove with that module.
+col_stats = _layer_stats_numba
+unit_forward = _unit_forward_numba
+unit_backward = _unit_backward_numba
+gram = _gram_numba
+gram_dot = _gram_dot_numba
+gram_split = _gram_layout_numba
