@@ -101,6 +101,15 @@ def coefficients(rng, n):
     )
 
 
+def unit_coefficients(rng, n, bn):
+    """(mean, invstd, gamma, beta) for the references, and the same as the
+    dispatcher's arguments (all None without BatchNorm: 0, 1, 1, 0)."""
+    if not bn:
+        return (np.zeros(n), np.ones(n), np.ones(n), np.zeros(n)), (None,) * 4
+    c = coefficients(rng, n)
+    return c, c
+
+
 def y_tol(x, mean, invstd, gamma, beta, dtype):
     """|y_kernel - y_exact|: coefficients rounded to the dtype (3 roundings) and
     (x - mean) * s + beta evaluated in it (3 more)."""
@@ -186,16 +195,10 @@ def test_unit_forward_against_loops(backend, dtype, shape, act, bn):
     rng = np.random.default_rng(len(act) + shape[0])
     B, n = shape
     x = data(rng, shape, dtype, shift=0.3)
-    if bn:
-        mean, invstd, gamma, beta = coefficients(rng, n)
-    else:
-        mean, invstd, gamma, beta = np.zeros(n), np.ones(n), np.ones(n), np.zeros(n)
+    (mean, invstd, gamma, beta), args = unit_coefficients(rng, n, bn)
     h, sy, sh = K.unit_forward(
         x,
-        mean if bn else None,
-        invstd if bn else None,
-        gamma if bn else None,
-        beta if bn else None,
+        *args,
         activation=act,
         negative_slope=SLOPE,
         record_y=bn,
@@ -283,17 +286,11 @@ def test_unit_backward_against_loops(backend, dtype, shape, act, mode):
     need_dx = mode != "bn_no_dx"
     x = data(rng, shape, dtype, shift=0.2)
     g = data(rng, shape, dtype)
-    if has_bn:
-        mean, invstd, gamma, beta = coefficients(rng, n)
-    else:
-        mean, invstd, gamma, beta = np.zeros(n), np.ones(n), np.ones(n), np.zeros(n)
+    (mean, invstd, gamma, beta), args = unit_coefficients(rng, n, has_bn)
     got = K.unit_backward(
         g,
         x,
-        mean if has_bn else None,
-        invstd if has_bn else None,
-        gamma if has_bn else None,
-        beta if has_bn else None,
+        *args,
         activation=act,
         negative_slope=SLOPE,
         need_dx=need_dx,

@@ -153,20 +153,13 @@ def _check_out(call, backend):
         np.testing.assert_array_equal(g, r)
 
 
-@pytest.mark.parametrize("dt", [np.float32, np.float64])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_out_is_returned_and_equals_allocated_result(backend, dt):
-    for name, call in _ops(dt):
-        try:
-            _check_out(call, backend)
-        except AssertionError as exc:
-            raise AssertionError(f"{name} on {backend}: {exc}") from exc
+CASES = [(b, False) for b in BACKENDS] + [(b, True) for b in FUSED_BACKENDS]
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_fused_out_is_returned_and_equals_allocated_result(backend, dt):
-    for name, call in _fused_ops(dt):
+@pytest.mark.parametrize(("backend", "fused_ops"), CASES)
+def test_out_is_returned_and_equals_allocated_result(backend, fused_ops, dt):
+    for name, call in (_fused_ops if fused_ops else _ops)(dt):
         try:
             _check_out(call, backend)
         except AssertionError as exc:

@@ -852,6 +852,19 @@ def _vec64(a: Any, name: str, n: int, default: float) -> npt.NDArray[np.float64]
     return np.asarray(a, dtype=np.float64)
 
 
+def _unit_coefficients(n: int, mean, invstd, gamma, beta) -> list:
+    """The four float64 (n,) vectors of a unit; None: 0, 1, 1, 0 (no BatchNorm)."""
+    return [
+        _vec64(v, nm, n, d)
+        for v, nm, d in (
+            (mean, "mean", 0.0),
+            (invstd, "invstd", 1.0),
+            (gamma, "gamma", 1.0),
+            (beta, "beta", 0.0),
+        )
+    ]
+
+
 def _scratch(B: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     from .fused import row_chunks
 
@@ -955,15 +968,7 @@ def unit_forward(
     act, slope = _activation(activation, negative_slope)
     x = _array(x, "x", 2)
     B, n = x.shape
-    coef = [
-        _vec64(v, nm, n, d)
-        for v, nm, d in (
-            (mean, "mean", 0.0),
-            (invstd, "invstd", 1.0),
-            (gamma, "gamma", 1.0),
-            (beta, "beta", 0.0),
-        )
-    ]
+    coef = _unit_coefficients(n, mean, invstd, gamma, beta)
     o_h, o_y, o_st = _outs(out, ("h", "stats_y", "stats_h"), "unit_forward")
     if o_y is not None and not record_y:
         raise ValueError("unit_forward: out stats_y must be None unless record_y")
@@ -1052,15 +1057,7 @@ def unit_backward(
             "(a plain activation)"
         )
     has_bn = mean is not None
-    coef = [
-        _vec64(v, nm, n, d)
-        for v, nm, d in (
-            (mean, "mean", 0.0),
-            (invstd, "invstd", 1.0),
-            (gamma, "gamma", 1.0),
-            (beta, "beta", 0.0),
-        )
-    ]
+    coef = _unit_coefficients(n, mean, invstd, gamma, beta)
     labels = ("dx", "sums", "dgamma", "dbeta", "dxsum")
     o_dx, o_s, o_dg, o_db, o_dxs = _outs(out, labels, "unit_backward")
     name = _resolve_op("unit_backward", backend, (g, x))
