@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 
 import initdiag.kernels as K
-from initdiag.kernels import _threading
+from initdiag.kernels import _threading, fused
 from initdiag.kernels import activation as ka
 from initdiag.kernels import batchnorm as kb
 from initdiag.kernels import dense as kd
@@ -337,6 +337,73 @@ def test_row_correlation(benchmark, data, backend):
     )
 
 
+# ------------------------------------------------------------------ fused passes
+def _fused_thunks(d, backend: str) -> dict:
+    """The fused passes of simulate (kernels/fused.py) on one backend, called raw as
+    the empirical engine calls them: BatchNorm + ReLU units, float32."""
+    f = fused.resolve(backend)
+    x, dy, out, out2 = d["x"], d["dy"], d["out"], d["out2"]
+    nch = fused.row_chunks(B)
+    acc = [np.empty((nch, 4, N)) for _ in range(2)]
+    sc = [np.empty((nch, 4)) for _ in range(2)]
+    st = [np.empty(10), np.empty(10)]
+    m64, v64 = d["vec64"][0], d["vec64"][1]
+    ks._column_stats_numpy(x, m64, v64, d["vec64"][2], d["vec64"][3])
+    inv = 1.0 / np.sqrt(v64 + 1e-5)
+    g64 = d["gamma"].astype(np.float64)
+    b64 = d["beta"].astype(np.float64)
+    relu = fused.FusedKernels.ACT_CODES["relu"]
+    vec = [np.empty(N) for _ in range(3)]
+    sums = np.empty(3)
+    gram = np.empty((B, B), DT)
+    return {
+        "layer_stats": lambda: f.layer_stats(x, acc[0], sc[0], st[0], m64, v64),
+        "unit_fwd_bn_relu": lambda: f.unit_forward(
+            x,
+            m64,
+            inv,
+            g64,
+            b64,
+            relu,
+            0.0,
+            True,
+            out,
+            acc[0],
+            sc[0],
+            acc[1],
+            sc[1],
+            st[0],
+            st[1],
+        ),
+        "unit_bwd_bn_relu": lambda: f.unit_backward(
+            dy,
+            x,
+            m64,
+            inv,
+            g64,
+            b64,
+            relu,
+            0.0,
+            True,
+            True,
+            out2,
+            acc[0],
+            sums,
+            *vec,
+        ),
+        "gram": lambda: f.gram(x, gram),
+    }
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize(
+    "op", ["layer_stats", "unit_fwd_bn_relu", "unit_bwd_bn_relu", "gram"]
+)
+def test_fused(benchmark, data, backend, op):
+    fn = _fused_thunks(data, backend)[op]
+    _run(benchmark, f"{op}:{backend}", fn, rounds=10 if backend == "numpy" else ROUNDS)
+
+
 # ------------------------------------------------------------------ MLP sequence
 def _mlp_step_factory(backend: str, depth: int = 3):
     """Forward + backward of a depth x 1024 ReLU MLP, batch 512, float32."""
@@ -500,6 +567,9 @@ def _groups(d):
         groups["row_correlation"][bk] = lambda f=rc: f(x, o1)
         groups["act_fwd_relu"][bk] = lambda f=af: f(x, "relu", 0.0, out)
         groups["act_bwd_relu"][bk] = lambda f=ab: f(dy, x, "relu", 0.0, out)
+    fz = {bk: _fused_thunks(d, bk) for bk in ("numpy", "numba")}
+    for op in fz["numba"]:
+        groups[op] = {bk: fz[bk][op] for bk in fz}
     for grp in groups.values():
         grp["copy"] = copy
     return groups
@@ -516,6 +586,9 @@ FLOOR_ARRAYS = {
     "row_correlation": 1,
     "act_fwd_relu": 2,
     "act_bwd_relu": 3,
+    "layer_stats": 1,  # read x
+    "unit_fwd_bn_relu": 2,  # read x, write h
+    "unit_bwd_bn_relu": 5,  # read g, x, write g'; read g', x, write dx
 }
 
 

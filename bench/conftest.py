@@ -25,7 +25,7 @@ def _blas_report() -> dict:
 
     from initdiag.kernels import _threading
 
-    _threading.configure()
+    _threading.configure_threads()
     info = _threading.report()
     pools = [
         {

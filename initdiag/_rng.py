@@ -31,13 +31,7 @@ from typing import Any
 
 import numpy as np
 
-# The OpenMP wait policy must be set before Numba's pool starts (our first parallel
-# call may come before any kernel's): spinning workers halve the BLAS rate.
-from .kernels import _threading
-
-_threading.configure()
-
-from numba import njit, prange  # noqa: E402
+from .kernels._threading import ensure_configured, njit, prange
 
 __all__ = [
     "derive_key",
@@ -435,6 +429,9 @@ def fill_normal(
     std: float = 1.0,
 ) -> np.ndarray:
     """Fill a contiguous float32/float64 array with N(mean, std^2) entries in place."""
+    # the wait policy must be in force before Numba's pool starts (sampling may be
+    # the first parallel call of a process): spinning workers halve the BLAS rate
+    ensure_configured()
     flat = out.reshape(-1)
     kernel = _fill_normal_kernel32 if flat.dtype == np.float32 else _fill_normal_kernel
     kernel(
@@ -456,6 +453,7 @@ def fill_uniform(
     high: float = 1.0,
 ) -> np.ndarray:
     """Fill a contiguous float32/float64 array with U(low, high) entries in place."""
+    ensure_configured()
     flat = out.reshape(-1)
     _fill_uniform_kernel(
         flat,

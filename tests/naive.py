@@ -417,3 +417,101 @@ def naive_layernorm_backward(
         for j in range(n):
             dx[i, j] = s / n * (n * h[j] - s1 - xhat[j] * s2)
     return dx, dgamma, dbeta
+
+
+# ------------------------------------------------------------------ fused passes
+LAYER_STATS_FIELDS = (*SUMMARY_FIELDS, "correlation", "any_nonzero")
+
+
+def naive_layer_stats(x):
+    """(stats, colmean, colvar) of x (B, n): the 10 LAYER_STATS_FIELDS (here
+    dead_fraction counts features with no entry > 0) and the per-feature batch
+    mean and biased variance, float64."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    s = naive_layer_summary(x)
+    colmean = np.empty(n)
+    colvar = np.empty(n)
+    dead = 0
+    zeros = 0
+    for j in range(n):
+        colmean[j], colvar[j] = _col_mean_var(x, j)
+        dead += not any(x[i, j] > 0 for i in range(B))
+        zeros += sum(1 for i in range(B) if x[i, j] == 0)
+    s[5] = dead / n
+    anynz = 1.0 if zeros < B * n else 0.0
+    return np.array([*s, naive_row_correlation(x), anynz]), colmean, colvar
+
+
+def naive_unit_forward(x, mean, invstd, gamma, beta, act: str, slope: float = 0.01):
+    """(y, h): y = gamma (x - mean) invstd + beta, h = act(y), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    y = np.empty((B, n))
+    h = np.empty((B, n))
+    for i in range(B):
+        for j in range(n):
+            v = float(gamma[j]) * (x[i, j] - float(mean[j])) * float(invstd[j])
+            y[i, j] = v + float(beta[j])
+            h[i, j] = naive_act(y[i, j], act, slope)
+    return y, h
+
+
+def naive_unit_backward(
+    g, x, mean, invstd, gamma, beta, act: str, slope: float, has_bn: bool, need_dx
+):
+    """(dx, sums, dgamma, dbeta, dxsum) of the unit backward, float64.
+
+    g' = g act'(y); sums = [sum g^2, sum g'^2, sum dx^2]; with BatchNorm dbeta =
+    sum_b g', dgamma = sum_b g' xhat and dx = gamma invstd / B (B g' - dbeta -
+    xhat dgamma) (dx = g', dxsum = 0, sums[2] = 0 when not need_dx); without it
+    dx = g', dgamma = dbeta = 0.  dxsum: the column sums of dx."""
+    g = np.asarray(g, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    y, _ = naive_unit_forward(x, mean, invstd, gamma, beta, act, slope)
+    gp = np.empty((B, n))
+    for i in range(B):
+        for j in range(n):
+            d = naive_act_deriv(y[i, j], act, slope)
+            gp[i, j] = 0.0 if (act == "relu" and d == 0.0) else g[i, j] * d
+    sg = sum(g[i, j] ** 2 for i in range(B) for j in range(n))
+    sgp = sum(gp[i, j] ** 2 for i in range(B) for j in range(n))
+    dgamma = np.zeros(n)
+    dbeta = np.zeros(n)
+    dx = gp.copy()
+    if has_bn:
+        for j in range(n):
+            xh = [(x[i, j] - float(mean[j])) * float(invstd[j]) for i in range(B)]
+            dbeta[j] = sum(gp[i, j] for i in range(B))
+            dgamma[j] = sum(gp[i, j] * xh[i] for i in range(B))
+            if need_dx:
+                f = float(gamma[j]) * float(invstd[j]) / B
+                for i in range(B):
+                    dx[i, j] = f * (B * gp[i, j] - dbeta[j] - xh[i] * dgamma[j])
+    dxsum = np.array([sum(dx[i, j] for i in range(B)) for j in range(n)])
+    sdx = sum(dx[i, j] ** 2 for i in range(B) for j in range(n))
+    if has_bn and not need_dx:
+        dxsum[:] = 0.0
+        sdx = 0.0
+    return dx, np.array([sg, sgp, sdx]), dgamma, dbeta, dxsum
+
+
+def naive_gram(a) -> np.ndarray:
+    """a a^T (B x B), float64."""
+    a = np.asarray(a, dtype=np.float64)
+    B, n = a.shape
+    G = np.empty((B, B))
+    for i in range(B):
+        for k in range(B):
+            G[i, k] = sum(a[i, j] * a[k, j] for j in range(n))
+    return G
+
+
+def naive_gram_dot(a, b) -> tuple[float, float]:
+    """(sum_ij a_ij b_ij, trace a) of two full B x B matrices, float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    B = a.shape[0]
+    s = sum(a[i, k] * b[i, k] for i in range(B) for k in range(B))
+    return s, sum(a[i, i] for i in range(B))

@@ -347,7 +347,7 @@ def _fused_inputs(B, n, seed=0):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_fused_col_stats_against_loops(dtype):
-    from initdiag import _fused
+    from initdiag.kernels import fused as _fused
 
     B, n = 71, 9  # two row chunks of 64 rows, the second one partial, odd length
     x = _fused_inputs(B, n).astype(dtype)
@@ -356,7 +356,7 @@ def test_fused_col_stats_against_loops(dtype):
     tol = 64 * np.finfo(dtype).eps if dtype == np.float32 else 1e-12
     nch = _fused.row_chunks(B)
     out, cm, cv = np.empty(10), np.empty(n), np.empty(n)
-    _fused.col_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
+    _fused.resolve().layer_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
     x64 = x.astype(np.float64)
     cos = []
     for a in range(B):
@@ -380,14 +380,14 @@ def test_fused_col_stats_against_loops(dtype):
     np.testing.assert_allclose(cm, x64.mean(axis=0), rtol=tol, atol=tol / 100)
     np.testing.assert_allclose(cv, x64.var(axis=0), rtol=tol, atol=tol / 100)
     x[2, 1], x[9, 4] = np.inf, np.nan
-    _fused.col_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
+    _fused.resolve().layer_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
     assert out[7] == 2
 
 
 def test_fused_col_stats_fall_back_to_float64_where_float32_sums_overflow():
     # finite float32 entries whose squares exceed float32: the chunk's float32 sums
     # overflow, the statistics must come from the float64 rare path, not be inf
-    from initdiag import _fused
+    from initdiag.kernels import fused as _fused
 
     B, n = 70, 5
     x = _fused_inputs(B, n, 4)
@@ -395,7 +395,7 @@ def test_fused_col_stats_fall_back_to_float64_where_float32_sums_overflow():
     x[7] = np.float32(-2e20)
     nch = _fused.row_chunks(B)
     out, cm, cv = np.empty(10), np.empty(n), np.empty(n)
-    _fused.col_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
+    _fused.resolve().layer_stats(x, np.empty((nch, 4, n)), np.empty((nch, 4)), out, cm, cv)
     x64 = x.astype(np.float64)
     assert out[7] == 0 and np.all(np.isfinite(out))
     np.testing.assert_allclose(out[1], (x64**2).mean(), rtol=1e-6)
@@ -406,7 +406,7 @@ def test_fused_col_stats_fall_back_to_float64_where_float32_sums_overflow():
 def test_fused_batchnorm_relu_against_loops():
     # forward y = gamma (x - mean) invstd + beta, h = relu(y); backward written out
     # with explicit loops over the batch (Ioffe & Szegedy 2015)
-    from initdiag import _fused
+    from initdiag.kernels import fused as _fused
 
     B, n = 69, 6  # a partial, odd-length second row chunk
     x = _fused_inputs(B, n, 1)
@@ -420,7 +420,7 @@ def test_fused_batchnorm_relu_against_loops():
     acc = [np.empty((nch, 4, n)) for _ in range(2)]
     h = np.empty_like(x)
     st_y, st_h = np.empty(10), np.empty(10)
-    _fused.unit_forward(
+    _fused.resolve().unit_forward(
         x,
         mean,
         invstd,
@@ -443,7 +443,7 @@ def test_fused_batchnorm_relu_against_loops():
     assert st_h[4] == pytest.approx((y > 0).mean())
     dx = np.empty_like(x)
     sums, dgam, dbet, dxs = np.empty(3), np.empty(n), np.empty(n), np.empty(n)
-    _fused.unit_backward(
+    _fused.resolve().unit_backward(
         g,
         x,
         mean,
@@ -482,7 +482,7 @@ def test_fused_batchnorm_relu_against_loops():
 
 def test_fused_passes_are_thread_count_independent():
     numba = pytest.importorskip("numba")
-    from initdiag import _fused
+    from initdiag.kernels import fused as _fused
 
     B, n = 300, 33
     x = _fused_inputs(B, n, 3)
@@ -494,7 +494,7 @@ def test_fused_passes_are_thread_count_independent():
         for nt in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
             numba.set_num_threads(nt)
             st = np.empty(10)
-            _fused.col_stats(
+            _fused.resolve().layer_stats(
                 x,
                 np.empty((nch, 4, n)),
                 np.empty((nch, 4)),
@@ -505,7 +505,7 @@ def test_fused_passes_are_thread_count_independent():
             h, dx = np.empty_like(x), np.empty_like(x)
             sy, sh = np.empty(10), np.empty(10)
             acc = np.empty((nch, 4, n))
-            _fused.unit_forward(
+            _fused.resolve().unit_forward(
                 x,
                 mean,
                 invstd,
@@ -523,7 +523,7 @@ def test_fused_passes_are_thread_count_independent():
                 sh,
             )
             sums, v = np.empty(3), [np.empty(n) for _ in range(3)]
-            _fused.unit_backward(
+            _fused.resolve().unit_backward(
                 x,
                 x,
                 mean,
@@ -587,32 +587,32 @@ def test_blocked_gram_identity(B, syrk, monkeypatch):
     # ||G^T X||_F^2 = <G G^T, X X^T> (B x B Grams: full below B = 128, else one
     # BLAS syrk (upper triangle by rows) or, without SciPy's BLAS table, blocked
     # GEMMs (131: a shorter last block row))
-    from initdiag import _fused
+    from initdiag.kernels import fused as _fused
 
     if not syrk:
         monkeypatch.setattr(_fused, "_syrk_functions", lambda: {})
     elif not _fused._syrk_functions():
         pytest.skip("SciPy's Cython BLAS table is not reachable")
-    assert _fused.gram_split(B) == (0 if B < 128 else (-1 if syrk else B // 2))
+    assert _fused.gram_layout(B) == (0 if B < 128 else (-1 if syrk else B // 2))
     rng = np.random.default_rng(B)
     g, x = rng.standard_normal((2, B, 40))
     ga, xa = np.full((B, B), np.nan), np.full((B, B), np.nan)
-    _fused.gram(g, ga)
-    _fused.gram(x, xa)
-    s, tr = _fused.gram_dot(ga, xa, _fused.gram_split(B))
+    _fused.resolve().gram(g, ga)
+    _fused.resolve().gram(x, xa)
+    s, tr = _fused.resolve().gram_dot(ga, xa, _fused.gram_layout(B))
     assert s == pytest.approx(np.sum((g.T @ x) ** 2), rel=1e-12)
     assert tr == pytest.approx(np.sum(g * g), rel=1e-12)
     # the float64 fallback's full matrix from the stored layout
-    np.testing.assert_allclose(empirical.fused._full64(_fused, ga), g @ g.T, rtol=1e-12)
+    np.testing.assert_allclose(empirical.fused._full64(_fused.resolve(), ga), g @ g.T, rtol=1e-12)
     # float32 (ssyrk / float32 GEMMs, row pieces summed in float32)
     g32, x32 = g.astype(np.float32), x.astype(np.float32)
     ga32, xa32 = (
         np.full((B, B), np.nan, np.float32),
         np.full((B, B), np.nan, np.float32),
     )
-    _fused.gram(g32, ga32)
-    _fused.gram(x32, xa32)
-    s32, tr32 = _fused.gram_dot(ga32, xa32, _fused.gram_split(B))
+    _fused.resolve().gram(g32, ga32)
+    _fused.resolve().gram(x32, xa32)
+    s32, tr32 = _fused.resolve().gram_dot(ga32, xa32, _fused.gram_layout(B))
     g64, x64 = g32.astype(np.float64), x32.astype(np.float64)
     assert s32 == pytest.approx(np.sum((g64.T @ x64) ** 2), rel=1e-4)
     assert tr32 == pytest.approx(np.sum(g64 * g64), rel=1e-5)

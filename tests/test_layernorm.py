@@ -184,3 +184,36 @@ def test_batchnorm_affine_false_really_has_no_gamma_beta():
         e = idg.simulate(net, batch_size=32, seeds=2, backend=be)
         assert np.isnan(e["gamma_grad_norm2"][1])
         assert e["second_moment"][1] == pytest.approx(1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("order,act", [("pre", "tanh"), ("post", "relu")])
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_simulate_agrees_with_analyze_on_layernorm_networks(order, act, backend):
+    net = idg.mlp(
+        3,
+        N,
+        act,
+        norm="layernorm",
+        bn_position="before_activation" if order == "pre" else "after_activation",
+        init=idg.InitScheme(
+            bias="normal(0, 0.1)",
+            extra={"ln_weight": "uniform(0.5, 1.5)", "ln_bias": "normal(0, 0.2)"},
+        ),
+    )
+    a = idg.analyze(net, batch_size=16, input_correlation=C_IN)
+    e = idg.simulate(
+        net,
+        batch_size=16,
+        seeds=6,
+        input_correlation=C_IN,
+        backend=backend,
+        dtype="float64",
+        rng=11,
+    )
+    for col in ("mean", "second_moment", "correlation", "grad_second_moment",
+                "gamma_grad_norm2", "beta_grad_norm2"):
+        pred, m, se = a[col], e[col], e.se(col)
+        ok = ~np.isnan(pred) & (se > 0)
+        fw = 0.5 / np.sqrt(N) if col.endswith("grad_norm2") else 4.0 / N
+        tol = 5 * se[ok] + fw * np.abs(pred[ok]) + 1e-12
+        assert np.all(np.abs(m[ok] - pred[ok]) <= tol), (col, m[ok], pred[ok], se[ok])

@@ -336,11 +336,12 @@ def test_out_arrays_are_written_and_returned():
     rdx = K.layernorm_backward(dy, x, ref[1:], backend="numpy")[0]
     for backend in BACKENDS:
         out = np.full_like(x, np.nan)
-        y, m, s = K.layernorm_forward(x, backend=backend, out=out)
-        assert y is out
+        om = np.full(4, np.nan, np.float32)
+        y, m, s = K.layernorm_forward(x, backend=backend, out=(out, om, None))
+        assert y is out and m is om
         np.testing.assert_allclose(y, ref[0], rtol=0, atol=64 * eps(np.float32))
         dout = np.full_like(x, np.nan)
-        dx = K.layernorm_backward(dy, x, (m, s), backend=backend, out=dout)[0]
+        dx = K.layernorm_backward(dy, x, (m, s), backend=backend, out=(dout, None, None))[0]
         assert dx is dout
         np.testing.assert_allclose(dx, rdx, rtol=0, atol=256 * eps(np.float32))
 
@@ -362,11 +363,15 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="2-D"):
         K.layernorm_forward(np.ones(4))
     with pytest.raises(TypeError, match="must have dtype float64"):
-        K.layernorm_forward(x, out=np.empty((3, 4), np.float32))
-    with pytest.raises(ValueError, match=r"out must have shape \(3, 4\)"):
-        K.layernorm_forward(x, out=np.empty((4, 3)))
+        K.layernorm_forward(x, out=(np.empty((3, 4), np.float32), None, None))
+    with pytest.raises(ValueError, match=r"out y must have shape \(3, 4\)"):
+        K.layernorm_forward(x, out=(np.empty((4, 3)), None, None))
     with pytest.raises(TypeError, match="C-contiguous"):
-        K.layernorm_forward(x, out=np.empty((4, 3)).T)
+        K.layernorm_forward(x, out=(np.empty((4, 3)).T, None, None))
+    with pytest.raises(TypeError, match="tuple of 3"):
+        K.layernorm_forward(x, out=np.empty((3, 4)))
+    with pytest.raises(TypeError, match="no affine"):
+        K.layernorm_backward(x, x, saved, out=(None, np.empty(4), None))
     with pytest.raises(TypeError, match="saved must be the"):
         K.layernorm_backward(x, x, None)
     with pytest.raises(ValueError, match=r"saved mean must have shape \(3,\)"):

@@ -40,10 +40,12 @@ __all__ = [
 ]
 
 
-def _fused_module():
-    from .. import _fused
+def _fused_kernels():
+    """The raw fused numba kernels (no per-call validation: this executor owns its
+    buffers) and ``row_chunks``."""
+    from ..kernels import fused
 
-    return _fused
+    return fused.resolve("numba"), fused.row_chunks
 
 
 class FusedExecutor:
@@ -51,7 +53,8 @@ class FusedExecutor:
     reused across seeds).  A plan is used by one thread at a time."""
 
     def __init__(self, net: Any, B: int, dt: np.dtype) -> None:
-        f = self.f = _fused_module()
+        f, row_chunks = _fused_kernels()
+        self.f = f
         self.net = net
         infos = net.infos
         units: list[tuple] = []
@@ -81,7 +84,7 @@ class FusedExecutor:
         self.ops = Ops("numba")
         widths = [net.input_dim, *[info.width for info in infos]]
         nmax = max(widths)
-        nch = f.row_chunks(B)
+        nch = row_chunks(B)
         self.acc = [np.empty((nch, 4, nmax)) for _ in range(2)]
         self.sc = [np.empty((nch, 4)) for _ in range(2)]
         self.colmean = np.empty(nmax)
@@ -145,7 +148,7 @@ class FusedExecutor:
         return self._elem_forward(unit, cur, sc)
 
     def _stats(self, x: np.ndarray, n: int, st: np.ndarray) -> np.ndarray:
-        self.f.col_stats(
+        self.f.layer_stats(
             x, self.acc[1], self.sc[1], st, self.colmean[:n], self.colvar[:n]
         )
         return st
@@ -268,7 +271,7 @@ class FusedExecutor:
         if gram:
             gg = _safe_gram(f, g, self.gg)
             if gg.dtype == xs.dtype:
-                wn, ss = f.gram_dot(gg, xs, f.gram_split(B))
+                wn, ss = f.gram_dot(gg, xs, f.gram_layout(B))
             else:  # a float64 fallback on one side: both full, float64
                 wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
         else:
@@ -352,7 +355,7 @@ def _safe_gram(f: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def _full64(f: Any, g: np.ndarray) -> np.ndarray:
     """A Gram stored as the fused ``gram`` leaves it, as a full float64 matrix."""
-    h = f.gram_split(g.shape[0])
+    h = f.gram_layout(g.shape[0])
     if g.dtype == np.float64 and h == 0:
         return g
     full = g.astype(np.float64)

@@ -1,6 +1,10 @@
-"""Kernels of the empirical engine: dense, activation, BatchNorm, statistics.
+"""Kernels of the empirical engine: dense, activation, BatchNorm, statistics, and
+the fused passes of ``simulate``.
 
-Every op exists in four backends behind one public dispatcher:
+Every op exists in four backends behind one public dispatcher (the fused ops
+:func:`layer_stats`, :func:`unit_forward`, :func:`unit_backward`, :func:`gram` and
+:func:`gram_dot` in ``numpy`` and ``numba`` only: asking them for ``c`` or
+``cuda`` raises :class:`BackendUnavailableError`):
 
 ``numpy``
     The reference, float32 and float64, always available.
@@ -26,8 +30,32 @@ converted).  Non-contiguous or Fortran-ordered inputs are **copied once** to
 C order (``np.ascontiguousarray``); an ``out=`` array must already be
 C-contiguous with the right shape and dtype (it is written, never copied).
 
-Matrix products on the CPU run in NumPy's BLAS; thread-pool policy (OpenMP wait
-policy, Numba threading layer) is documented in ``initdiag.kernels._threading``.
+``out=``: every op takes it, by keyword, and it mirrors the op's array results:
+one array for an op that returns one array, a tuple with one entry per returned
+array, in the order returned, for an op that returns several (NumPy's ufunc
+convention, ``np.divmod(a, b, out=(q, r))``; a None entry is allocated).  Given
+arrays are written in place and returned themselves (with ``backend="cuda"`` and
+host arrays, the device results are copied into them).  Ops whose results are
+Python numbers take as ``out`` the float64 array their kernel writes:
+:func:`layer_summary` (and :func:`layer_summary_array`) the (8,) vector,
+:func:`row_correlation` the (1,) cell, :func:`gram_dot` the (2,) vector.  A wrong
+shape raises ValueError; a wrong dtype, a non-contiguous array or a tuple of the
+wrong length TypeError.
+
+``activation=`` is a keyword everywhere an activation applies (keyword-only on the
+BatchNorm and fused ops; :func:`dense_forward` still also takes it as its fourth
+positional argument, and the activation ops as their second).
+
+Matrix products on the CPU run in NumPy's BLAS.  Thread pools: importing
+``initdiag`` or ``initdiag.kernels`` changes nothing in the process (no
+environment variable, no Numba import).  :func:`configure_threads` sets
+``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP workers of Numba's pool and of the C
+extension sleep instead of spinning on the cores OpenBLAS needs for the GEMMs
+between our kernels) and Numba's threading-layer priority ``omp, tbb,
+workqueue``; it runs by itself, with those defaults, before the first numba or c
+kernel (and before the C extension loads, since libgomp reads the wait policy
+once, when it initialises).  Call it first to choose otherwise; details and
+measurements in ``initdiag.kernels._threading``.
 """
 
 from __future__ import annotations
@@ -40,13 +68,12 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _registry, _threading
-from .activation import ACTIVATIONS
-from .stats import SUMMARY_FIELDS
-
-_threading.configure()
+from ._names import ACTIVATIONS, LAYER_STATS_FIELDS, SUMMARY_FIELDS
+from ._threading import configure_threads
 
 __all__ = [
     "ACTIVATIONS",
+    "LAYER_STATS_FIELDS",
     "SUMMARY_FIELDS",
     "BackendUnavailableError",
     "activation_backward",
@@ -55,15 +82,22 @@ __all__ = [
     "batchnorm_backward",
     "batchnorm_forward",
     "column_stats",
+    "configure_threads",
     "dense_backward",
     "dense_forward",
     "get_backend",
+    "gram",
+    "gram_dot",
+    "gram_layout",
+    "layer_stats",
     "layer_summary",
     "layer_summary_array",
     "layernorm_backward",
     "layernorm_forward",
     "row_correlation",
     "set_backend",
+    "unit_backward",
+    "unit_forward",
 ]
 
 BACKENDS = _registry.BACKENDS
@@ -196,6 +230,19 @@ def _resolve(backend: str | None, arrays: tuple) -> str:
     return name
 
 
+def _resolve_op(op: str, backend: str | None, arrays: tuple) -> str:
+    """:func:`_resolve`, then check that ``op`` has a variant on that backend."""
+    name = _resolve(backend, arrays)
+    if (op, name) not in _registry.REGISTRY:
+        have = _registry.OP_BACKENDS[op]
+        raise BackendUnavailableError(
+            f"{op} has no {name!r} variant: it exists for backends {have} only "
+            f"(the fused passes of simulate are NumPy + Numba); pass backend="
+            f"{have[-1]!r} (host arrays)"
+        )
+    return name
+
+
 # ------------------------------------------------------------------ validation
 def _activation(activation: Any, negative_slope: float) -> tuple[str, float]:
     if activation is None:
@@ -286,6 +333,30 @@ def _out(out, name: str, shape: tuple, dtype: np.dtype, device: bool):
     return out
 
 
+def _outs(out: Any, labels: tuple[str, ...], op: str) -> tuple:
+    """Split ``out=`` into one entry per array result (None: allocate)."""
+    if len(labels) == 1:
+        if isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"{op}: out must be one array ({labels[0]}) or None; got a "
+                f"{type(out).__name__} of {len(out)}"
+            )
+        return (out,)
+    if out is None:
+        return (None,) * len(labels)
+    if not isinstance(out, (tuple, list)) or len(out) != len(labels):
+        got = (
+            f"a {type(out).__name__} of {len(out)}"
+            if isinstance(out, (tuple, list))
+            else type(out).__name__
+        )
+        raise TypeError(
+            f"{op}: out must be None or a tuple of {len(labels)} arrays "
+            f"({', '.join(labels)}; None entries are allocated); got {got}"
+        )
+    return tuple(out)
+
+
 def _empty(shape, dtype, device: bool):
     if device:
         from numba import cuda
@@ -300,6 +371,24 @@ class _Cuda:
     def __init__(self, backend: str, arrays: tuple) -> None:
         self.on = backend == "cuda"
         self.device_in = any(_is_device(a) for a in arrays if a is not None)
+        self.staged = self.on and not self.device_in  # host arrays through the GPU
+
+    def target(self, out, name: str, shape, dtype):
+        """The array the kernel writes: ``out`` itself (validated), or a new one
+        (no ``out``, or a host ``out`` staged through the GPU)."""
+        if out is not None:
+            _out(out, name, shape, np.dtype(dtype), self.device_in)
+            if not self.staged:
+                return out
+        return self.alloc(shape, dtype)
+
+    def land(self, res, out):
+        """The result as the caller receives it: ``out`` itself when given."""
+        res = self.get(res)
+        if out is not None and res is not out:
+            out[...] = res
+            return out
+        return res
 
     def put(self, a):
         if not self.on or a is None or _is_device(a):
@@ -355,7 +444,8 @@ def dense_forward(
     return_preactivation : bool
         Also return ``x @ w.T + b``.
     backend : {"numpy", "numba", "c", "cuda", "auto"} or None
-    out : ndarray, shape (B, n_out), optional
+    out : ndarray (B, n_out), or the tuple (y, pre) with return_preactivation
+        Written and returned (module docstring: ``out=``).
 
     Returns
     -------
@@ -378,21 +468,18 @@ def dense_forward(
     if b is not None:
         b = _array(b, "b", 1, dt)
         _shape(b, "b", (w.shape[0],))
+    if return_preactivation:
+        out_y, out_pre = _outs(out, ("y", "pre"), "dense_forward")
+    else:
+        (out_y,), out_pre = _outs(out, ("y",), "dense_forward"), None
     name = _resolve(backend, (x, w, b))
     cu = _Cuda(name, (x, w, b))
     shape = (x.shape[0], w.shape[0])
-    staged = cu.on and not cu.device_in  # host arrays through the GPU
-    if out is not None:
-        _out(out, "out", shape, dt, cu.device_in)
-    y = out if out is not None and not staged else cu.alloc(shape, dt)
-    pre = cu.alloc(shape, dt) if return_preactivation else None
+    y = cu.target(out_y, "out y", shape, dt)
+    pre = cu.target(out_pre, "out pre", shape, dt) if return_preactivation else None
     _call("dense_forward", name, cu.put(x), cu.put(w), cu.put(b), act, slope, y, pre)
-    if staged:
-        y, pre = cu.get(y), cu.get(pre)
-        if out is not None:
-            out[...] = y
-            y = out
-    return (y, pre) if return_preactivation else y
+    y = cu.land(y, out_y)
+    return (y, cu.land(pre, out_pre)) if return_preactivation else y
 
 
 def dense_backward(
@@ -402,6 +489,7 @@ def dense_backward(
     *,
     bias: bool = True,
     backend: str | None = None,
+    out: tuple | None = None,
 ):
     """Dense layer gradients: ``dx = dy @ w``, ``dw = dy.T @ x``, ``db = sum_b dy``.
 
@@ -413,6 +501,8 @@ def dense_backward(
     w : ndarray, shape (n_out, n_in)
     bias : bool
         Compute ``db`` (else it is None).
+    out : tuple (dx, dw, db), optional
+        Written and returned; ``db`` must be None when ``bias`` is False.
 
     Returns
     -------
@@ -425,13 +515,16 @@ def dense_backward(
     B, n_out = dy.shape
     _shape(x, "x", (B, x.shape[1]))
     _shape(w, "w", (n_out, x.shape[1]))
+    o_dx, o_dw, o_db = _outs(out, ("dx", "dw", "db"), "dense_backward")
+    if o_db is not None and not bias:
+        raise ValueError("dense_backward: out db must be None when bias=False")
     name = _resolve(backend, (dy, x, w))
     cu = _Cuda(name, (dy, x, w))
-    dx = cu.alloc(x.shape, dt)
-    dw = cu.alloc(w.shape, dt)
-    db = cu.alloc((n_out,), dt) if bias else None
+    dx = cu.target(o_dx, "out dx", x.shape, dt)
+    dw = cu.target(o_dw, "out dw", w.shape, dt)
+    db = cu.target(o_db, "out db", (n_out,), dt) if bias else None
     _call("dense_backward", name, cu.put(dy), cu.put(x), cu.put(w), dx, dw, db)
-    return cu.get(dx), cu.get(dw), cu.get(db)
+    return cu.land(dx, o_dx), cu.land(dw, o_dw), cu.land(db, o_db)
 
 
 # ------------------------------------------------------------------ activation
@@ -449,19 +542,12 @@ def activation_forward(
     """
     act, slope = _activation(activation, negative_slope)
     x = _array(x, "x", 2)
+    (out,) = _outs(out, ("y",), "activation_forward")
     name = _resolve(backend, (x,))
     cu = _Cuda(name, (x,))
-    staged = cu.on and not cu.device_in
-    if out is not None:
-        _out(out, "out", x.shape, x.dtype, cu.device_in)
-    y = out if out is not None and not staged else cu.alloc(x.shape, x.dtype)
+    y = cu.target(out, "out", x.shape, x.dtype)
     _call("activation_forward", name, cu.put(x), act, slope, y)
-    if staged:
-        y = cu.get(y)
-        if out is not None:
-            out[...] = y
-            y = out
-    return y
+    return cu.land(y, out)
 
 
 def activation_backward(
@@ -471,17 +557,23 @@ def activation_backward(
     *,
     negative_slope: float = 0.01,
     backend: str | None = None,
+    out: npt.NDArray[np.floating] | None = None,
 ):
-    """``dy * act'(x)`` where x is the activation's input; returns a new array."""
+    """``dy * act'(x)`` where x is the activation's input.
+
+    ``out`` (shape and dtype of x) may be ``dy`` itself (in place); returns it,
+    else a new array.
+    """
     act, slope = _activation(activation, negative_slope)
     dy = _array(dy, "dy", 2)
     x = _array(x, "x", 2, dy.dtype)
     _shape(x, "x", dy.shape)
+    (out,) = _outs(out, ("dx",), "activation_backward")
     name = _resolve(backend, (dy, x))
     cu = _Cuda(name, (dy, x))
-    y = cu.alloc(x.shape, x.dtype)
+    y = cu.target(out, "out", x.shape, x.dtype)
     _call("activation_backward", name, cu.put(dy), cu.put(x), act, slope, y)
-    return cu.get(y)
+    return cu.land(y, out)
 
 
 # ------------------------------------------------------------------ batchnorm
@@ -504,6 +596,7 @@ def batchnorm_forward(
     activation: Any = None,
     negative_slope: float = 0.01,
     backend: str | None = None,
+    out: tuple | None = None,
 ):
     """Training-mode BatchNorm over the batch, optionally fused with an activation.
 
@@ -515,6 +608,8 @@ def batchnorm_forward(
     x : ndarray, shape (B, n), float32 or float64
     gamma, beta : ndarray, shape (n,), same dtype
     eps : float >= 0
+    out : tuple (y, mean, invstd), optional
+        Written and returned (None entries are allocated).
 
     Returns
     -------
@@ -530,11 +625,12 @@ def batchnorm_forward(
     beta = _array(beta, "beta", 1, dt)
     _shape(gamma, "gamma", (n,))
     _shape(beta, "beta", (n,))
+    o_y, o_mean, o_inv = _outs(out, ("y", "mean", "invstd"), "batchnorm_forward")
     name = _resolve(backend, (x, gamma, beta))
     cu = _Cuda(name, (x, gamma, beta))
-    y = cu.alloc(x.shape, dt)
-    mean = cu.alloc((n,), dt)
-    invstd = cu.alloc((n,), dt)
+    y = cu.target(o_y, "out y", x.shape, dt)
+    mean = cu.target(o_mean, "out mean", (n,), dt)
+    invstd = cu.target(o_inv, "out invstd", (n,), dt)
     _call(
         "batchnorm_forward",
         name,
@@ -548,7 +644,7 @@ def batchnorm_forward(
         mean,
         invstd,
     )
-    return cu.get(y), cu.get(mean), cu.get(invstd)
+    return cu.land(y, o_y), cu.land(mean, o_mean), cu.land(invstd, o_inv)
 
 
 def batchnorm_backward(
@@ -561,6 +657,7 @@ def batchnorm_backward(
     activation: Any = None,
     negative_slope: float = 0.01,
     backend: str | None = None,
+    out: tuple | None = None,
 ):
     """Gradients of :func:`batchnorm_forward` (activation derivative fused).
 
@@ -579,6 +676,8 @@ def batchnorm_backward(
     gamma : ndarray, shape (n,)
     beta : ndarray, shape (n,) or None
         Needed only when ``activation`` is not identity (None counts as zero).
+    out : tuple (dx, dgamma, dbeta), optional
+        Written and returned (None entries are allocated).
 
     Returns
     -------
@@ -604,11 +703,12 @@ def batchnorm_backward(
     if beta is not None:
         beta = _array(beta, "beta", 1, dt)
         _shape(beta, "beta", (n,))
+    o_dx, o_dg, o_db = _outs(out, ("dx", "dgamma", "dbeta"), "batchnorm_backward")
     name = _resolve(backend, (dy, x, mean, invstd, gamma, beta))
     cu = _Cuda(name, (dy, x, mean, invstd, gamma, beta))
-    dx = cu.alloc(x.shape, dt)
-    dgamma = cu.alloc((n,), dt)
-    dbeta = cu.alloc((n,), dt)
+    dx = cu.target(o_dx, "out dx", x.shape, dt)
+    dgamma = cu.target(o_dg, "out dgamma", (n,), dt)
+    dbeta = cu.target(o_db, "out dbeta", (n,), dt)
     _call(
         "batchnorm_backward",
         name,
@@ -624,7 +724,7 @@ def batchnorm_backward(
         dgamma,
         dbeta,
     )
-    return cu.get(dx), cu.get(dgamma), cu.get(dbeta)
+    return cu.land(dx, o_dx), cu.land(dgamma, o_dg), cu.land(dbeta, o_db)
 
 
 def _ln_params(gamma: Any, beta: Any, n: int, dt: np.dtype) -> tuple:
@@ -654,7 +754,7 @@ def layernorm_forward(
     activation: Any = None,
     negative_slope: float = 0.01,
     backend: str | None = None,
-    out: npt.NDArray[np.floating] | None = None,
+    out: tuple | None = None,
 ):
     """LayerNorm over the features of each example, optionally fused with an
     activation.
@@ -675,8 +775,9 @@ def layernorm_forward(
     activation : str, activation spec or None (identity)
     negative_slope : float
     backend : {"numpy", "numba", "c", "cuda", "auto"} or None
-    out : ndarray, shape (B, n), optional
-        C-contiguous, x's dtype; written and returned as ``y``.
+    out : tuple (y, mean, invstd), optional
+        Arrays to write (None entries are allocated): (B, n), (B,), (B,),
+        C-contiguous, x's dtype; returned themselves.
 
     Returns
     -------
@@ -696,13 +797,11 @@ def layernorm_forward(
     B, n = x.shape
     gamma, beta = _ln_params(gamma, beta, n, dt)
     name = _resolve(backend, (x, gamma, beta))
+    o_y, o_mean, o_inv = _outs(out, ("y", "mean", "invstd"), "layernorm_forward")
     cu = _Cuda(name, (x, gamma, beta))
-    staged = cu.on and not cu.device_in  # host arrays through the GPU
-    if out is not None:
-        _out(out, "out", x.shape, dt, cu.device_in)
-    y = out if out is not None and not staged else cu.alloc(x.shape, dt)
-    mean = cu.alloc((B,), dt)
-    invstd = cu.alloc((B,), dt)
+    y = cu.target(o_y, "out y", x.shape, dt)
+    mean = cu.target(o_mean, "out mean", (B,), dt)
+    invstd = cu.target(o_inv, "out invstd", (B,), dt)
     _call(
         "layernorm_forward",
         name,
@@ -716,12 +815,7 @@ def layernorm_forward(
         mean,
         invstd,
     )
-    if staged:
-        y = cu.get(y)
-        if out is not None:
-            out[...] = y
-            y = out
-    return y, cu.get(mean), cu.get(invstd)
+    return cu.land(y, o_y), cu.land(mean, o_mean), cu.land(invstd, o_inv)
 
 
 def layernorm_backward(
@@ -734,7 +828,7 @@ def layernorm_backward(
     activation: Any = None,
     negative_slope: float = 0.01,
     backend: str | None = None,
-    out: npt.NDArray[np.floating] | None = None,
+    out: tuple | None = None,
 ):
     """Gradients of :func:`layernorm_forward` (activation derivative fused).
 
@@ -752,8 +846,9 @@ def layernorm_backward(
         As returned by the forward, each of shape (B,).
     gamma, beta : ndarray, shape (n,), or None
         As given to the forward.
-    out : ndarray, shape (B, n), optional
-        C-contiguous, x's dtype; written and returned as ``dx``.
+    out : tuple (dx, dgamma, dbeta), optional
+        Arrays to write (None entries are allocated; dgamma / dbeta must be None
+        without affine parameters), returned themselves.
 
     Returns
     -------
@@ -785,13 +880,16 @@ def layernorm_backward(
     _shape(invstd, "saved invstd", (B,))
     gamma, beta = _ln_params(gamma, beta, n, dt)
     name = _resolve(backend, (dy, x, mean, invstd, gamma, beta))
+    o_dx, o_dg, o_db = _outs(out, ("dx", "dgamma", "dbeta"), "layernorm_backward")
+    if gamma is None and (o_dg is not None or o_db is not None):
+        raise TypeError(
+            "layernorm_backward: out dgamma / dbeta given but there are no affine "
+            "parameters (gamma is None); pass None for them"
+        )
     cu = _Cuda(name, (dy, x, mean, invstd, gamma, beta))
-    staged = cu.on and not cu.device_in
-    if out is not None:
-        _out(out, "out", x.shape, dt, cu.device_in)
-    dx = out if out is not None and not staged else cu.alloc(x.shape, dt)
-    dgamma = cu.alloc((n,), dt) if gamma is not None else None
-    dbeta = cu.alloc((n,), dt) if gamma is not None else None
+    dx = cu.target(o_dx, "out dx", x.shape, dt)
+    dgamma = cu.target(o_dg, "out dgamma", (n,), dt) if gamma is not None else None
+    dbeta = cu.target(o_db, "out dbeta", (n,), dt) if gamma is not None else None
     _call(
         "layernorm_backward",
         name,
@@ -807,17 +905,26 @@ def layernorm_backward(
         dgamma,
         dbeta,
     )
-    if staged:
-        dx = cu.get(dx)
-        if out is not None:
-            out[...] = dx
-            dx = out
-    return dx, cu.get(dgamma), cu.get(dbeta)
+    return (
+        cu.land(dx, o_dx),
+        None if dgamma is None else cu.land(dgamma, o_dg),
+        None if dbeta is None else cu.land(dbeta, o_db),
+    )
 
 
 # ------------------------------------------------------------------ statistics
-def column_stats(x: npt.NDArray[np.floating], *, backend: str | None = None):
+def column_stats(
+    x: npt.NDArray[np.floating],
+    *,
+    backend: str | None = None,
+    out: tuple | None = None,
+):
     """Per-feature statistics over the batch in one pass.
+
+    Parameters
+    ----------
+    x : ndarray, shape (B, n), float32 or float64
+    out : tuple (mean, var, frac_le0, frac_eq0) of float64 (n,) arrays, optional
 
     Returns
     -------
@@ -827,11 +934,16 @@ def column_stats(x: npt.NDArray[np.floating], *, backend: str | None = None):
     """
     x = _array(x, "x", 2)
     n = x.shape[1]
+    labels = ("mean", "var", "frac_le0", "frac_eq0")
+    given = _outs(out, labels, "column_stats")
     name = _resolve(backend, (x,))
     cu = _Cuda(name, (x,))
-    outs = [cu.alloc((n,), np.dtype(np.float64)) for _ in range(4)]
+    f64 = np.dtype(np.float64)
+    outs = [
+        cu.target(o, f"out {k}", (n,), f64) for o, k in zip(given, labels, strict=True)
+    ]
     _call("column_stats", name, cu.put(x), *outs)
-    return tuple(cu.get(o) for o in outs)
+    return tuple(cu.land(r, o) for r, o in zip(outs, given, strict=True))
 
 
 def layer_summary_array(
@@ -845,24 +957,19 @@ def layer_summary_array(
     ``out``, if given, must be a C-contiguous float64 array of shape (8,).
     """
     x = _array(x, "x", 2)
+    (out,) = _outs(out, ("summary",), "layer_summary_array")
     name = _resolve(backend, (x,))
     cu = _Cuda(name, (x,))
-    f64 = np.dtype(np.float64)
-    if out is not None and (not cu.on or cu.device_in):
-        res = _out(out, "out", (8,), f64, cu.device_in)
-    else:
-        res = cu.alloc((8,), f64)
+    res = cu.target(out, "out", (8,), np.float64)
     _call("layer_summary", name, cu.put(x), res)
-    res = cu.get(res)
-    if out is not None and res is not out:
-        _out(out, "out", (8,), f64, False)
-        out[...] = res
-        return out
-    return res
+    return cu.land(res, out)
 
 
 def layer_summary(
-    x: npt.NDArray[np.floating], *, backend: str | None = None
+    x: npt.NDArray[np.floating],
+    *,
+    backend: str | None = None,
+    out: npt.NDArray[np.float64] | None = None,
 ) -> dict[str, float]:
     """Profile statistics of one layer output ``x`` (B, n) as ``{field: float}``.
 
@@ -870,16 +977,21 @@ def layer_summary(
     mean over features of the biased batch variance, squared_mean = mean over
     features of the squared batch mean (Schoenholz et al. 2017), active_fraction
     (> 0), dead_fraction (features <= 0 for the whole batch), zero_fraction (== 0),
-    nonfinite_count (NaN or inf entries).
+    nonfinite_count (NaN or inf entries).  ``out``: the float64 (8,) array the
+    values are also written into (:func:`layer_summary_array`).
     """
-    arr = layer_summary_array(x, backend=backend)
+    arr = layer_summary_array(x, out, backend=backend)
     if _is_device(arr):
         arr = arr.copy_to_host()
     return dict(zip(SUMMARY_FIELDS, (float(v) for v in arr), strict=False))
 
 
 def row_correlation(
-    x: npt.NDArray[np.floating], *, gram: bool = False, backend: str | None = None
+    x: npt.NDArray[np.floating],
+    *,
+    gram: bool = False,
+    backend: str | None = None,
+    out: npt.NDArray[np.float64] | None = None,
 ):
     """Mean uncentered cosine similarity between distinct rows of ``x`` (B, n).
 
@@ -891,14 +1003,16 @@ def row_correlation(
     -------
     float, or (float, ndarray (B, B) float64) when ``gram=True``
         The Gram matrix of cosines (GEMM in float64 on the host; diagonal 1, or 0
-        for a zero row).
+        for a zero row; always a new array).  ``out``, when given: the float64
+        (1,) cell the kernel writes the correlation into.
     """
     x = _array(x, "x", 2)
+    (out,) = _outs(out, ("correlation",), "row_correlation")
     name = _resolve(backend, (x,))
     cu = _Cuda(name, (x,))
-    res = cu.alloc((1,), np.dtype(np.float64))
+    res = cu.target(out, "out", (1,), np.float64)
     _call("row_correlation", name, cu.put(x), res)
-    res = cu.get(res)
+    res = cu.land(res, out)
     if _is_device(res):
         res = res.copy_to_host()
     c = float(res[0])
@@ -910,3 +1024,350 @@ def row_correlation(
     with np.errstate(all="ignore"):
         u = xd * np.where(norms == 0, 0.0, 1.0 / norms)[:, None]
     return c, u @ u.T
+
+
+# ------------------------------------------------------------------ fused passes
+# The passes simulate runs per layer (kernels/fused.py), NumPy and Numba only.  The
+# empirical engine calls the raw kernels through kernels.fused.resolve("numba");
+# these dispatchers are the validated entry for everybody else.
+def _vec64(a: Any, name: str, n: int, default: float) -> npt.NDArray[np.float64]:
+    """A float64 (n,) coefficient vector (float32 input is widened: lossless)."""
+    if a is None:
+        return np.full(n, default)
+    a = _array(a, name, 1)
+    _shape(a, name, (n,))
+    return np.asarray(a, dtype=np.float64)
+
+
+def _unit_coefficients(n: int, mean, invstd, gamma, beta) -> list:
+    """The four float64 (n,) vectors of a unit; None: 0, 1, 1, 0 (no BatchNorm)."""
+    return [
+        _vec64(v, nm, n, d)
+        for v, nm, d in (
+            (mean, "mean", 0.0),
+            (invstd, "invstd", 1.0),
+            (gamma, "gamma", 1.0),
+            (beta, "beta", 0.0),
+        )
+    ]
+
+
+def _scratch(B: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    from .fused import row_chunks
+
+    nch = row_chunks(B)
+    return np.empty((nch, 4, n)), np.empty((nch, 4))
+
+
+_NO_COLUMNS = np.empty(0)
+
+
+def layer_stats(
+    x: npt.NDArray[np.floating],
+    *,
+    column_moments: bool = False,
+    backend: str | None = None,
+    out: Any = None,
+):
+    """Every forward statistic ``simulate`` records of one layer output, one pass.
+
+    Fields (:data:`LAYER_STATS_FIELDS`): the :func:`layer_summary` fields (but
+    ``dead_fraction`` counts features with no entry > 0), then ``correlation``
+    (:func:`row_correlation`'s mean uncentred cosine, NaN for B = 1) and
+    ``any_nonzero`` (1.0 or 0.0).  Formulas: ``initdiag.kernels.fused``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (B, n), float32 or float64
+    column_moments : bool
+        Also return the per-feature batch mean and biased variance.
+    backend : {"numpy", "numba", "auto"} or None
+    out : ndarray float64 (10,), or the tuple (stats, mean, var) with
+        ``column_moments`` (float64 (n,) vectors)
+
+    Returns
+    -------
+    stats or (stats, mean, var) : float64 (10,) [, (n,), (n,)]
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong dtype / shape; BackendUnavailableError for c, cuda or an
+        unavailable backend.
+    """
+    x = _array(x, "x", 2)
+    B, n = x.shape
+    labels = ("stats", "mean", "var") if column_moments else ("stats",)
+    given = _outs(out, labels, "layer_stats")
+    name = _resolve_op("layer_stats", backend, (x,))
+    f64 = np.dtype(np.float64)
+    st = _out(given[0], "out stats", (10,), f64, False)
+    if column_moments:
+        mean = _out(given[1], "out mean", (n,), f64, False)
+        var = _out(given[2], "out var", (n,), f64, False)
+    else:
+        mean = var = _NO_COLUMNS
+    acc, sc = _scratch(B, n)
+    _call("layer_stats", name, x, acc, sc, st, mean, var)
+    return (st, mean, var) if column_moments else st
+
+
+def unit_forward(
+    x: npt.NDArray[np.floating],
+    mean: npt.NDArray[np.floating] | None = None,
+    invstd: npt.NDArray[np.floating] | None = None,
+    gamma: npt.NDArray[np.floating] | None = None,
+    beta: npt.NDArray[np.floating] | None = None,
+    *,
+    activation: Any = None,
+    negative_slope: float = 0.01,
+    record_y: bool = False,
+    backend: str | None = None,
+    out: tuple | None = None,
+):
+    """One BatchNorm + activation unit and the statistics of its outputs, one pass.
+
+    ``y = gamma (x - mean) invstd + beta`` (Ioffe & Szegedy 2015, with the batch
+    moments given: :func:`layer_stats` computes them), ``h = act(y)``, in the dtype
+    of x with the coefficients rounded to it; ``y`` is not stored.  Without
+    ``mean`` / ``invstd`` (0 and 1) and ``gamma`` / ``beta`` (1 and 0) it is a
+    plain activation (then ``y = x`` exactly).
+
+    Parameters
+    ----------
+    x : ndarray, shape (B, n), float32 or float64
+    mean, invstd, gamma, beta : ndarray, shape (n,), or None
+        Widened to float64 (the kernels take the coefficients in float64).
+    activation : str, activation spec or None (identity)
+    record_y : bool
+        Also compute the statistics of ``y``.
+    backend : {"numpy", "numba", "auto"} or None
+    out : tuple (h, stats_y, stats_h), optional
+        h (B, n) dtype of x; the statistics float64 (10,); ``stats_y`` must be
+        None unless ``record_y``.
+
+    Returns
+    -------
+    (h, stats_y, stats_h)
+        ``stats_y`` is None unless ``record_y``; statistics as
+        :func:`layer_stats` (:data:`LAYER_STATS_FIELDS`).
+    """
+    act, slope = _activation(activation, negative_slope)
+    x = _array(x, "x", 2)
+    B, n = x.shape
+    coef = _unit_coefficients(n, mean, invstd, gamma, beta)
+    o_h, o_y, o_st = _outs(out, ("h", "stats_y", "stats_h"), "unit_forward")
+    if o_y is not None and not record_y:
+        raise ValueError("unit_forward: out stats_y must be None unless record_y")
+    name = _resolve_op("unit_forward", backend, (x,))
+    f64 = np.dtype(np.float64)
+    h = _out(o_h, "out h", (B, n), x.dtype, False)
+    if np.may_share_memory(h, x):
+        raise ValueError("unit_forward: out h must not overlap x")
+    st_y = _out(o_y, "out stats_y", (10,), f64, False)
+    st_h = _out(o_st, "out stats_h", (10,), f64, False)
+    acc_h, sc_h = _scratch(B, n)
+    # the y scratch is not touched unless record_y
+    acc_y, sc_y = _scratch(B, n) if record_y else (acc_h, sc_h)
+    from ._names import ACT_CODES
+
+    _call(
+        "unit_forward",
+        name,
+        x,
+        *coef,
+        ACT_CODES[act],
+        slope,
+        bool(record_y),
+        h,
+        acc_y,
+        sc_y,
+        acc_h,
+        sc_h,
+        st_y,
+        st_h,
+    )
+    return h, (st_y if record_y else None), st_h
+
+
+def unit_backward(
+    g: npt.NDArray[np.floating],
+    x: npt.NDArray[np.floating],
+    mean: npt.NDArray[np.floating] | None = None,
+    invstd: npt.NDArray[np.floating] | None = None,
+    gamma: npt.NDArray[np.floating] | None = None,
+    beta: npt.NDArray[np.floating] | None = None,
+    *,
+    activation: Any = None,
+    negative_slope: float = 0.01,
+    need_dx: bool = True,
+    backend: str | None = None,
+    out: tuple | None = None,
+):
+    """Backward of :func:`unit_forward` with the sums ``simulate`` records.
+
+    ``g' = g act'(y)``; with BatchNorm (``mean`` and ``invstd`` given)
+    ``dbeta = sum_b g'``, ``dgamma = sum_b g' xhat`` and
+    ``dx = gamma invstd / B (B g' - dbeta - xhat dgamma)`` (the training-mode
+    BatchNorm backward: the batch moments depend on x), without it ``dx = g'``.
+
+    Parameters
+    ----------
+    g : ndarray, shape (B, n)
+        Gradient with respect to the unit output h.
+    x : ndarray, shape (B, n), same dtype
+        The unit input.
+    mean, invstd, gamma, beta : ndarray, shape (n,), or None
+        As given to the forward; ``mean`` and ``invstd`` both or neither.
+    need_dx : bool
+        False skips the BatchNorm dx pass (``dx`` then holds g', ``dxsum`` and
+        ``sums[2]`` are 0): the first layer needs no input gradient.
+    out : tuple (dx, sums, dgamma, dbeta, dxsum), optional
+        ``dx`` (B, n) dtype of g, must not overlap g or x; the rest float64.
+
+    Returns
+    -------
+    (dx, sums, dgamma, dbeta, dxsum)
+        ``sums`` float64 (3,) = [sum g^2, sum g'^2, sum dx^2]; ``dgamma``,
+        ``dbeta`` (0 without BatchNorm) and ``dxsum`` (the column sums of dx: the
+        bias gradient of a preceding Dense) float64 (n,).
+    """
+    act, slope = _activation(activation, negative_slope)
+    g = _array(g, "g", 2)
+    x = _array(x, "x", 2, g.dtype)
+    _shape(x, "x", g.shape)
+    B, n = g.shape
+    if (mean is None) != (invstd is None):
+        raise ValueError(
+            "unit_backward: give mean and invstd both (a BatchNorm unit) or neither "
+            "(a plain activation)"
+        )
+    has_bn = mean is not None
+    coef = _unit_coefficients(n, mean, invstd, gamma, beta)
+    labels = ("dx", "sums", "dgamma", "dbeta", "dxsum")
+    o_dx, o_s, o_dg, o_db, o_dxs = _outs(out, labels, "unit_backward")
+    name = _resolve_op("unit_backward", backend, (g, x))
+    f64 = np.dtype(np.float64)
+    dx = _out(o_dx, "out dx", (B, n), g.dtype, False)
+    if np.may_share_memory(dx, g) or np.may_share_memory(dx, x):
+        raise ValueError("unit_backward: out dx must not overlap g or x")
+    sums = _out(o_s, "out sums", (3,), f64, False)
+    dgamma = _out(o_dg, "out dgamma", (n,), f64, False)
+    dbeta = _out(o_db, "out dbeta", (n,), f64, False)
+    dxsum = _out(o_dxs, "out dxsum", (n,), f64, False)
+    part, _ = _scratch(B, n)
+    from ._names import ACT_CODES
+
+    _call(
+        "unit_backward",
+        name,
+        g,
+        x,
+        *coef,
+        ACT_CODES[act],
+        slope,
+        has_bn,
+        bool(need_dx),
+        dx,
+        part,
+        sums,
+        dgamma,
+        dbeta,
+        dxsum,
+    )
+    return dx, sums, dgamma, dbeta, dxsum
+
+
+def gram_layout(B: int, *, backend: str | None = None) -> int:
+    """Which entries of a B x B Gram :func:`gram` writes on ``backend``.
+
+    Returns
+    -------
+    int
+        0: the full matrix; -1: the upper triangle, by rows (BLAS syrk, numba for
+        B >= 128); h > 0: the lower block triangle in blocks of h rows (numba when
+        SciPy's BLAS table is unreachable).  Entries outside are left unset.
+    """
+    if isinstance(B, bool) or not isinstance(B, (int, np.integer)) or B < 1:
+        raise ValueError(f"B must be an integer >= 1; got {B!r}")
+    from .fused import gram_layout as layout
+
+    return layout(int(B), _resolve_op("gram", backend, ()))
+
+
+def gram(
+    a: npt.NDArray[np.floating],
+    *,
+    backend: str | None = None,
+    out: npt.NDArray[np.floating] | None = None,
+):
+    """The Gram matrix ``a a^T`` (B x B, dtype of a) by BLAS.
+
+    Only the entries :func:`gram_layout` names are written (symmetric: the rest
+    are their mirror images); :func:`gram_dot` reads exactly those.  ``out`` (B, B)
+    is written and returned.
+    """
+    a = _array(a, "a", 2)
+    B = a.shape[0]
+    (out,) = _outs(out, ("gram",), "gram")
+    name = _resolve_op("gram", backend, (a,))
+    res = _out(out, "out", (B, B), a.dtype, False)
+    if np.may_share_memory(res, a):
+        raise ValueError("gram: out must not overlap a")
+    return _call("gram", name, a, res)
+
+
+def gram_dot(
+    a: npt.NDArray[np.floating],
+    b: npt.NDArray[np.floating],
+    *,
+    layout: int | None = None,
+    backend: str | None = None,
+    out: npt.NDArray[np.float64] | None = None,
+) -> tuple[float, float]:
+    """``(sum_ij a_ij b_ij, trace a)`` in float64 for two symmetric Gram matrices.
+
+    With ``a = G G^T`` and ``b = X X^T``: ``sum_ij a_ij b_ij = ||G^T X||_F^2``
+    (simulate's weight-gradient norm without forming ``dW = G^T X``) and
+    ``trace a = ||G||_F^2``.
+
+    Parameters
+    ----------
+    a, b : ndarray, shape (B, B), one dtype
+        Stored in ``layout`` (as :func:`gram` leaves them).
+    layout : int or None
+        :func:`gram_layout`'s code; None: the layout of :func:`gram` on the same
+        backend.
+    out : ndarray float64 (2,), optional
+        Receives the two values.
+
+    Returns
+    -------
+    (float, float)
+    """
+    a = _array(a, "a", 2)
+    b = _array(b, "b", 2, a.dtype)
+    B = a.shape[0]
+    _shape(a, "a", (B, B))
+    _shape(b, "b", (B, B))
+    (out,) = _outs(out, ("dot_trace",), "gram_dot")
+    name = _resolve_op("gram_dot", backend, (a, b))
+    if layout is None:
+        from .fused import gram_layout as _layout
+
+        h = _layout(B, name)
+    elif (
+        isinstance(layout, bool)
+        or not isinstance(layout, (int, np.integer))
+        or not -1 <= layout <= B
+    ):
+        raise ValueError(
+            f"layout must be an integer in [-1, {B}] (gram_layout's code); "
+            f"got {layout!r}"
+        )
+    else:
+        h = int(layout)
+    res = _out(out, "out", (2,), np.dtype(np.float64), False)
+    s, t = _call("gram_dot", name, a, b, h)
+    res[0], res[1] = s, t
+    return float(s), float(t)

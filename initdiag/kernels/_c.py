@@ -12,10 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._threading import configure
-
-# OMP_WAIT_POLICY must be in the environment before libgomp (linked by _cext) loads
-configure()
+from ._threading import ensure_configured
 
 _STATE: tuple[Any, Any, str | None] | None = None  # (ffi, lib, error)
 _FN_CACHE: dict = {}
@@ -28,6 +25,9 @@ def load() -> tuple[Any, Any, str | None]:
     """Import the extension once; return (ffi, lib, None) or (None, None, reason)."""
     global _STATE
     if _STATE is None:
+        # OMP_WAIT_POLICY must be in the environment before libgomp (linked by
+        # _cext) loads
+        ensure_configured()
         try:
             mod = importlib.import_module("initdiag._cext")
             _STATE = (mod.ffi, mod.lib, None)

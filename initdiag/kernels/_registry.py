@@ -4,6 +4,14 @@ CPU variants live in the op family's module as ``_<op>_<backend>``; CUDA host
 launchers live in ``_cuda_<family>.py`` as ``<op>_cuda``.  Targets are imported
 on first use and cached, so importing ``initdiag.kernels`` loads no kernel
 module (and never touches numba.cuda).
+
+The fused passes of ``simulate`` (family ``fused``: :data:`FUSED_OPS`) exist as a
+NumPy reference and a Numba variant only (:data:`OP_BACKENDS`); there is no c or
+cuda variant, and the dispatchers say so (BackendUnavailableError).
+
+:func:`resolve` is also the fast entry of callers that run a kernel many times
+on inputs they built themselves (the empirical engine, once per layer): it
+returns the raw kernel, which validates nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable
+
+from ._threading import ensure_configured
 
 OPS = {
     "dense_forward": "dense",
@@ -28,6 +38,10 @@ OPS = {
 BACKENDS = ("numpy", "numba", "c", "cuda")
 _PKG = "initdiag.kernels"
 
+FUSED_OPS = ("layer_stats", "unit_forward", "unit_backward", "gram", "gram_dot")
+OPS.update(dict.fromkeys(FUSED_OPS, "fused"))
+OP_BACKENDS = {op: ("numpy", "numba") if OPS[op] == "fused" else BACKENDS for op in OPS}
+
 
 def _target(op: str, backend: str) -> str:
     family = OPS[op]
@@ -37,12 +51,16 @@ def _target(op: str, backend: str) -> str:
 
 
 REGISTRY: dict[tuple[str, str], str] = {
-    (op, b): _target(op, b) for op in OPS for b in BACKENDS
+    (op, b): _target(op, b) for op in OPS for b in OP_BACKENDS[op]
 }
 
 
 @functools.cache
 def resolve(op: str, backend: str) -> Callable:
-    """Import and return the variant implementing ``op`` on ``backend``."""
+    """Import and return the variant implementing ``op`` on ``backend`` (raw:
+    no validation; the thread-pool policy is applied before the first numba or c
+    kernel is imported, see ``_threading``)."""
+    if backend in ("numba", "c"):
+        ensure_configured()
     module, attr = REGISTRY[(op, backend)].split(":")
     return getattr(importlib.import_module(module), attr)

@@ -37,32 +37,30 @@ loop was measured 4x-100x slower than NumPy 2 for those (bench/KERNELS.md).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy import special
 
-from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
-
-ACTIVATIONS = (
-    "relu",
-    "leaky_relu",
-    "tanh",
-    "sigmoid",
-    "gelu",
-    "silu",
-    "selu",
-    "erf",
-    "identity",
+from ._names import (  # noqa: F401 - the activation table, re-exported here
+    _INV_SQRT2,
+    _INV_SQRT2PI,
+    _TWO_OVER_SQRTPI,
+    ACT_CODES,
+    ACTIVATIONS,
+    ERF,
+    GELU,
+    IDENTITY,
+    LEAKY,
+    RELU,
+    SELU,
+    SELU_ALPHA,
+    SELU_SCALE,
+    SIGMOID,
+    SILU,
+    TANH,
 )
-ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
-RELU, LEAKY, TANH, SIGMOID, GELU, SILU, SELU, ERF, IDENTITY = range(9)
-
-SELU_ALPHA = 1.6732632423543772848170429916717
-SELU_SCALE = 1.0507009873554804934193349852946
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_TWO_OVER_SQRTPI = 2.0 / math.sqrt(math.pi)
+from ._numba_common import act_grad_nb as _act_grad_nb
+from ._numba_common import act_nb as _act_nb
+from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
 
 # Activations whose NumPy ufunc path (NumPy 2's SIMD exp / tanh) beats a scalar
 # libm loop by 4x-70x on 512 x 1024 float32 (bench/KERNELS.md): the numba and c
@@ -151,62 +149,6 @@ def _activation_backward_numpy(dy, x, act, slope, out):
 
 
 # --------------------------------------------------------------------------- numba
-@njit(cache=True, error_model="numpy", inline="always")
-def _act_nb(v, code, slope):
-    """Scalar act(v) (generic branch; hot activations have their own loops)."""
-    if code == RELU:
-        return 0.0 if v <= 0 else v
-    if code == LEAKY:
-        return v * slope if v < 0 else v
-    if code == TANH:
-        return math.tanh(v)
-    if code == SIGMOID:
-        return 1.0 / (1.0 + math.exp(-v))
-    if code == GELU:
-        return v * (0.5 * math.erfc(-v * _INV_SQRT2))
-    if code == SILU:
-        return v * (1.0 / (1.0 + math.exp(-v)))
-    if code == SELU:
-        return SELU_SCALE * v if v > 0 else (SELU_SCALE * SELU_ALPHA) * math.expm1(v)
-    if code == ERF:
-        return math.erf(v)
-    return v
-
-
-@njit(cache=True, error_model="numpy", inline="always")
-def _act_grad_nb(g, v, code, slope):
-    """Scalar g * act'(v)."""
-    if code == RELU:
-        if v > 0:
-            return g
-        return 0.0 if v <= 0 else v
-    if code == LEAKY:
-        if v < 0:
-            return g * slope
-        return g if v >= 0 else v
-    if code == TANH:
-        t = math.tanh(v)
-        return g * (1.0 - t * t)
-    if code == SIGMOID:
-        s = 1.0 / (1.0 + math.exp(-v))
-        return g * (s * (1.0 - s))
-    if code == GELU:
-        return g * (
-            0.5 * math.erfc(-v * _INV_SQRT2)
-            + v * (_INV_SQRT2PI * math.exp(-0.5 * v * v))
-        )
-    if code == SILU:
-        s = 1.0 / (1.0 + math.exp(-v))
-        return g * (s + v * s * (1.0 - s))
-    if code == SELU:
-        return (
-            g * SELU_SCALE if v > 0 else g * ((SELU_SCALE * SELU_ALPHA) * math.exp(v))
-        )
-    if code == ERF:
-        return g * (_TWO_OVER_SQRTPI * math.exp(-v * v))
-    return g
-
-
 @njit(cache=True, error_model="numpy")
 def _act_span_nb(x, out, code, slope):
     """out = act(x) on 1-D slices; relu/identity get tight loops.  0-based

@@ -36,6 +36,9 @@ import math
 
 import numpy as np
 
+from ._numba_common import act_grad_nb as _act_grad_nb
+from ._numba_common import act_nb as _act_nb
+from ._numba_common import bn_bwd_acc4_nb as _bn_bwd_acc4_nb
 from ._threading import (
     COST_BN_BACKWARD,
     COST_BN_FORWARD,
@@ -51,8 +54,6 @@ from .activation import (
     DELEGATE_FORWARD,
     IDENTITY,
     RELU,
-    _act_grad_nb,
-    _act_nb,
     _activation_backward_numpy,
     _activation_forward_numpy,
 )
@@ -315,54 +316,6 @@ def _bn_fwd_nb(x, gamma, beta, eps, code, slope, out, mean, invstd, blk, par, w6
         for bi in prange(nblk):
             _bn_fwd_block_nb(*args, bi, w64, wt)
     return out
-
-
-@njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
-def _bn_bwd_acc4_nb(dy, x, i, j0, j1, mu, inv, ga, be, relu, ab, ag, zero):
-    """Rows i..i+3: ab += sum g, ag += sum g xhat in the dtype of x, with
-    g = dy (identity) or dy relu'(z) (``relu``), z = gamma xhat + beta; relu's
-    derivative as selects (no branch on random signs), NaN z propagating."""
-    w = j1 - j0
-    d0 = dy[i, j0:j1]
-    d1 = dy[i + 1, j0:j1]
-    d2 = dy[i + 2, j0:j1]
-    d3 = dy[i + 3, j0:j1]
-    r0 = x[i, j0:j1]
-    r1 = x[i + 1, j0:j1]
-    r2 = x[i + 2, j0:j1]
-    r3 = x[i + 3, j0:j1]
-    if relu:
-        for j in range(w):
-            m = mu[j]
-            iv = inv[j]
-            gm = ga[j]
-            bt = be[j]
-            h0 = (r0[j] - m) * iv
-            h1 = (r1[j] - m) * iv
-            h2 = (r2[j] - m) * iv
-            h3 = (r3[j] - m) * iv
-            z0 = gm * h0 + bt
-            z1 = gm * h1 + bt
-            z2 = gm * h2 + bt
-            z3 = gm * h3 + bt
-            k0 = d0[j] if z0 > zero else zero
-            k1 = d1[j] if z1 > zero else zero
-            k2 = d2[j] if z2 > zero else zero
-            k3 = d3[j] if z3 > zero else zero
-            g0 = k0 if z0 == z0 else z0
-            g1 = k1 if z1 == z1 else z1
-            g2 = k2 if z2 == z2 else z2
-            g3 = k3 if z3 == z3 else z3
-            ab[j] += (g0 + g1) + (g2 + g3)
-            ag[j] += (g0 * h0 + g1 * h1) + (g2 * h2 + g3 * h3)
-    else:
-        for j in range(w):
-            m = mu[j]
-            iv = inv[j]
-            ab[j] += (d0[j] + d1[j]) + (d2[j] + d3[j])
-            ag[j] += (d0[j] * ((r0[j] - m) * iv) + d1[j] * ((r1[j] - m) * iv)) + (
-                d2[j] * ((r2[j] - m) * iv) + d3[j] * ((r3[j] - m) * iv)
-            )
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)

@@ -36,19 +36,10 @@ import math
 
 import numpy as np
 
+from ._names import SUMMARY_FIELDS  # noqa: F401 - re-exported here
+from ._numba_common import sumsq_nb as _sumsq_nb
 from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
 from .batchnorm import _col64_nb, block_width
-
-SUMMARY_FIELDS = (
-    "mean",
-    "second_moment",
-    "variance",
-    "squared_mean",
-    "active_fraction",
-    "dead_fraction",
-    "zero_fraction",
-    "nonfinite_count",
-)
 
 # columns per parallel block of row_correlation: a row slice of 256 elements is a
 # few cache lines, and n = 1024 gives 4 blocks for 2 threads
@@ -366,18 +357,6 @@ def _layer_summary_nb(x, out, blk, par, at):
     out[6] = tot[6] / N
     out[7] = tot[7]
     return out
-
-
-# reassoc only: lets LLVM vectorise this one sum of squares (non-negative terms,
-# so the order hardly matters); NaN / inf semantics are untouched (no nnan / ninf)
-@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
-def _sumsq_nb(r):
-    """sum_j r_j^2 in float64."""
-    s = 0.0
-    for j in range(r.shape[0]):
-        v = np.float64(r[j])
-        s += v * v
-    return s
 
 
 @njit(cache=True, error_model="numpy")

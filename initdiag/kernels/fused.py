@@ -1,19 +1,45 @@
-"""Private fused Numba passes of ``simulate`` (the hot path of the numba backend).
+"""The fused passes of ``simulate``: layer statistics, BatchNorm + activation units,
+Gram matrices (the hot path of the numba backend).
 
 The generic path of :mod:`initdiag.empirical` calls one kernel dispatcher per op and
 per statistic (each a pass over a B x n array, each allocating).  Here one pass
 computes every forward statistic of a layer output, one pass computes BatchNorm +
 activation and the statistics of both outputs, and two passes compute the backward
 of activation + BatchNorm with the gradient second moments and the parameter
-gradients' column sums.  Formulas are those of the kernel contract
-(``initdiag.kernels``) and of :mod:`initdiag.profile`:
+gradients' column sums.  Contract (every variant has the same signature, writes
+into the outputs it is given and returns them; ``acc``/``sc``/``part`` are float64
+scratch of :func:`row_chunks` rows, ``code``/``slope`` the activation's
+``ACT_CODES`` entry and leaky_relu slope; mean / invstd / gamma / beta float64)::
+
+    _layer_stats_<b>(x, acc, sc, out, colmean, colvar) -> out
+        out float64 (10,): LAYER_STATS_FIELDS; colmean / colvar float64 (n,) get
+        the column means and biased variances (skipped when of length 0)
+    _unit_forward_<b>(x, mean, invstd, gamma, beta, code, slope, rec_y, h,
+                      acc_y, sc_y, acc_h, sc_h, out_y, out_h) -> h
+        h = act(y), y = (x - mean) gamma invstd + beta; out_h (and out_y when
+        rec_y) the layer_stats of h (of y); y itself is never stored
+    _unit_backward_<b>(g, x, mean, invstd, gamma, beta, code, slope, has_bn,
+                       need_dx, dx, part, sums, dgamma, dbeta, dxsum) -> dx
+        see :func:`_unit_backward_numba`
+    _gram_<b>(a, out) -> out                    # a a^T in gram_layout(B, b)
+    _gram_dot_<b>(a, b, layout) -> (sum_ij a_ij b_ij, trace a), float64
+
+Backends: ``numpy`` (the reference: plain vectorised NumPy, float64 accumulation)
+and ``numba`` (the hot path; its ``gram`` is BLAS syrk, as the design wants CPU
+matrix products in BLAS).  There is no c or cuda variant.  The public dispatchers
+(``initdiag.kernels.layer_stats`` ...) validate; :func:`resolve` hands the raw
+kernels of one backend to callers that run them per layer on their own buffers.
+
+Formulas are those of the kernel contract (``initdiag.kernels``) and of
+:mod:`initdiag.profile`:
 
 - per layer output ``x`` (B x n): ``mean``, ``second_moment = mean(x^2)``,
   ``variance = mean_j var_b x[:, j]`` (biased, from sums shifted by row 0),
-  ``squared_mean = mean_j (mean_b x[:, j])^2``, ``active_fraction``,
-  ``dead_fraction``, ``zero_fraction``, the number of non-finite entries and the
-  mean uncentred cosine ``(|sum_a u_a|^2 - sum_a |u_a|^2) / (B (B - 1))`` with
-  ``u_a = x_a / |x_a|`` (zero rows count as cosine 0);
+  ``squared_mean = mean_j (mean_b x[:, j])^2``, ``active_fraction`` (> 0),
+  ``dead_fraction`` (features with no entry > 0), ``zero_fraction``, the number of
+  non-finite entries, the mean uncentred cosine
+  ``(|sum_a u_a|^2 - sum_a |u_a|^2) / (B (B - 1))`` with ``u_a = x_a / |x_a|``
+  (zero rows count as cosine 0; NaN for B = 1) and whether any entry is nonzero;
 - BatchNorm (training mode, Ioffe & Szegedy 2015): ``xhat = (x - mean) invstd``,
   ``y = gamma xhat + beta``; backward ``g' = g act'(y)``, ``dbeta = sum_b g'``,
   ``dgamma = sum_b g' xhat``, ``dx = gamma invstd / B (B g' - dbeta - xhat dgamma)``.
@@ -39,28 +65,23 @@ contraction in the element loops and ``reassoc`` in the horizontal row sums only
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
-from numba import njit, prange
 
-from .kernels.activation import ACT_CODES
-from .kernels.activation import _act_grad_nb as _act_grad
-from .kernels.activation import _act_nb as _act
-from .kernels.batchnorm import _bn_bwd_acc4_nb
-from .kernels.stats import _sumsq_nb as _row_sumsq
+from . import _registry
+from ._names import ACT_CODES, ACTIVATIONS, IDENTITY, RELU
+from ._numba_common import act_grad_nb as _act_grad
+from ._numba_common import act_nb as _act
+from ._numba_common import bn_bwd_acc4_nb as _bn_bwd_acc4_nb
+from ._numba_common import sumsq_nb as _row_sumsq
+from ._threading import njit, prange
 
-__all__ = [
-    "ACT_CODES",
-    "row_chunks",
-    "col_stats",
-    "unit_forward",
-    "unit_backward",
-    "gram_dot",
-]
-
-RELU = ACT_CODES["relu"]
-IDENTITY = ACT_CODES["identity"]
+__all__ = ["FusedKernels", "gram_layout", "resolve", "row_chunks"]
 
 # rows per chunk: fixed, so the reduction order does not depend on the thread count
 _ROWS = 64
@@ -71,6 +92,178 @@ def row_chunks(B: int) -> int:
     return (B + _ROWS - 1) // _ROWS
 
 
+# --------------------------------------------------------------------------- numpy
+_EMPTY = np.empty(0)
+
+
+def _layer_stats_numpy(x, acc, sc, out, colmean, colvar):
+    """NumPy reference of the 10 LAYER_STATS_FIELDS (two-pass column moments in
+    float64; ``acc`` / ``sc`` unused)."""
+    B, n = x.shape
+    N = x.size
+    xd = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        m = xd.mean(axis=0)
+        d = xd - m
+        v = np.mean(d * d, axis=0)
+        out[0] = m.mean()
+        out[1] = np.einsum("ij,ij->", xd, xd) / N
+        out[2] = v.mean()
+        out[3] = np.mean(m * m)
+    pos = np.count_nonzero(x > 0, axis=0)
+    zeros = np.count_nonzero(x == 0)
+    out[4] = pos.sum() / N
+    out[5] = np.count_nonzero(pos == 0) / n
+    out[6] = zeros / N
+    out[7] = N - np.count_nonzero(np.isfinite(x))
+    _registry.resolve("row_correlation", "numpy")(x, out[8:9])
+    out[9] = 1.0 if zeros < N else 0.0
+    if colmean.shape[0] == n:
+        colmean[:] = m
+        colvar[:] = v
+    return out
+
+
+def _affine_numpy(x, mean, invstd, gamma, beta):
+    """y = (x - mean) gamma invstd + beta in the dtype of x, the coefficients
+    rounded to it first (as every BatchNorm kernel computes it)."""
+    dt = x.dtype
+    mu = mean.astype(dt)
+    sc = (gamma * invstd).astype(dt)
+    be = beta.astype(dt)
+    return (x - mu) * sc + be
+
+
+def _unit_forward_numpy(
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    code,
+    slope,
+    rec_y,
+    h,
+    acc_y,
+    sc_y,
+    acc_h,
+    sc_h,
+    out_y,
+    out_h,
+):
+    """NumPy reference of the unit forward: relu / identity in the working dtype,
+    every other activation in float64 rounded to it (as the numba variant)."""
+    act = ACTIVATIONS[code]
+    forward = _registry.resolve("activation_forward", "numpy")
+    with np.errstate(all="ignore"):
+        y = _affine_numpy(x, mean, invstd, gamma, beta)
+        if act in ("relu", "identity"):
+            forward(y, act, slope, h)
+        else:
+            h[...] = forward(y.astype(np.float64), act, slope, np.empty(y.shape))
+    if rec_y:
+        _layer_stats_numpy(y, acc_y, sc_y, out_y, _EMPTY, _EMPTY)
+    _layer_stats_numpy(h, acc_h, sc_h, out_h, _EMPTY, _EMPTY)
+    return h
+
+
+def _unit_backward_numpy(
+    g,
+    x,
+    mean,
+    invstd,
+    gamma,
+    beta,
+    code,
+    slope,
+    has_bn,
+    need_dx,
+    dx,
+    part,
+    sums,
+    dgamma,
+    dbeta,
+    dxsum,
+):
+    """NumPy reference of the unit backward (float64 sums, g' and dx rounded to
+    the working dtype where the numba variant stores them; ``part`` unused)."""
+    B = x.shape[0]
+    act = ACTIVATIONS[code]
+    backward = _registry.resolve("activation_backward", "numpy")
+    with np.errstate(all="ignore"):
+        if act == "identity":
+            dx[...] = g
+        else:
+            y = _affine_numpy(x, mean, invstd, gamma, beta)
+            if act == "relu":
+                backward(g, y, act, slope, dx)
+            else:
+                g64 = g.astype(np.float64)
+                dx[...] = backward(g64, y.astype(np.float64), act, slope, g64)
+        gd = g.astype(np.float64)
+        gp = dx.astype(np.float64)
+        sums[0] = np.einsum("ij,ij->", gd, gd)
+        sums[1] = np.einsum("ij,ij->", gp, gp)
+        if not has_bn:
+            dgamma[:] = 0.0
+            dbeta[:] = 0.0
+            dxsum[:] = gp.sum(axis=0)
+            sums[2] = sums[1]
+            return dx
+        xhat = (x.astype(np.float64) - mean) * invstd
+        dbeta[:] = gp.sum(axis=0)
+        dgamma[:] = (gp * xhat).sum(axis=0)
+        if not need_dx:
+            dxsum[:] = 0.0
+            sums[2] = 0.0
+            return dx
+        dx[...] = (gamma * invstd) * (gp - dbeta / B - xhat * (dgamma / B))
+        dd = dx.astype(np.float64)
+        sums[2] = np.einsum("ij,ij->", dd, dd)
+        dxsum[:] = dd.sum(axis=0)
+    return dx
+
+
+def _gram_numpy(a, out):
+    """NumPy reference: the full ``a a^T`` (float64 products, rounded to the dtype);
+    a full matrix is valid in every layout."""
+    a64 = a.astype(np.float64)
+    out[...] = a64 @ a64.T
+    return out
+
+
+def _gram_weights(B: int, h: int) -> np.ndarray:
+    """How often each stored entry of a Gram in layout ``h`` counts in
+    ``sum_ij a_ij b_ij`` (0 for entries the layout leaves unset)."""
+    i = np.arange(B)[:, None]
+    j = np.arange(B)[None, :]
+    if h == 0:
+        return np.ones((B, B))
+    if h < 0:  # upper triangle by rows
+        return np.where(j > i, 2.0, np.where(j == i, 1.0, 0.0))
+    k0 = (i // h) * h
+    k1 = np.minimum(k0 + h, B)
+    return np.where(j < k0, 2.0, np.where(j < k1, 1.0, 0.0))
+
+
+def _gram_dot_numpy(a, b, h):
+    """NumPy reference of :func:`_gram_dot_numba`, float64."""
+    w = _gram_weights(a.shape[0], h)
+    keep = w > 0  # entries the layout leaves unset may hold anything
+    with np.errstate(all="ignore"):
+        a64 = a.astype(np.float64)
+        p = a64[keep] * b.astype(np.float64)[keep]
+        s = float(np.sum(w[keep] * p))
+    return s, float(np.trace(a64))
+
+
+def _row_sumsq_numpy(r):
+    """sum r^2 of a 1-D array in float64."""
+    r64 = r.astype(np.float64)
+    return float(r64 @ r64)
+
+
+# --------------------------------------------------------------------------- numba
 @njit(cache=True, error_model="numpy")
 def _count_nonfinite(r):
     c = 0
@@ -302,7 +495,7 @@ def _finish(acc, sc, shift, B, out, colmean, colvar):
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
-def col_stats(x, acc, sc, out, colmean, colvar):
+def _layer_stats_numba(x, acc, sc, out, colmean, colvar):
     """Every forward statistic of ``x`` (B x n) in one pass (see :func:`_finish`);
     ``acc`` (nch, 4, n), ``sc`` (nch, 4) are scratch; column mean / variance are
     written when ``colmean`` has length n (BatchNorm reuses them)."""
@@ -363,7 +556,7 @@ def _unit_row(xr, mu, s, be, code, slope, yr, hr, zero):
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
-def unit_forward(
+def _unit_forward_numba(
     x,
     mean,
     invstd,
@@ -418,6 +611,7 @@ def unit_forward(
     if rec_y:
         _finish(acc_y, sc_y, shy64, B, out_y, empty, empty)
     _finish(acc_h, sc_h, shh64, B, out_h, empty, empty)
+    return h
 
 
 @njit(cache=True, error_model="numpy", fastmath=_CONTRACT)
@@ -474,7 +668,7 @@ def _bwd_flush(t, a, k, gp, x, b0, b1, mean, invstd, xhat):
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy", fastmath=_CONTRACT)
-def unit_backward(
+def _unit_backward_numba(
     g,
     x,
     mean,
@@ -492,7 +686,7 @@ def unit_backward(
     dbeta,
     dxsum,
 ):
-    """Backward of :func:`unit_forward`: g (B x n) is the gradient w.r.t. h.
+    """Backward of :func:`_unit_forward_numba`: g (B x n) is the gradient w.r.t. h.
 
     ``sums`` (float64, 3) receives [sum g^2, sum g'^2, sum dx^2] (g' = g act'(y),
     the gradient w.r.t. y); ``dgamma``, ``dbeta`` (BatchNorm) and ``dxsum`` (the
@@ -550,9 +744,9 @@ def unit_backward(
         sums[1] += ss[c, 1]
     if not has_bn:
         sums[2] = sums[1]
-        return
+        return dx
     if not need_dx:
-        return
+        return dx
     # dx = gamma invstd / B (B g' - dbeta - xhat dgamma) = a g' + c0 + xhat c1
     ca = np.empty(n, g.dtype)
     c0 = np.empty(n, g.dtype)
@@ -589,6 +783,7 @@ def unit_backward(
         sums[2] += ss[c, 2]
         for j in range(n):
             dxsum[j] += part[c, 2, j]
+    return dx
 
 
 # BLAS syrk from SciPy's Cython BLAS table (the OpenBLAS SciPy ships), called through
@@ -642,16 +837,16 @@ def _syrk_functions() -> dict:
     return fns
 
 
-def gram_split(B: int) -> int:
-    """Layout of :func:`gram`'s result: -1 = upper triangle by rows (BLAS syrk),
+def _gram_layout_numba(B: int) -> int:
+    """Layout of :func:`_gram_numba`'s result: -1 = upper triangle by rows (BLAS syrk),
     h > 0 = lower block triangle in blocks of h rows, 0 = full matrix."""
     if B < 128:
         return 0
     return -1 if _syrk_functions() else B // 2
 
 
-def gram(a: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``a a^T`` (B x B) by BLAS, in the layout ``gram_split(B)`` names.
+def _gram_numba(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``a a^T`` (B x B) by BLAS, in the layout ``_gram_layout_numba(B)`` names.
 
     -1: one syrk (``uplo='L', trans='T'`` on ``a`` read as the column-major
     N x B matrix it is, so no copy): row i of ``out`` holds entries i..B-1; entries
@@ -663,7 +858,7 @@ def gram(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     ``a_k a[: kh]^T``; blocks right of the diagonal blocks are left unset.
     0: the full matrix (small B)."""
     B, N = a.shape
-    h = gram_split(B)
+    h = _gram_layout_numba(B)
     if h == 0:
         return np.matmul(a, a.T, out=out)
     if h < 0:
@@ -713,9 +908,9 @@ def _dot_t(a, b, k0, k1, zero):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def gram_dot(a, b, h):
+def _gram_dot_numba(a, b, h):
     """(sum_ij a_ij b_ij, trace a) in float64 for two symmetric B x B Gram matrices
-    stored as :func:`gram` leaves them (``h`` its block size; 0 = full matrices):
+    stored as :func:`_gram_numba` leaves them (``h`` its block size; 0 = full matrices):
     ``||G^T X||_F^2 = <G G^T, X X^T>``, ``trace(G G^T) = ||G||_F^2``.  h = -1: row
     ``i`` contributes its diagonal entry once and the entries right of it twice;
     h > 0: row ``i`` in the block starting at ``k0`` contributes twice its entries
@@ -741,3 +936,56 @@ def gram_dot(a, b, h):
             k1 = min(k0 + h, B)
         s += 2.0 * _dot_t(ai, bi, 0, k0, zero) + _dot_t(ai, bi, k0, k1, zero)
     return s, t
+
+
+# --------------------------------------------------------------------------- entry
+def gram_layout(B: int, backend: str = "numba") -> int:
+    """Layout of the Gram matrices ``backend``'s ``gram`` writes for ``B`` rows:
+    0 = full matrix, -1 = upper triangle by rows, h > 0 = lower block triangle in
+    blocks of h rows (:func:`_gram_numba`).  The numpy reference writes full ones."""
+    return 0 if backend == "numpy" else _gram_layout_numba(B)
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    """The raw fused kernels of one backend (:func:`resolve`): no validation, no
+    allocation, the signatures of the module docstring.  For callers that run
+    them once per layer on buffers they built (the empirical engine)."""
+
+    backend: str
+    layer_stats: Callable
+    unit_forward: Callable
+    unit_backward: Callable
+    gram: Callable
+    gram_dot: Callable
+    gram_layout: Callable[[int], int]
+    row_sumsq: Callable[[np.ndarray], float]
+    ACT_CODES: ClassVar[dict[str, int]] = ACT_CODES
+    IDENTITY: ClassVar[int] = IDENTITY
+
+
+@functools.cache
+def resolve(backend: str = "numba") -> FusedKernels:
+    """The fused kernels of ``backend`` ("numba" or "numpy"), from the registry.
+
+    The fast entry of the empirical engine: the public dispatchers
+    (``initdiag.kernels.unit_forward`` ...) validate and allocate on every call,
+    which a per-layer loop over preallocated buffers must not pay.
+
+    Raises
+    ------
+    ValueError
+        For a backend other than numpy or numba (there is no c or cuda variant).
+    """
+    if backend not in _registry.OP_BACKENDS["unit_forward"]:
+        raise ValueError(
+            f"the fused kernels exist for backends "
+            f"{_registry.OP_BACKENDS['unit_forward']} only; got {backend!r}"
+        )
+    ops = {op: _registry.resolve(op, backend) for op in _registry.FUSED_OPS}
+    return FusedKernels(
+        backend=backend,
+        gram_layout=functools.partial(gram_layout, backend=backend),
+        row_sumsq=_row_sumsq if backend == "numba" else _row_sumsq_numpy,
+        **ops,
+    )
