@@ -1,9 +1,10 @@
 """``analyze(network) -> Profile``: infinite-width (mean-field) predictions.
 
 A fold of the layers' pure rules over ``network.infos`` (the neural-tangents
-``stax.serial`` pattern): forward, each layer's :meth:`~initdiag.layers.Layer.mf_forward`
-maps the mean-field state of its input (:mod:`initdiag.mfstate`: per-unit batch
-moments and, where Gaussian, a mixture of Gaussians) to its output's; backward,
+``stax.serial`` pattern): forward, each layer's
+:meth:`~initdiag.layers.Layer.mf_forward` maps the mean-field state of its input
+(:mod:`initdiag.mfstate`: per-unit batch moments and, where Gaussian, a mixture of
+Gaussians) to its output's; backward,
 :meth:`~initdiag.layers.Layer.mf_backward` maps the gradient state from the output
 down, writing the parameter-gradient columns.  The rules and their citations live
 with the layer kinds (:mod:`initdiag.layers`); docs/theory.md collects the formulas.

@@ -226,7 +226,7 @@ def mlp(
     name: str | None = None,
     norm: Literal["batchnorm", "layernorm"] | None = None,
 ) -> Network:
-    """A multi-layer perceptron of ``depth`` hidden blocks ``Dense(width)[, norm], act``.
+    """A multi-layer perceptron: ``depth`` hidden blocks ``Dense(width)[, norm], act``.
 
     Parameters
     ----------

@@ -210,8 +210,14 @@ def test_simulate_agrees_with_analyze_on_layernorm_networks(order, act, backend)
         dtype="float64",
         rng=11,
     )
-    for col in ("mean", "second_moment", "correlation", "grad_second_moment",
-                "gamma_grad_norm2", "beta_grad_norm2"):
+    for col in (
+        "mean",
+        "second_moment",
+        "correlation",
+        "grad_second_moment",
+        "gamma_grad_norm2",
+        "beta_grad_norm2",
+    ):
         pred, m, se = a[col], e[col], e.se(col)
         ok = ~np.isnan(pred) & (se > 0)
         fw = 0.5 / np.sqrt(N) if col.endswith("grad_norm2") else 4.0 / N

@@ -1,4 +1,5 @@
-"""The kernel dispatchers bound to one backend: what the layers' empirical steps call."""
+"""The kernel dispatchers bound to one backend, as the layers' empirical steps call
+them."""
 
 from __future__ import annotations
 

@@ -52,20 +52,11 @@ class Activation(Layer):
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.name, **self.params}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Layer:
-        try:
-            return cls(**d)
-        except TypeError as exc:
-            raise ValueError(
-                f"bad parameters for activation {cls.name!r}: {exc}"
-            ) from None
-
     # -- analytic rule ------------------------------------------------------------
     def mf_forward(self, ctx: Any, state: mfstate.State) -> mfstate.State:
-        """``ex[a] = E[phi(h_a)]``, ``K[a, b] = E[phi(h_a) phi(h_b)]`` under the Gaussian
-        (mixture) input state (Poole et al. 2016; :mod:`initdiag.meanfield`).  An input
-        that is not Gaussian (after another activation, or a normalisation of a
+        """``ex[a] = E[phi(h_a)]``, ``K[a, b] = E[phi(h_a) phi(h_b)]`` under the
+        Gaussian (mixture) input state (Poole et al. 2016; :mod:`initdiag.meanfield`).
+        An input that is not Gaussian (after another activation, or a normalisation of a
         non-Gaussian input) has no rule: NotImplementedError names why."""
         if state.gauss is None:
             raise NotImplementedError(

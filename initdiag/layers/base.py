@@ -171,12 +171,12 @@ class Layer:
             return cls(**d)
         except TypeError as exc:
             raise ValueError(
-                f"bad arguments for layer {cls.type_name!r}: {exc}"
+                f"bad parameters for {cls.kind} {cls.type_name!r}: {exc}"
             ) from None
 
     # -- analytic rule ------------------------------------------------------------
     def mf_forward(self, ctx: Any, state: Any) -> Any:
-        """Mean-field state of the output from the input's (see :mod:`initdiag.mfstate`)."""
+        """Mean-field state of the output from the input's (:mod:`initdiag.mfstate`)."""
         raise NotImplementedError(f"{type(self).__name__} has no mean-field rule")
 
     def mf_backward(self, ctx: Any, grad: Any) -> Any:

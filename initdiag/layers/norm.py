@@ -142,6 +142,26 @@ class _Norm(Layer):
         gm, gv, _, _ = self._laws(ctx)
         return (gv + gm * gm) * grad.total(ctx.state)
 
+    # -- empirical step (both kinds; ``_kernels`` names the normalisation) --------
+    def _kernels(self, ops: Any):
+        raise NotImplementedError
+
+    def forward(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        gamma, beta = self._params_or_unit(ctx)
+        out, mean, invstd = self._kernels(ctx.ops)[0](x, gamma, beta, self.eps)
+        return out, (x, (mean, invstd), gamma, beta)
+
+    def backward(
+        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
+    ) -> tuple[np.ndarray | None, dict[str, float]]:
+        xin, sv, gamma, beta = saved
+        gin, dgamma, dbeta = self._kernels(ctx.ops)[1](g, xin, sv, gamma, beta)
+        sums = {}
+        if self.affine:
+            for col, d in (("gamma_grad_norm2", dgamma), ("beta_grad_norm2", dbeta)):
+                sums[col] = float(np.dot(d.astype(np.float64), d))
+        return (gin if need_input_grad else None), sums
+
     def fusion(self) -> tuple | None:
         return None
 
@@ -239,21 +259,8 @@ class BatchNorm(_Norm):
         return mfstate.GradState(np.array([gain]), centred=True, independent=False)
 
     # -- empirical step -----------------------------------------------------------
-    def forward(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, Any]:
-        gamma, beta = self._params_or_unit(ctx)
-        out, mean, invstd = ctx.ops.bn(x, gamma, beta, self.eps)
-        return out, (x, (mean, invstd), gamma, beta)
-
-    def backward(
-        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
-    ) -> tuple[np.ndarray | None, dict[str, float]]:
-        xin, sv, gamma, beta = saved
-        gin, dgamma, dbeta = ctx.ops.bn_backward(g, xin, sv, gamma, beta)
-        sums = {}
-        if self.affine:
-            sums["gamma_grad_norm2"] = float(np.dot(dgamma.astype(np.float64), dgamma))
-            sums["beta_grad_norm2"] = float(np.dot(dbeta.astype(np.float64), dbeta))
-        return (gin if need_input_grad else None), sums
+    def _kernels(self, ops: Any):
+        return ops.bn, ops.bn_backward
 
     def _scale(self, saved: Any, exact: bool) -> np.ndarray:
         _, (_, invstd), gamma, _ = saved
@@ -354,21 +361,8 @@ class LayerNorm(_Norm):
         return mfstate.GradState(np.array([gain]), independent=False)
 
     # -- empirical step -----------------------------------------------------------
-    def forward(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, Any]:
-        gamma, beta = self._params_or_unit(ctx)
-        out, mean, invstd = ctx.ops.ln(x, gamma, beta, self.eps)
-        return out, (x, (mean, invstd), gamma, beta)
-
-    def backward(
-        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
-    ) -> tuple[np.ndarray | None, dict[str, float]]:
-        xin, sv, gamma, beta = saved
-        gin, dgamma, dbeta = ctx.ops.ln_backward(g, xin, sv, gamma, beta)
-        sums = {}
-        if self.affine:
-            sums["gamma_grad_norm2"] = float(np.dot(dgamma.astype(np.float64), dgamma))
-            sums["beta_grad_norm2"] = float(np.dot(dbeta.astype(np.float64), dbeta))
-        return (gin if need_input_grad else None), sums
+    def _kernels(self, ops: Any):
+        return ops.ln, ops.ln_backward
 
     def _jac(self, saved: Any, t: np.ndarray, rows: slice | int) -> np.ndarray:
         """``J t = gamma invstd (t - mean_j t - xhat mean_j(xhat t))`` per example."""
