@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import _rng
+from . import _interrupt, _limits, _rng
 from .network import BatchNorm, Dense, Network
 from .profile import STAT_COLUMNS, Profile
 
@@ -324,8 +324,15 @@ def _run_concurrent(
         threadpool_limits(limits=1, user_api="blas"),
         ThreadPoolExecutor(max_workers=workers) as ex,
     ):
-        for fut in [ex.submit(work, k) for k in range(workers)]:
-            fut.result()
+        futs = [ex.submit(work, k) for k in range(workers)]
+        try:
+            for fut in futs:
+                fut.result()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the main thread only: the workers see the token at
+            # their next layer and abandon their seeds; leaving the block joins them
+            _interrupt.request_stop()
+            raise
     for tm in tms:
         for k, v in tm.items():
             timing[k] += v
@@ -538,6 +545,7 @@ def _run_seed(
     fwd_ok = len(infos)
     t_sample = t_fwd = 0.0
     for i, info in enumerate(infos):
+        _interrupt.poll()
         layer = info.layer
         t0 = time.perf_counter()
         if isinstance(layer, Dense):
@@ -603,6 +611,7 @@ def _run_seed(
         raise ValueError("the output gradient is all zeros; nothing to propagate")
     norm = 1.0 / (B * m_out)
     for i in range(len(infos) - 1, -1, -1):
+        _interrupt.poll()
         info = infos[i]
         layer = info.layer
         row = stats[i]
@@ -842,6 +851,7 @@ def _run_seed_fused(
     prev_nonzero = bool(np.any(x))
     t_sample = t_fwd = 0.0
     for u, unit in enumerate(units):
+        _interrupt.poll()
         t0 = time.perf_counter()
         nxt = units[u + 1] if u + 1 < len(units) else None
         if unit[0] == "dense":
@@ -1041,6 +1051,7 @@ def _backward_fused(
     prod_design, prod_nonzero = True, True  # the output gradient was checked
     colsum = None  # column sums of g when its producer computed them
     for u in range(len(plan.units) - 1, -1, -1):
+        _interrupt.poll()
         unit = plan.units[u]
         n = g.shape[1]
         if unit[0] == "dense":
@@ -1190,6 +1201,7 @@ def simulate(
     rng: int | np.random.Generator | None = 0,
     jacobian: bool = False,
     memory_limit: int | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Profile:
     """Measure a network's step-0 statistics by Monte Carlo over random networks.
 
@@ -1237,6 +1249,10 @@ def simulate(
     memory_limit : int or str, optional
         Refuse to start when the estimated peak (:func:`estimate_memory`) exceeds it
         (bytes or ``"2GB"``); the machine's available memory is always checked.
+    progress : callable, optional
+        ``progress(finished, seeds)`` after each seed completes (from the thread
+        that ran it; calls are serialised by a lock), e.g. to advance a progress
+        bar.
 
     Returns
     -------
@@ -1248,13 +1264,21 @@ def simulate(
         events; ``meta`` records batch, seeds, backend, dtype, ``workers`` (seeds run
         at once), ``seconds`` (wall time) and ``timing`` (per phase, summed over
         seeds; each seed runs on one thread, so with ``workers > 1`` the sum exceeds
-        the wall time).
+        the wall time), ``partial`` (False) and ``seeds_finished``.
+
+    Ctrl-C (or :func:`initdiag._interrupt.request_stop`) stops the run within one
+    layer's kernels and raises :class:`initdiag._interrupt.Interrupted`, a
+    KeyboardInterrupt whose ``partial`` is this Profile aggregated over the seeds
+    that finished (``meta["partial"] = True``; NaN columns when none did).
 
     Raises
     ------
     TypeError, ValueError
         For invalid arguments; ValueError also when the memory estimate exceeds the
-        available memory or ``memory_limit`` (nothing large is allocated before).
+        available memory or ``memory_limit``, or the run exceeds the limits of
+        :mod:`initdiag._limits` (nothing large is allocated before).
+    initdiag._interrupt.Interrupted
+        On Ctrl-C, with the partial Profile.
 
     References
     ----------
@@ -1300,6 +1324,7 @@ def simulate(
         raise TypeError(f"jacobian must be True or False, got {jacobian!r}")
     entropy = _rng.entropy_of(rng)
 
+    _limits.check_simulate(network, B, seeds, len(STAT_COLUMNS))
     # memory check before anything large exists (workspaces kept from calls on
     # other networks are freed first)
     _drop_other_plans(_plan_key(network, B, dt))
@@ -1337,6 +1362,8 @@ def simulate(
         [c for c in (limit, avail) if c is not None],
     )
     seed_findings: list[list[dict[str, Any]]] = [[] for _ in range(seeds)]
+    finished = np.zeros(seeds, dtype=bool)
+    progress_lock = threading.Lock()
 
     def one_seed(s: int, plan: _FusedPlan | None, tm: dict[str, float]) -> None:
         t0 = time.perf_counter()
@@ -1388,17 +1415,30 @@ def simulate(
             t0 = time.perf_counter()
             _jacobian_seed(network, inits, x, ops, dt, entropy, s, jac)
             tm["jacobian"] += time.perf_counter() - t0
+        finished[s] = True
+        if progress is not None:
+            with progress_lock:
+                progress(int(finished.sum()), seeds)
 
     t_start = time.perf_counter()
-    if workers > 1:
-        _run_concurrent(one_seed, network, B, dt, seeds, workers, timing)
-    elif fused:
-        with _numba_threads(1), _pooled_plan(network, B, dt) as plan:
+    _interrupt.reset()
+    interrupted = False
+    try:
+        if workers > 1:
+            _run_concurrent(one_seed, network, B, dt, seeds, workers, timing)
+        elif fused:
+            with _numba_threads(1), _pooled_plan(network, B, dt) as plan:
+                for s in range(seeds):
+                    one_seed(s, plan, timing)
+        else:
             for s in range(seeds):
-                one_seed(s, plan, timing)
-    else:
-        for s in range(seeds):
-            one_seed(s, None, timing)
+                one_seed(s, None, timing)
+    except (KeyboardInterrupt, _interrupt.Stopped):
+        interrupted = True
+        # a seed cut off mid-way left some layers filled: keep finished seeds only
+        stats[~finished] = np.nan
+        for s in np.flatnonzero(~finished):
+            seed_findings[s].clear()
     findings = [f for fs in seed_findings for f in fs]
     wall = time.perf_counter() - t_start
 
@@ -1446,7 +1486,11 @@ def simulate(
         "workers": workers,
         "seconds": wall,
         "timing": dict(timing),
+        "partial": interrupted,
+        "seeds_finished": int(finished.sum()),
     }
+    if interrupted:
+        raise _interrupt.Interrupted(prof)
     return prof
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from . import _limits
+
 __all__ = [
     "Layer",
     "Dense",
@@ -43,6 +45,13 @@ def _check_positive_int(value: Any, what: str) -> int:
     value = int(value.__index__())
     if value <= 0:
         raise ValueError(f"{what} must be a positive integer, got {value}")
+    return value
+
+
+def _check_bool(value: Any, what: str) -> bool:
+    # a TOML string such as "no" is truthy: only real booleans are accepted
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be true or false, got {value!r}")
     return value
 
 
@@ -319,6 +328,7 @@ class Network:
                 )
         if not layers:
             raise ValueError("a Network needs at least one layer")
+        _limits.check_layers(self.input_dim, layers)
         object.__setattr__(self, "layers", layers)
         init = self.init
         if init is None:
@@ -459,6 +469,8 @@ def mlp(
 
     depth = _check_positive_int(depth, "depth")
     width = _check_positive_int(width, "width")
+    batchnorm, bias = _check_bool(batchnorm, "batchnorm"), _check_bool(bias, "bias")
+    _limits.check_mlp(depth, width, input_dim, 3 if batchnorm else 2, output_dim)
     if bn_position not in ("before_activation", "after_activation"):
         raise ValueError(
             f"bn_position must be 'before_activation' or 'after_activation', "

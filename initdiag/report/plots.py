@@ -392,9 +392,13 @@ def phase_plot(
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> str:
-    """Write a figure as PNG (Agg, no display) and return the path."""
+    """Write a figure as PNG (Agg, no display), whole or not at all, and return
+    the path."""
+    from .writers import atomic_open
+
     path = os.fspath(path)
-    fig.savefig(path, dpi=dpi)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, dpi=dpi, format="png")
     return path
 
 
