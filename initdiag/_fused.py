@@ -44,11 +44,16 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .kernels import _cache
 from .kernels.activation import ACT_CODES
 from .kernels.activation import _act_grad_nb as _act_grad
 from .kernels.activation import _act_nb as _act
 from .kernels.batchnorm import _bn_bwd_acc4_nb
 from .kernels.stats import _sumsq_nb as _row_sumsq
+
+# compiled kernels go to the per-user cache, never into the package (_cache.py)
+_CACHE_PREV = _cache.begin()
+
 
 __all__ = [
     "ACT_CODES",
@@ -741,3 +746,6 @@ def gram_dot(a, b, h):
             k1 = min(k0 + h, B)
         s += 2.0 * _dot_t(ai, bi, 0, k0, zero) + _dot_t(ai, bi, k0, k1, zero)
     return s, t
+
+
+_cache.end(_CACHE_PREV)

@@ -39,6 +39,12 @@ _threading.configure()
 
 from numba import njit, prange  # noqa: E402
 
+from .kernels import _cache  # noqa: E402
+
+# compiled kernels go to the per-user cache, never into the package (_cache.py)
+_CACHE_PREV = _cache.begin()
+
+
 __all__ = [
     "derive_key",
     "entropy_of",
@@ -484,3 +490,6 @@ def fill(
         out.fill(p)
         return out
     raise ValueError(f"unknown distribution kind {kind!r}")
+
+
+_cache.end(_CACHE_PREV)

@@ -79,7 +79,7 @@ def _int_at_least(minimum: int):
 
 def _number_in(lo: float, hi: float | None):
     def check(v: Any) -> str | None:
-        want = f"a number in [{lo:g}, {hi:g}]" if hi is not None else f"a number > {lo:g}"
+        want = f"a number > {lo:g}" if hi is None else f"a number in [{lo:g}, {hi:g}]"
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return want
         try:

@@ -47,6 +47,7 @@ import math
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -281,7 +282,13 @@ def _n_workers(
     try:
         import numba
         import threadpoolctl  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
+        warnings.warn(
+            f"seeds run one at a time ({exc.name} is missing: pip install "
+            f"{exc.name}); a run takes several times longer",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return 1
     w = min(seeds, numba.get_num_threads())
     while w > 1 and any(w * per_seed_bytes > c for c in caps):

@@ -42,6 +42,7 @@ import math
 import numpy as np
 from scipy import special
 
+from . import _cache
 from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
 
 ACTIVATIONS = (
@@ -55,6 +56,9 @@ ACTIVATIONS = (
     "erf",
     "identity",
 )
+
+# compiled kernels go to the per-user cache, never into the package (_cache.py)
+_CACHE_PREV = _cache.begin()
 ACT_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 RELU, LEAKY, TANH, SIGMOID, GELU, SILU, SELU, ERF, IDENTITY = range(9)
 
@@ -349,3 +353,6 @@ def _activation_backward_c(dy, x, act, slope, out):
         "idg_activation_backward",
     )
     return out
+
+
+_cache.end(_CACHE_PREV)

@@ -36,6 +36,7 @@ import math
 
 import numpy as np
 
+from . import _cache
 from ._threading import (
     COST_BN_BACKWARD,
     COST_BN_FORWARD,
@@ -56,6 +57,10 @@ from .activation import (
     _activation_backward_numpy,
     _activation_forward_numpy,
 )
+
+# compiled kernels go to the per-user cache, never into the package (_cache.py)
+_CACHE_PREV = _cache.begin()
+
 
 # FMA contraction only (a * b + c in one rounding, as gcc does by default for C):
 # no reassociation, NaN / inf semantics untouched
@@ -641,3 +646,6 @@ def _batchnorm_backward_c(
         "idg_batchnorm_backward",
     )
     return dx, dgamma, dbeta
+
+
+_cache.end(_CACHE_PREV)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _cache
 from ._threading import njit, prange
 from .activation import (
     ACT_CODES,
@@ -32,6 +33,9 @@ from .activation import (
     _activation_forward_numpy,
     act_threads,
 )
+
+# compiled kernels go to the per-user cache, never into the package (_cache.py)
+_CACHE_PREV = _cache.begin()
 
 
 def _gemm_target(out, pre_out):
@@ -191,3 +195,6 @@ def _dense_backward_c(dy, x, w, dx, dw, db):
         B, n = dy.shape
         check(fn("idg_colsum", dy.dtype)(ptr(dy), B, n, ptr(db)), "idg_colsum")
     return dx, dw, db
+
+
+_cache.end(_CACHE_PREV)

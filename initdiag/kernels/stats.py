@@ -36,6 +36,7 @@ import math
 
 import numpy as np
 
+from . import _cache
 from ._threading import c_threads, njit, numba_threads, prange, sweep_threads
 from .batchnorm import _col64_nb, block_width
 
@@ -49,6 +50,10 @@ SUMMARY_FIELDS = (
     "zero_fraction",
     "nonfinite_count",
 )
+
+# compiled kernels go to the per-user cache, never into the package (_cache.py)
+_CACHE_PREV = _cache.begin()
+
 
 # columns per parallel block of row_correlation: a row slice of 256 elements is a
 # few cache lines, and n = 1024 gives 4 blocks for 2 threads
@@ -534,3 +539,6 @@ def _row_correlation_c(x, out):
         "idg_row_correlation",
     )
     return out
+
+
+_cache.end(_CACHE_PREV)

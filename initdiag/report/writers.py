@@ -25,9 +25,9 @@ SCHEMA = "initdiag.report/1"
 
 
 def study_to_dict(result: StudyResult) -> dict[str, Any]:
-    """A JSON-ready dict: ``{"schema", "partial", "study", "description", "settings", "timings",
-    "explanation", "variants": [{"name", "network", "analytic", "empirical",
-    "summary", "verdicts", "errors"}]}``; each profile as
+    """A JSON-ready dict: ``{"schema", "partial", "study", "description",
+    "settings", "timings", "explanation", "variants": [{"name", "network",
+    "analytic", "empirical", "summary", "verdicts", "errors"}]}``; each profile as
     :meth:`Profile.to_dict` (NaN -> null, inf -> "inf").  ``partial`` is true when
     Ctrl-C stopped the run (the variants are those finished; an interrupted
     empirical profile has ``meta.partial`` and ``meta.seeds_finished``)."""
