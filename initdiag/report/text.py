@@ -259,7 +259,9 @@ def summary_lines(analytic: Profile | None, empirical: Profile | None) -> list[s
     return [head, *lines]
 
 
-def verdict_lines(verdicts: Sequence[Verdict], *, color: bool = False) -> list[str]:
+def verdict_lines(
+    verdicts: Sequence[Verdict], *, color: bool = False, width: int | None = None
+) -> list[str]:
     style = _Style(color)
     if not verdicts:
         return [
@@ -267,15 +269,17 @@ def verdict_lines(verdicts: Sequence[Verdict], *, color: bool = False) -> list[s
         ]
     import textwrap
 
+    # messages are indented by 10 columns; 78 columns of text on a wide terminal
+    wrap = max(30, min(78, (terminal_width() if width is None else width) - 10))
     out = []
     for v in verdicts:
         tag = style(
             f"{v.severity.upper():<7}", "red" if v.severity == "problem" else "yellow"
         )
-        body = textwrap.wrap(v.message, width=78)
+        body = textwrap.wrap(v.message, width=wrap)
         out.append(f"  {tag} {body[0]}")
         out += [f"          {ln}" for ln in body[1:]]
-        fix = textwrap.wrap("fix: " + v.suggestion, width=78)
+        fix = textwrap.wrap("fix: " + v.suggestion, width=wrap)
         out += [f"          {ln}" for ln in fix]
     return out
 
@@ -312,7 +316,7 @@ def render_entry(
     parts += [
         "",
         style("verdicts", "bold"),
-        *verdict_lines(entry.verdicts, color=color),
+        *verdict_lines(entry.verdicts, color=color, width=width),
     ]
     return "\n".join(parts)
 
@@ -438,7 +442,8 @@ def render_study(
     parts += ["", style("Verdicts", "bold")]
     for e in result.entries:
         parts.append(f" {e.name}:")
-        parts += [("  " + ln) for ln in verdict_lines(e.verdicts, color=color)]
+        w = None if width is None else width - 2
+        parts += [("  " + ln) for ln in verdict_lines(e.verdicts, color=color, width=w)]
     if details:
         for e in result.entries:
             parts += ["", render_entry(e, color=color, max_rows=max_rows, width=width)]
