@@ -520,44 +520,54 @@ def _engine_error(exc: BaseException) -> None:
 def _emit(
     args: argparse.Namespace, result, config: dict[str, Any], interrupted: bool = False
 ) -> int:
-    """Write the result (stdout and ``--out``) with Ctrl-C held back until it is
-    whole; 130 when the run was interrupted (the output is then marked partial)."""
+    """Write the result: ``report.json`` (whole or not at all), stdout (Ctrl-C held
+    back until it is whole), then the plots (each whole or not at all; Ctrl-C stops
+    there).  130 when the run was interrupted: the output is then marked partial
+    and the plots are skipped."""
     from ._interrupt import deferred
+    from .report.writers import study_to_dict
 
+    out_files: list[str] = []
+    d = study_to_dict(result)
+    d["config"] = config
+    if args.out:
+        out_files.append(_write_json(args.out, d))
     with deferred():
-        _emit_now(args, result, config, interrupted)
+        _print(args, result, d, interrupted)
+    if args.out and not interrupted:
+        out_files += _write_plots(args.out, result)
+    if out_files:
+        with deferred():
+            where = sys.stdout if args.format == "text" else sys.stderr
+            if where is sys.stdout or not args.quiet:
+                where.write(("\n" if where is sys.stdout else "") + "wrote ")
+                where.write(", ".join(out_files) + "\n")
+                where.flush()
     if interrupted:
-        n = len(result.entries) if result is not None else 0
-        _note(args, f"interrupted: wrote what was finished ({n} network(s), partial)")
+        n = len(result.entries)
+        sys.stderr.write(
+            f"{PROG}: interrupted: wrote what was finished ({n} network(s), marked "
+            f"partial)\n"
+        )
         return 130
     return 0
 
 
-def _note(args: argparse.Namespace, message: str) -> None:
-    if not getattr(args, "quiet", False) or message.startswith("interrupted"):
-        sys.stderr.write(f"{PROG}: {message}\n")
-
-
-def _emit_now(
-    args: argparse.Namespace, result, config: dict[str, Any], interrupted: bool
-) -> None:
+def _print(args: argparse.Namespace, result, d: dict[str, Any], interrupted: bool):
     from .report import text
-    from .report.writers import study_to_csv, study_to_dict
+    from .report.writers import study_to_csv
 
-    out_files: list[str] = []
-    if args.out:
-        out_files = _write_out(args.out, result, config, plots=not interrupted)
     if args.format == "json":
         import json
 
-        d = study_to_dict(result)
-        d["config"] = config
         sys.stdout.write(json.dumps(d, indent=1) + "\n")
     elif args.format == "csv":
         sys.stdout.write(study_to_csv(result))
     else:
         color = text.use_color(sys.stdout)
-        if len(result.entries) == 1:
+        if not result.entries:
+            body = "no network was finished"
+        elif len(result.entries) == 1:
             e = result.entries[0]
             body = text.render_entry(e, color=color, max_rows=args.max_rows)
             sentences = result.explanation()
@@ -571,11 +581,7 @@ def _emit_now(
         if interrupted:
             body = "INTERRUPTED: partial result (what was finished)\n\n" + body
         sys.stdout.write(body + "\n")
-        if out_files:
-            sys.stdout.write("\nwrote " + ", ".join(out_files) + "\n")
     sys.stdout.flush()
-    if out_files and args.format != "text" and not args.quiet:
-        sys.stderr.write("wrote " + ", ".join(out_files) + "\n")
 
 
 def _prepare_out(out_dir: str | None) -> None:
@@ -592,28 +598,25 @@ def _prepare_out(out_dir: str | None) -> None:
         raise BadInput(f"--out {out_dir}: the directory is not writable")
 
 
-def _write_out(
-    out_dir: str, result, config: dict[str, Any], plots: bool = True
-) -> list[str]:
+def _write_json(out_dir: str, d: dict[str, Any]) -> str:
     import json
 
-    from .report.writers import atomic_open, study_to_dict
+    from .report.writers import atomic_open
 
     _prepare_out(out_dir)
-    d = study_to_dict(result)
-    d["config"] = config
     path = os.path.join(out_dir, "report.json")
     with atomic_open(path) as fh:
         json.dump(d, fh, indent=1)
-    if not plots:  # interrupted: the JSON is what counts, and it is written at once
-        return [path]
+    return path
+
+
+def _write_plots(out_dir: str, result) -> list[str]:
     from .report.plots import write_plots
 
     profiles = [
         p for e in result.entries for p in (e.analytic, e.empirical) if p is not None
     ]
-    paths = write_plots(profiles, out_dir, title=result.name)
-    return [path, *paths]
+    return write_plots(profiles, out_dir, title=result.name)
 
 
 def _config_record(
@@ -773,12 +776,17 @@ def cmd_phase(args: argparse.Namespace) -> int:
         raise BadInput(f"--depth: {exc}" if args.depth else str(exc)) from None
     w = np.linspace(wa, wb, wn)
     b = np.linspace(ba, bb, bn)
+    from .report.progress import Progress
+
     t0 = time.perf_counter()
-    try:
-        values = _phase_values(act, w, b, args.quantity, depth)
-    except NotImplementedError as exc:
-        raise BadInput(f"--activation {act}: {exc}") from None
-    crit = _critical_curve(act, b)
+    with Progress(2, enabled=False if args.quiet else None) as prog:
+        prog.set_label(f"phase: {wn} x {bn} grid")
+        try:
+            values = _phase_values(act, w, b, args.quantity, depth)
+        except NotImplementedError as exc:
+            raise BadInput(f"--activation {act}: {exc}") from None
+        prog.update("phase: critical line")
+        crit = _critical_curve(act, b)
     elapsed = time.perf_counter() - t0
     rows = []
     for mw, mb, name in marks:
@@ -810,23 +818,35 @@ def cmd_phase(args: argparse.Namespace) -> int:
         "seconds": elapsed,
         "partial": False,
     }
-    from ._interrupt import deferred
-
-    with deferred():
-        _phase_emit(args, record, w, b, values, crit, marks, act)
+    _phase_emit(args, record, w, b, values, crit, marks, act)
     return 0
 
 
 def _phase_emit(args, record, w, b, values, crit, marks, act) -> None:
+    """phase.json (whole or not at all), stdout (Ctrl-C held back until it is
+    whole), then phase.png (whole or not at all)."""
     import json
+
+    from ._interrupt import deferred
+    from .profile import _jsonable
+    from .report.writers import atomic_open
 
     files = []
     if args.out:
-        from .profile import _jsonable
-        from .report.plots import phase_plot, save_figure
-        from .report.writers import atomic_open
-
         _prepare_out(args.out)
+        path = os.path.join(args.out, "phase.json")
+        with atomic_open(path) as fh:
+            json.dump(_jsonable(record), fh)
+        files.append(path)
+    with deferred():
+        if args.format == "json":
+            sys.stdout.write(json.dumps(_jsonable(record)) + "\n")
+        else:
+            sys.stdout.write(_phase_text(record, []) + "\n")
+        sys.stdout.flush()
+    if args.out:
+        from .report.plots import phase_plot, save_figure
+
         fig = phase_plot(
             w,
             b,
@@ -837,20 +857,13 @@ def _phase_emit(args, record, w, b, values, crit, marks, act) -> None:
             marks=marks,
         )
         files.append(save_figure(fig, os.path.join(args.out, "phase.png")))
-        path = os.path.join(args.out, "phase.json")
-        with atomic_open(path) as fh:
-            json.dump(_jsonable(record), fh)
-        files.append(path)
-    if args.format == "json":
-        from .profile import _jsonable
-
-        sys.stdout.write(json.dumps(_jsonable(record)) + "\n")
-        sys.stdout.flush()
-        if files and not args.quiet:
-            sys.stderr.write("wrote " + ", ".join(files) + "\n")
-        return
-    sys.stdout.write(_phase_text(record, files) + "\n")
-    sys.stdout.flush()
+    if files:
+        with deferred():
+            if args.format == "text":
+                sys.stdout.write("wrote " + ", ".join(files) + "\n")
+                sys.stdout.flush()
+            elif not args.quiet:
+                sys.stderr.write("wrote " + ", ".join(files) + "\n")
 
 
 def _phase_text(record: dict[str, Any], files: Sequence[str]) -> str:

@@ -47,7 +47,9 @@ def bad(*argv: str) -> str:
 
 
 def test_mlp_refuses_a_huge_depth_before_building():
-    with pytest.raises(ValueError, match=r"depth 1,000,000 would give 2,000,000 layers"):
+    with pytest.raises(
+        ValueError, match=r"depth 1,000,000 would give 2,000,000 layers"
+    ):
         idg.mlp(depth=10**6, width=16)
     with pytest.raises(ValueError, match="width .* above the limit"):
         idg.mlp(depth=2, width=2**40)
@@ -78,7 +80,10 @@ def test_simulate_refuses_seeds_and_work_beyond_reach():
     "argv, where",
     [
         (["report", "--depth", "1000000000", "--width", "16", "-q"], "--depth"),
-        (["report", "--depth", "2", "--width", "8", "--seeds", "1000000000"], "--seeds"),
+        (
+            ["report", "--depth", "2", "--width", "8", "--seeds", "1000000000"],
+            "--seeds",
+        ),
         (["phase", "--depth", "1000000000", "-q"], "--depth"),
         (["phase", "--depth", "90000", "--quantity", "corr", "-q"], "--depth"),
     ],
@@ -115,12 +120,27 @@ def test_huge_numbers_in_initializers_are_value_errors():
 @pytest.mark.parametrize(
     "toml, needle",
     [
-        ("[network]\ndepth = 2\nwidth = 8\nbatchnorm = \"no\"\n", "batchnorm must be"),
-        ("[network]\ndepth = 2\nwidth = 8\n[init]\nbias = 1" + "0" * 400 + "\n", "bias"),
-        ("[network]\ndepth = 2\nwidth = 8\n[simulate]\nseeds = \"x\"\n", "[simulate] seeds"),
-        ("[network]\ndepth = 2\nwidth = 8\n[simulate]\nbackend = 3\n", "[simulate] backend"),
-        ("[network]\ndepth = 2\nwidth = 8\n[simulate]\njacobian = 1\n", "[simulate] jacobian"),
-        ("[network]\ndepth = 2\nwidth = 8\n[analyze]\ninput_correlation = 2\n", "[analyze]"),
+        ('[network]\ndepth = 2\nwidth = 8\nbatchnorm = "no"\n', "batchnorm must be"),
+        (
+            "[network]\ndepth = 2\nwidth = 8\n[init]\nbias = 1" + "0" * 400 + "\n",
+            "bias",
+        ),
+        (
+            '[network]\ndepth = 2\nwidth = 8\n[simulate]\nseeds = "x"\n',
+            "[simulate] seeds",
+        ),
+        (
+            "[network]\ndepth = 2\nwidth = 8\n[simulate]\nbackend = 3\n",
+            "[simulate] backend",
+        ),
+        (
+            "[network]\ndepth = 2\nwidth = 8\n[simulate]\njacobian = 1\n",
+            "[simulate] jacobian",
+        ),
+        (
+            "[network]\ndepth = 2\nwidth = 8\n[analyze]\ninput_correlation = 2\n",
+            "[analyze]",
+        ),
     ],
 )
 def test_toml_values_are_checked_and_named(tmp_path, toml, needle):
@@ -181,7 +201,13 @@ def test_mlp_flags_must_be_booleans():
 
 @pytest.mark.parametrize(
     "mean, std, a, b",
-    [(0, 1, 10, 11), (0, 1, -11, -10), (0, 1, 40, 41), (0, 1, 5, 1e3), (1, 2, -60, -57)],
+    [
+        (0, 1, 10, 11),
+        (0, 1, -11, -10),
+        (0, 1, 40, 41),
+        (0, 1, 5, 1e3),
+        (1, 2, -60, -57),
+    ],
 )
 def test_trunc_normal_far_tails(mean, std, a, b):
     al, be = (a - mean) / std, (b - mean) / std
@@ -203,7 +229,8 @@ def test_trunc_normal_far_tails(mean, std, a, b):
 
 
 def test_numba_cache_is_outside_the_package():
-    from initdiag.kernels import _cache, stats as kstats
+    from initdiag.kernels import _cache
+    from initdiag.kernels import stats as kstats
 
     pkg = os.path.dirname(idg.__file__)
     path = kstats._sumsq_nb._cache._cache_path
@@ -238,7 +265,9 @@ def test_installed_copy_writes_nothing_into_itself(tmp_path):
 
     site = tmp_path / "site"
     shutil.copytree(
-        ROOT / "initdiag", site / "initdiag", ignore=shutil.ignore_patterns("__pycache__")
+        ROOT / "initdiag",
+        site / "initdiag",
+        ignore=shutil.ignore_patterns("__pycache__"),
     )
     code = (
         "import os; before = dict(os.environ); import initdiag; "
@@ -250,8 +279,12 @@ def test_installed_copy_writes_nothing_into_itself(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(site), XDG_CACHE_HOME=str(tmp_path / "c"))
     env.pop("NUMBA_CACHE_DIR", None)
     r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env,
-        cwd=tmp_path, timeout=600,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith(str(site))
@@ -284,7 +317,9 @@ def test_stop_request_gives_the_finished_seeds():
             _interrupt.request_stop()
 
     with pytest.raises(_interrupt.Interrupted) as ei:
-        idg.simulate(net, batch_size=8, seeds=6, backend="numpy", progress=stop_after_two)
+        idg.simulate(
+            net, batch_size=8, seeds=6, backend="numpy", progress=stop_after_two
+        )
     part = ei.value.partial
     assert isinstance(ei.value, KeyboardInterrupt)
     assert part.meta["partial"] is True and part.meta["seeds_finished"] == 2
@@ -327,7 +362,8 @@ def test_run_study_interrupted_keeps_finished_networks():
 
     with pytest.raises(_interrupt.Interrupted) as ei:
         run_study(
-            nets, simulate_kw={"batch_size": 8, "seeds": 3, "backend": "numpy"},
+            nets,
+            simulate_kw={"batch_size": 8, "seeds": 3, "backend": "numpy"},
             progress=progress,
         )
     res = ei.value.partial
@@ -354,16 +390,25 @@ def test_progress_moves_once_per_seed():
 def test_compare_applies_each_files_simulate(tmp_path):
     a = tmp_path / "a.toml"
     b = tmp_path / "b.toml"
-    a.write_text("[network]\ndepth = 2\nwidth = 8\n[simulate]\nbatch_size = 8\nseeds = 2\n")
-    b.write_text("[network]\ndepth = 2\nwidth = 8\n[simulate]\nbatch_size = 12\nseeds = 3\n")
+    a.write_text(
+        "[network]\ndepth = 2\nwidth = 8\n[simulate]\nbatch_size = 8\nseeds = 2\n"
+    )
+    b.write_text(
+        "[network]\ndepth = 2\nwidth = 8\n[simulate]\nbatch_size = 12\nseeds = 3\n"
+    )
     rc, out, err = run_main("compare", str(a), str(b), "--format", "json", "-q")
     assert rc == 0, err
     d = json.loads(out)
     metas = [v["empirical"]["meta"] for v in d["variants"]]
     assert [(m["batch_size"], m["seeds"]) for m in metas] == [(8, 2), (12, 3)]
     # an option still applies to every file
-    rc, out, _ = run_main("compare", str(a), str(b), "--seeds", "2", "--format", "json", "-q")
-    assert [v["empirical"]["meta"]["seeds"] for v in json.loads(out)["variants"]] == [2, 2]
+    rc, out, _ = run_main(
+        "compare", str(a), str(b), "--seeds", "2", "--format", "json", "-q"
+    )
+    assert [v["empirical"]["meta"]["seeds"] for v in json.loads(out)["variants"]] == [
+        2,
+        2,
+    ]
 
 
 def test_wide_tables_and_deep_descriptions_fit_the_width():
@@ -417,7 +462,8 @@ def test_phase_marks_each_network_differently():
     w = np.linspace(0.5, 3, 5)
     b = np.linspace(0, 0.5, 4)
     marks = [(1.0, 0.1, "a"), (2.0, 0.2, "b"), (2.5, 0.3, "c")]
-    fig = phase_plot(w, b, np.ones((4, 5)), quantity="chi1", activation="tanh",
-                     marks=marks)
+    fig = phase_plot(
+        w, b, np.ones((4, 5)), quantity="chi1", activation="tanh", marks=marks
+    )
     lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() in ("a", "b", "c")]
     assert len({ln.get_marker() for ln in lines}) == 3
