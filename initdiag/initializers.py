@@ -185,7 +185,9 @@ class Initializer:
         raise NotImplementedError
 
     def second_moment(self, fan_in: int, fan_out: int) -> float:
-        return self.variance(fan_in, fan_out) + self.mean(fan_in, fan_out) ** 2
+        # m * m, not m ** 2: a Python float's ** raises OverflowError past 1e154
+        m = self.mean(fan_in, fan_out)
+        return self.variance(fan_in, fan_out) + m * m
 
     def sample(
         self,
@@ -265,7 +267,7 @@ class _Closed(Initializer):
         if kind == "normal":
             return q * q
         if kind == "uniform":
-            return (q - p) ** 2 / 12.0
+            return (q - p) * (q - p) / 12.0
         return 0.0
 
 
@@ -613,7 +615,7 @@ class Orthogonal(Initializer):
         return 0.0
 
     def variance(self, fan_in, fan_out):
-        return self.gain**2 / max(fan_in, fan_out)
+        return self.gain * self.gain / max(fan_in, fan_out)
 
     def sample(self, shape, fan_in, fan_out, rng, dtype=np.float32):
         rng = _as_rng(rng)

@@ -467,3 +467,23 @@ def test_phase_marks_each_network_differently():
     )
     lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label() in ("a", "b", "c")]
     assert len({ln.get_marker() for ln in lines}) == 3
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["--bias", "1e300"],
+        ["--weight", "normal(std=1e200)"],
+        ["--bias", "uniform(-1e300, 1e300)", "--batchnorm"],
+        ["--weight", "orthogonal(gain=1e300)", "--activation", "tanh"],
+    ],
+)
+def test_huge_finite_inits_are_findings_not_errors(opts):
+    """Overflow is a verdict of the report: exit 0, no RuntimeWarning, no
+    OverflowError from a Python float's ``**``."""
+    argv = ["report", "--depth", "3", "--width", "8", "--seeds", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rc, out, err = run_main(*argv, "--batch-size", "8", *opts, "-q")
+    assert rc == 0, err
+    assert "overflow" in out
