@@ -33,6 +33,9 @@ import numpy as np
 
 from .kernels._threading import ensure_configured, njit, prange
 
+
+
+
 __all__ = [
     "derive_key",
     "entropy_of",
@@ -482,3 +485,5 @@ def fill(
         out.fill(p)
         return out
     raise ValueError(f"unknown distribution kind {kind!r}")
+
+

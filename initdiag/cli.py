@@ -13,12 +13,15 @@ bias / BatchNorm question, ``examples/bias_question.toml``); with network option
 network; with a CONFIG the options override every variant of the file.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming the option or file),
+130 interrupted (Ctrl-C: what was finished is written, marked ``"partial": true``),
 1 internal error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
 import sys
@@ -43,6 +46,10 @@ _SIM_OPTS = (
     "input_correlation",
     "jacobian",
 )
+
+
+#: write errors that are the environment's, not ours: a closed or full output
+_OUTPUT_ERRNOS = {errno.EBADF, errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT}
 
 
 class BadInput(Exception):
@@ -110,20 +117,33 @@ def _unit_float(text: str) -> float:
     return v
 
 
-def _grid(text: str) -> tuple[float, float, int]:
-    parts = text.split(":")
-    msg = f"expected a:b:n (from a to b in n points, a < b, n >= 2), got {text!r}"
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(msg)
-    try:
-        a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
-    except ValueError:
-        raise argparse.ArgumentTypeError(msg) from None
-    if not (math.isfinite(a) and math.isfinite(b)) or a >= b or n < 2 or a < 0:
-        raise argparse.ArgumentTypeError(msg + " and a >= 0")
-    if n > 2000:
-        raise argparse.ArgumentTypeError(f"at most 2000 points per axis, got {n}")
-    return a, b, n
+def _grid(positive: bool):
+    """a:b:n with a > 0 (``positive``: the weight variance) or a >= 0 (the bias
+    variance), as the mean-field engine requires."""
+    low = "a > 0" if positive else "a >= 0"
+
+    def conv(text: str) -> tuple[float, float, int]:
+        parts = text.split(":")
+        msg = (
+            f"expected a:b:n (from a to b in n points, {low}, a < b, n >= 2), "
+            f"got {text!r}"
+        )
+        if len(parts) != 3 or len(text) > 200:
+            raise argparse.ArgumentTypeError(msg)
+        try:
+            a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
+        except ValueError:
+            raise argparse.ArgumentTypeError(msg) from None
+        if not (math.isfinite(a) and math.isfinite(b)) or a >= b or n < 2:
+            raise argparse.ArgumentTypeError(msg)
+        if a < 0 or (positive and a == 0):
+            raise argparse.ArgumentTypeError(msg)
+        if n > 2000:
+            raise argparse.ArgumentTypeError(f"at most 2000 points per axis, got {n}")
+        return a, b, n
+
+    conv.__name__ = "grid"
+    return conv
 
 
 # -- parser ---------------------------------------------------------------------------
@@ -179,7 +199,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         help="kernel backend (default auto: numba, else numpy)",
     )
     g.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
-    g.add_argument("--rng", type=int, help="seed of every random stream (default 0)")
+    g.add_argument(
+        "--rng", type=_positive_int(0), help="seed of every random stream (default 0)"
+    )
     g.add_argument(
         "--input-correlation",
         type=_unit_float,
@@ -271,14 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ph.add_argument(
         "--sigma-w2",
-        type=_grid,
+        type=_grid(True),
         metavar="a:b:n",
         default=None,
         help="weight-variance axis (default 0.05:4:121)",
     )
     ph.add_argument(
         "--sigma-b2",
-        type=_grid,
+        type=_grid(False),
         metavar="a:b:n",
         default=None,
         help="bias-variance axis (default 0:0.5:101)",
@@ -393,15 +415,49 @@ def _single_network(net_over: dict, init_over: dict):
     return Study(name=name, networks=[net], source="command line")
 
 
-def _settings(args: argparse.Namespace, study_sim: dict) -> dict[str, Any]:
-    sim = {**DEFAULT_SIMULATE, **(study_sim or {})}
+def _settings(
+    args: argparse.Namespace, study_sim: dict, where: str | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The simulate keywords (defaults < the study's [simulate] < the options) and,
+    for each, where it came from (an option, ``FILE: [simulate] key`` or the
+    default), so that a complaint about a value names where it was written."""
+    sim = dict(DEFAULT_SIMULATE)
+    origin = {k: f"the default {k} {v}" for k, v in sim.items()}
+    for k, v in (study_sim or {}).items():
+        sim[k] = v
+        origin[k] = f"{where}: [simulate] {k}" if where else f"[simulate] {k}"
     for k in _SIM_OPTS:
         v = getattr(args, k, None)
         if v is not None:
             sim[k] = v
+            origin[k] = _opt(k)
     if sim.get("backend") == "auto":
         sim["backend"] = None
-    return sim
+    if sim.get("backend") is None:
+        _check_env_backend()
+    return sim, origin
+
+
+def _check_env_backend() -> None:
+    env = os.environ.get("INITDIAG_BACKEND", "").strip()
+    valid = ("auto", "numba", "numpy", "c", "cuda")
+    if env and env.lower() not in valid:
+        raise BadInput(
+            f"INITDIAG_BACKEND={env[:40]!r} is not a backend; valid: "
+            f"{', '.join(valid)} (or unset it)"
+        )
+
+
+def _check_sizes(networks, sims, origins) -> None:
+    """Every Monte Carlo run within the limits, blamed on the setting at fault."""
+    from . import _limits
+
+    for net, sim, origin in zip(networks, sims, origins, strict=True):
+        try:
+            _limits.check_simulate(net, int(sim["batch_size"]), int(sim["seeds"]))
+        except _limits.LimitError as exc:
+            where = origin.get(exc.key) or f"network {net.name!r}"
+            raise BadInput(f"{where}: {exc}") from None
 
 
 # -- running --------------------------------------------------------------------------
@@ -412,31 +468,40 @@ def _run(
     networks,
     name: str,
     description: str,
-    sim: dict,
-    ana: dict,
+    sims: list[dict],
+    origins: list[dict],
+    anas: list[dict],
 ):
+    """Run the study; returns ``(result, interrupted)``: on Ctrl-C the result holds
+    what was finished (``result.partial``)."""
+    from ._interrupt import Interrupted
     from .report.progress import Progress
-    from .report.study import run_study
+    from .report.study import progress_steps, run_study
 
     empirical = bool(getattr(args, "simulate", True))
-    total = len(networks) * (1 + int(empirical))
+    if empirical:
+        _check_sizes(networks, sims, origins)
+    total = progress_steps(networks, sims, empirical)
     prog = Progress(total, enabled=False if args.quiet else None)
     try:
         result = run_study(
             networks,
             name=name,
             description=description,
-            analyze_kw=ana,
-            simulate_kw=sim,
+            per_network_analyze=anas,
+            per_network_simulate=sims,
             empirical=empirical,
             progress=prog.update,
         )
+    except Interrupted as exc:
+        prog.close()
+        return exc.partial, True
     except Exception as exc:
         prog.close()
         _engine_error(exc)
         raise
     prog.close()
-    return result
+    return result, False
 
 
 def _engine_error(exc: BaseException) -> None:
@@ -452,24 +517,57 @@ def _engine_error(exc: BaseException) -> None:
         raise BadInput(str(exc)) from None
 
 
-def _emit(args: argparse.Namespace, result, config: dict[str, Any]) -> int:
-    from .report import text
-    from .report.writers import study_to_csv, study_to_dict
+def _emit(
+    args: argparse.Namespace, result, config: dict[str, Any], interrupted: bool = False
+) -> int:
+    """Write the result: ``report.json`` (whole or not at all), stdout (Ctrl-C held
+    back until it is whole), then the plots (each whole or not at all; Ctrl-C stops
+    there).  130 when the run was interrupted: the output is then marked partial
+    and the plots are skipped."""
+    from ._interrupt import deferred
+    from .report.writers import study_to_dict
 
     out_files: list[str] = []
+    d = study_to_dict(result)
+    d["config"] = config
     if args.out:
-        out_files = _write_out(args.out, result, config)
+        out_files.append(_write_json(args.out, d))
+    with deferred():
+        _print(args, result, d, interrupted)
+    if args.out and not interrupted:
+        out_files += _write_plots(args.out, result)
+    if out_files:
+        with deferred():
+            where = sys.stdout if args.format == "text" else sys.stderr
+            if where is sys.stdout or not args.quiet:
+                where.write(("\n" if where is sys.stdout else "") + "wrote ")
+                where.write(", ".join(out_files) + "\n")
+                where.flush()
+    if interrupted:
+        n = len(result.entries)
+        sys.stderr.write(
+            f"{PROG}: interrupted: wrote what was finished ({n} network(s), marked "
+            f"partial)\n"
+        )
+        return 130
+    return 0
+
+
+def _print(args: argparse.Namespace, result, d: dict[str, Any], interrupted: bool):
+    from .report import text
+    from .report.writers import study_to_csv
+
     if args.format == "json":
         import json
 
-        d = study_to_dict(result)
-        d["config"] = config
         sys.stdout.write(json.dumps(d, indent=1) + "\n")
     elif args.format == "csv":
         sys.stdout.write(study_to_csv(result))
     else:
         color = text.use_color(sys.stdout)
-        if len(result.entries) == 1:
+        if not result.entries:
+            body = "no network was finished"
+        elif len(result.entries) == 1:
             e = result.entries[0]
             body = text.render_entry(e, color=color, max_rows=args.max_rows)
             sentences = result.explanation()
@@ -480,12 +578,10 @@ def _emit(args: argparse.Namespace, result, config: dict[str, Any]) -> int:
             body = text.render_study(
                 result, color=color, details=args.details, max_rows=args.max_rows
             )
+        if interrupted:
+            body = "INTERRUPTED: partial result (what was finished)\n\n" + body
         sys.stdout.write(body + "\n")
-        if out_files:
-            sys.stdout.write("\nwrote " + ", ".join(out_files) + "\n")
-    if out_files and args.format != "text" and not args.quiet:
-        sys.stderr.write("wrote " + ", ".join(out_files) + "\n")
-    return 0
+    sys.stdout.flush()
 
 
 def _prepare_out(out_dir: str | None) -> None:
@@ -502,23 +598,25 @@ def _prepare_out(out_dir: str | None) -> None:
         raise BadInput(f"--out {out_dir}: the directory is not writable")
 
 
-def _write_out(out_dir: str, result, config: dict[str, Any]) -> list[str]:
+def _write_json(out_dir: str, d: dict[str, Any]) -> str:
     import json
 
-    from .report.plots import write_plots
-    from .report.writers import study_to_dict
+    from .report.writers import atomic_open
 
     _prepare_out(out_dir)
-    d = study_to_dict(result)
-    d["config"] = config
     path = os.path.join(out_dir, "report.json")
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         json.dump(d, fh, indent=1)
+    return path
+
+
+def _write_plots(out_dir: str, result) -> list[str]:
+    from .report.plots import write_plots
+
     profiles = [
         p for e in result.entries for p in (e.analytic, e.empirical) if p is not None
     ]
-    paths = write_plots(profiles, out_dir, title=result.name)
-    return [path, *paths]
+    return write_plots(profiles, out_dir, title=result.name)
 
 
 def _config_record(
@@ -552,10 +650,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         study = _single_network(net_over, init_over)
     else:
         study = _default_study(net_over, init_over)
-    sim = _settings(args, study.simulate)
+    sim, origin = _settings(args, study.simulate, study.source)
     ana = dict(study.analyze)
-    result = _run(args, study.networks, study.name, study.description, sim, ana)
-    return _emit(args, result, _config_record(args, study.source, sim, ana))
+    n = len(study.networks)
+    result, stopped = _run(
+        args,
+        study.networks,
+        study.name,
+        study.description,
+        [sim] * n,
+        [origin] * n,
+        [ana] * n,
+    )
+    return _emit(args, result, _config_record(args, study.source, sim, ana), stopped)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -563,14 +670,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     net_over, init_over = _overrides(args)
     networks = []
     names: set[str] = set()
-    sims: dict[str, Any] = {}
-    anas: dict[str, Any] = {}
+    # each file's [simulate] applies to its own networks (options to all of them)
+    sims: list[dict[str, Any]] = []
+    origins: list[dict[str, str]] = []
+    per_file: dict[str, dict[str, Any]] = {}
+    anas: list[dict[str, Any]] = []
     for path in args.configs:
         study = _load_study(path, net_over, init_over)
-        for k, v in study.simulate.items():
-            sims.setdefault(k, v)
-        for k, v in study.analyze.items():
-            anas.setdefault(k, v)
+        sim, origin = _settings(args, study.simulate, path)
+        per_file[path] = sim
+        sims += [sim] * len(study.networks)
+        origins += [origin] * len(study.networks)
+        anas += [dict(study.analyze)] * len(study.networks)
         stem = os.path.splitext(os.path.basename(path))[0]
         for net in study.networks:
             name = net.name
@@ -582,9 +693,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 k += 1
             names.add(name)
             networks.append(net if name == net.name else net.with_name(name))
-    sim = _settings(args, sims)
-    result = _run(args, networks, "compare", " vs ".join(args.configs), sim, anas)
-    return _emit(args, result, _config_record(args, ";".join(args.configs), sim, anas))
+    result, stopped = _run(
+        args, networks, "compare", " vs ".join(args.configs), sims, origins, anas
+    )
+    config = _config_record(args, ";".join(args.configs), per_file, anas[0])
+    return _emit(args, result, config, stopped)
 
 
 # -- phase diagram --------------------------------------------------------------------
@@ -636,8 +749,6 @@ def _critical_curve(act: str, b: Any) -> Any:
 
 
 def cmd_phase(args: argparse.Namespace) -> int:
-    import json
-
     import numpy as np
 
     from .verdicts import critical_point, network_parameters
@@ -657,14 +768,25 @@ def cmd_phase(args: argparse.Namespace) -> int:
     depth = depth or 30
     wa, wb, wn = args.sigma_w2 or (0.05, 4.0, 121)
     ba, bb, bn = args.sigma_b2 or (0.0, 0.5, 101)
+    from . import _limits
+
+    try:
+        _limits.check_phase(wn, bn, depth)
+    except _limits.LimitError as exc:
+        raise BadInput(f"--depth: {exc}" if args.depth else str(exc)) from None
     w = np.linspace(wa, wb, wn)
     b = np.linspace(ba, bb, bn)
+    from .report.progress import Progress
+
     t0 = time.perf_counter()
-    try:
-        values = _phase_values(act, w, b, args.quantity, depth)
-    except NotImplementedError as exc:
-        raise BadInput(f"--activation {act}: {exc}") from None
-    crit = _critical_curve(act, b)
+    with Progress(2, enabled=False if args.quiet else None) as prog:
+        prog.set_label(f"phase: {wn} x {bn} grid")
+        try:
+            values = _phase_values(act, w, b, args.quantity, depth)
+        except NotImplementedError as exc:
+            raise BadInput(f"--activation {act}: {exc}") from None
+        prog.update("phase: critical line")
+        crit = _critical_curve(act, b)
     elapsed = time.perf_counter() - t0
     rows = []
     for mw, mb, name in marks:
@@ -694,16 +816,37 @@ def cmd_phase(args: argparse.Namespace) -> int:
         "critical_sigma_w2": crit,
         "networks": rows,
         "seconds": elapsed,
+        "partial": False,
     }
+    _phase_emit(args, record, w, b, values, crit, marks, act)
+    return 0
+
+
+def _phase_emit(args, record, w, b, values, crit, marks, act) -> None:
+    """phase.json (whole or not at all), stdout (Ctrl-C held back until it is
+    whole), then phase.png (whole or not at all)."""
+    import json
+
+    from ._interrupt import deferred
+    from .profile import _jsonable
+    from .report.writers import atomic_open
+
     files = []
     if args.out:
-        from .profile import _jsonable
+        _prepare_out(args.out)
+        path = os.path.join(args.out, "phase.json")
+        with atomic_open(path) as fh:
+            json.dump(_jsonable(record), fh)
+        files.append(path)
+    with deferred():
+        if args.format == "json":
+            sys.stdout.write(json.dumps(_jsonable(record)) + "\n")
+        else:
+            sys.stdout.write(_phase_text(record, []) + "\n")
+        sys.stdout.flush()
+    if args.out:
         from .report.plots import phase_plot, save_figure
 
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as exc:
-            raise BadInput(f"--out {args.out}: {exc.strerror}") from None
         fig = phase_plot(
             w,
             b,
@@ -714,19 +857,13 @@ def cmd_phase(args: argparse.Namespace) -> int:
             marks=marks,
         )
         files.append(save_figure(fig, os.path.join(args.out, "phase.png")))
-        path = os.path.join(args.out, "phase.json")
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(_jsonable(record), fh)
-        files.append(path)
-    if args.format == "json":
-        from .profile import _jsonable
-
-        sys.stdout.write(json.dumps(_jsonable(record)) + "\n")
-        if files and not args.quiet:
-            sys.stderr.write("wrote " + ", ".join(files) + "\n")
-        return 0
-    sys.stdout.write(_phase_text(record, files) + "\n")
-    return 0
+    if files:
+        with deferred():
+            if args.format == "text":
+                sys.stdout.write("wrote " + ", ".join(files) + "\n")
+                sys.stdout.flush()
+            elif not args.quiet:
+                sys.stderr.write("wrote " + ", ".join(files) + "\n")
 
 
 def _phase_text(record: dict[str, Any], files: Sequence[str]) -> str:
@@ -775,6 +912,15 @@ def _phase_text(record: dict[str, Any], files: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input, 1 internal)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None or sys.stderr is None:
+        # started with a closed descriptor (`initdiag report >&-`): nowhere to say
+        # anything; stderr, when open, gets the one line
+        if sys.stderr is not None:
+            sys.stderr.write(
+                f"{PROG}: error: standard output is closed; redirect it instead "
+                f"(e.g. >/dev/null, with --out DIR for the files)\n"
+            )
+        return 2
     parser = build_parser()
     try:
         if (
@@ -797,15 +943,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
     except BrokenPipeError:
+        # the reader went away (`initdiag report | head`): not an error; point
+        # stdout at /dev/null so the interpreter's final flush does not complain
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            return _internal(exc)
+        sys.stderr.write(f"{PROG}: error: cannot write the output: {exc}\n")
+        return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence
-        if os.environ.get("INITDIAG_DEBUG"):
-            raise
-        sys.stderr.write(
-            f"{PROG}: internal error: {type(exc).__name__}: {exc} (this is a bug; set "
-            f"INITDIAG_DEBUG=1 for the traceback)\n"
-        )
-        return 1
+        return _internal(exc)
+
+
+def _internal(exc: BaseException) -> int:
+    if os.environ.get("INITDIAG_DEBUG"):
+        raise exc
+    sys.stderr.write(
+        f"{PROG}: internal error: {type(exc).__name__}: {exc} (this is a bug; set "
+        f"INITDIAG_DEBUG=1 for the traceback)\n"
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -66,6 +66,67 @@ _SIM_KEYS = {
     "jacobian",
 }
 _ANA_KEYS = {"input_second_moment", "input_correlation", "batch_size"}
+_BACKENDS = ("auto", "numba", "numpy", "c", "cuda")
+
+
+def _int_at_least(minimum: int):
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            return f"an integer >= {minimum}"
+        return None
+
+    return check
+
+
+def _number_in(lo: float, hi: float | None):
+    def check(v: Any) -> str | None:
+        want = f"a number > {lo:g}" if hi is None else f"a number in [{lo:g}, {hi:g}]"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return want
+        try:
+            x = float(v)
+        except OverflowError:
+            return want
+        if not math.isfinite(x) or x < lo or (hi is not None and x > hi):
+            return want
+        if hi is None and x <= lo:
+            return want
+        return None
+
+    return check
+
+
+def _one_of(*choices: Any):
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or v not in choices:
+            return "one of " + ", ".join(repr(c) for c in choices)
+        return None
+
+    return check
+
+
+def _boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+#: what every settings key accepts (the engines' own checks, stated with the
+#: file and key so a bad value is reported where it was written)
+_VALUE_CHECKS = {
+    "simulate": {
+        "batch_size": _int_at_least(2),
+        "seeds": _int_at_least(1),
+        "backend": _one_of(*_BACKENDS),
+        "dtype": _one_of("float32", "float64"),
+        "rng": _int_at_least(0),
+        "input_correlation": _number_in(0.0, 1.0),
+        "jacobian": _boolean,
+    },
+    "analyze": {
+        "input_second_moment": _number_in(0.0, None),
+        "input_correlation": _number_in(0.0, 1.0),
+        "batch_size": _int_at_least(2),
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -179,6 +240,11 @@ def _check_settings(d: Any, allowed: set[str], source: str | None, key: str) -> 
             f"{_where(source, key)} unknown keys {sorted(unknown)}; valid keys: "
             f"{', '.join(sorted(allowed))}"
         )
+    for k, v in d.items():
+        want = _VALUE_CHECKS[key][k](v)
+        if want is not None:
+            shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+            raise ConfigError(f"{_where(source, key)} {k} must be {want}, got {shown}")
     return dict(d)
 
 
@@ -261,11 +327,19 @@ def _read(path_or_dict: Any) -> tuple[Mapping[str, Any], str | None]:
     path = os.fspath(path_or_dict)
     if not os.path.exists(path):
         raise ConfigError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, not a TOML file")
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh), path
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{path}: nested too deeply to read") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a TOML text file (byte {exc.start} is not UTF-8)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from . import _limits
 from .layers import (
     ACTIVATIONS,
     GELU,
@@ -35,7 +36,7 @@ from .layers import (
     activation,
     layer_from_dict,
 )
-from .layers.base import check_positive_int
+from .layers.base import check_bool, check_positive_int
 
 __all__ = [
     "Layer",
@@ -122,6 +123,7 @@ class Network:
                 )
         if not layers:
             raise ValueError("a Network needs at least one layer")
+        _limits.check_layers(self.input_dim, layers)
         object.__setattr__(self, "layers", layers)
         init = self.init
         if init is None:
@@ -258,8 +260,9 @@ def mlp(
             f"bn_position must be 'before_activation' or 'after_activation', "
             f"got {bn_position!r}"
         )
-    if not isinstance(batchnorm, bool):
-        raise TypeError(f"batchnorm must be true or false, got {batchnorm!r}")
+    # a TOML string such as "no" is truthy: only real booleans are accepted
+    check_bool(batchnorm, "batchnorm")
+    check_bool(bias, "bias")
     if batchnorm and norm not in (None, "batchnorm"):
         raise ValueError(f"batchnorm=True contradicts norm={norm!r}")
     norm = "batchnorm" if batchnorm else norm
@@ -267,6 +270,7 @@ def mlp(
         raise ValueError(
             f"norm must be one of {', '.join(map(repr, _NORMS))} or None, got {norm!r}"
         )
+    _limits.check_mlp(depth, width, input_dim, 3 if norm else 2, output_dim)
     act = make_activation(activation)
     layers: list[Layer] = []
     for _ in range(depth):

@@ -361,11 +361,15 @@ class Profile:
         return cls.from_dict(json.loads(text))
 
     def to_frame(self):
-        """A pandas DataFrame (pandas must be installed)."""
+        """A pandas DataFrame, one row per layer (needs pandas: ``pip install
+        'initdiag[frames]'``)."""
         try:
             import pandas as pd
-        except ImportError as exc:  # pragma: no cover - optional
-            raise ImportError("to_frame() needs pandas: pip install pandas") from exc
+        except ImportError as exc:
+            raise ImportError(
+                "to_frame() needs pandas: pip install 'initdiag[frames]' (or pip "
+                "install pandas)"
+            ) from exc
         data = {c: self[c] for c in ID_COLUMNS}
         data.update(self.columns)
         return pd.DataFrame(data)
@@ -431,10 +435,16 @@ class Profile:
         columns: Sequence[str] | None = None,
         **kwargs: Any,
     ):
-        """Plot this profile (and ``others``, overlaid): see
-        :func:`initdiag.report.plots.plot_profiles`."""
+        """Plot this profile (and ``others``, overlaid), one panel per column; see
+        :func:`initdiag.report.plots.plot_profiles` for the keywords.
+
+        Returns the :class:`matplotlib.figure.Figure`.  A new figure is made through
+        ``matplotlib.pyplot``, so in a script ``matplotlib.pyplot.show()`` opens it
+        and in Jupyter it is displayed; ``fig.savefig("profile.png")`` writes it.
+        """
         from .report.plots import plot_profiles
 
+        kwargs.setdefault("pyplot", ax is None)
         return plot_profiles([self, *others], ax=ax, columns=columns, **kwargs)
 
 

@@ -250,7 +250,7 @@ def test_write_plots_and_phase_plot(tmp_path, small_net):
 def test_layer_table_elides_the_middle(small_net):
     a = _fake(small_net, "analytic")
     e = _fake(small_net, "empirical", 3)
-    out = text.layer_table(a, e, max_rows=7)
+    out = text.layer_table(a, e, max_rows=7, width=1000)  # one block: no wrapping
     lines = out.splitlines()
     assert len(lines) == 1 + 7
     assert lines[4].startswith("...")

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .. import _rng
+from .. import _interrupt, _limits, _rng
 from .._inputs import check_input_moments
 from ..network import Network
 from ..profile import STAT_COLUMNS, Profile
@@ -103,7 +105,13 @@ def _n_workers(
     try:
         import numba
         import threadpoolctl  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
+        warnings.warn(
+            f"seeds run one at a time ({exc.name} is missing: pip install "
+            f"{exc.name}); a run takes several times longer",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return 1
     w = min(seeds, numba.get_num_threads())
     while w > 1 and any(w * per_seed_bytes > c for c in caps):
@@ -146,8 +154,15 @@ def _run_concurrent(
         threadpool_limits(limits=1, user_api="blas"),
         ThreadPoolExecutor(max_workers=workers) as ex,
     ):
-        for fut in [ex.submit(work, k) for k in range(workers)]:
-            fut.result()
+        futs = [ex.submit(work, k) for k in range(workers)]
+        try:
+            for fut in futs:
+                fut.result()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the main thread only: the workers see the token at
+            # their next layer and abandon their seeds; leaving the block joins them
+            _interrupt.request_stop()
+            raise
     for tm in tms:
         for k, v in tm.items():
             timing[k] += v
@@ -188,6 +203,7 @@ def simulate(
     rng: int | np.random.Generator | None = 0,
     jacobian: bool = False,
     memory_limit: int | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Profile:
     """Measure a network's step-0 statistics by Monte Carlo over random networks.
 
@@ -237,6 +253,10 @@ def simulate(
     memory_limit : int or str, optional
         Refuse to start when the estimated peak (:func:`estimate_memory`) exceeds it
         (bytes or ``"2GB"``); the machine's available memory is always checked.
+    progress : callable, optional
+        ``progress(finished, seeds)`` after each seed completes (from the thread
+        that ran it; calls are serialised by a lock), e.g. to advance a progress
+        bar.
 
     Returns
     -------
@@ -248,13 +268,21 @@ def simulate(
         events; ``meta`` records batch, seeds, backend, dtype, ``workers`` (seeds run
         at once), ``seconds`` (wall time) and ``timing`` (per phase, summed over
         seeds; each seed runs on one thread, so with ``workers > 1`` the sum exceeds
-        the wall time).
+        the wall time), ``partial`` (False) and ``seeds_finished``.
+
+    Ctrl-C (or :func:`initdiag._interrupt.request_stop`) stops the run within one
+    layer's kernels and raises :class:`initdiag._interrupt.Interrupted`, a
+    KeyboardInterrupt whose ``partial`` is this Profile aggregated over the seeds
+    that finished (``meta["partial"] = True``; NaN columns when none did).
 
     Raises
     ------
     TypeError, ValueError
         For invalid arguments; ValueError also when the memory estimate exceeds the
-        available memory or ``memory_limit`` (nothing large is allocated before).
+        available memory or ``memory_limit``, or the run exceeds the limits of
+        :mod:`initdiag._limits` (nothing large is allocated before).
+    initdiag._interrupt.Interrupted
+        On Ctrl-C, with the partial Profile.
 
     References
     ----------
@@ -291,6 +319,7 @@ def simulate(
         raise TypeError(f"jacobian must be True or False, got {jacobian!r}")
     entropy = _rng.entropy_of(rng)
 
+    _limits.check_simulate(network, B, seeds, len(STAT_COLUMNS))
     # memory check before anything large exists (workspaces kept from calls on
     # other networks are freed first)
     drop_other_plans(plan_key(network, B, dt))
@@ -328,6 +357,8 @@ def simulate(
         [c for c in (limit, avail) if c is not None],
     )
     seed_findings: list[list[dict[str, Any]]] = [[] for _ in range(seeds)]
+    finished = np.zeros(seeds, dtype=bool)
+    progress_lock = threading.Lock()
 
     def one_seed(s: int, ex: Any, tm: dict[str, float]) -> None:
         t0 = time.perf_counter()
@@ -343,17 +374,30 @@ def simulate(
         )
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             run_seed(ex, sc, x, jac)
+        finished[s] = True
+        if progress is not None:
+            with progress_lock:
+                progress(int(finished.sum()), seeds)
 
     t_start = time.perf_counter()
-    if workers > 1:
-        _run_concurrent(one_seed, network, B, dt, seeds, workers, timing)
-    elif fused:
-        with _numba_threads(1), pooled_executor(network, B, dt) as ex:
+    _interrupt.reset()
+    interrupted = False
+    try:
+        if workers > 1:
+            _run_concurrent(one_seed, network, B, dt, seeds, workers, timing)
+        elif fused:
+            with _numba_threads(1), pooled_executor(network, B, dt) as ex:
+                for s in range(seeds):
+                    one_seed(s, ex, timing)
+        else:
             for s in range(seeds):
-                one_seed(s, ex, timing)
-    else:
-        for s in range(seeds):
-            one_seed(s, GenericExecutor(network, ops), timing)
+                one_seed(s, GenericExecutor(network, ops), timing)
+    except (KeyboardInterrupt, _interrupt.Stopped):
+        interrupted = True
+        # a seed cut off mid-way left some layers filled: keep finished seeds only
+        stats[~finished] = np.nan
+        for s in np.flatnonzero(~finished):
+            seed_findings[s].clear()
     findings = [f for fs in seed_findings for f in fs]
     wall = time.perf_counter() - t_start
 
@@ -391,7 +435,11 @@ def simulate(
         "workers": workers,
         "seconds": wall,
         "timing": dict(timing),
+        "partial": interrupted,
+        "seeds_finished": int(finished.sum()),
     }
+    if interrupted:
+        raise _interrupt.Interrupted(prof)
     return prof
 
 

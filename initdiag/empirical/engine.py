@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _interrupt
 from ..profile import STAT_COLUMNS
 
 __all__ = ["SeedContext", "StepContext", "run_seed", "COL"]
@@ -113,6 +114,7 @@ def _forward(ex: Any, sc: SeedContext, x: np.ndarray) -> bool:
     t_sample = t_fwd = 0.0
     ok = True
     for unit in ex.units:
+        _interrupt.poll()  # Ctrl-C: stop within one unit's kernels
         t0 = time.perf_counter()
         ex.sample(unit, sc)
         t1 = time.perf_counter()
@@ -185,6 +187,7 @@ def _backward(ex: Any, sc: SeedContext) -> None:
     norm = 1.0 / (sc.B * m_out)
     prod_design, prod_nonzero = True, True  # the output gradient was checked
     for unit in reversed(ex.units):
+        _interrupt.poll()
         g, rows = ex.backward(unit, g, sc)
         for row, ss, sums in rows:
             info = infos[row]

@@ -279,12 +279,36 @@ def _import_numba():
     return numba
 
 
+def _cached(numba_njit):
+    """``numba.njit`` that decorates with Numba's cache pointed at the per-user
+    directory of :mod:`initdiag.kernels._cache` (never the package folder): Numba
+    fixes a function's cache locator when the function is decorated, so the
+    setting is in force just for that moment and restored after."""
+    from . import _cache
+
+    def njit(*args, **kwargs):
+        def decorate(fn):
+            prev = _cache.begin() if kwargs.get("cache") else None
+            try:
+                return numba_njit(**kwargs)(fn)
+            finally:
+                _cache.end(prev)
+
+        if args and callable(args[0]):
+            return decorate(args[0])
+        return decorate
+
+    return njit
+
+
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     try:
-        from numba import njit, prange
+        from numba import njit as numba_njit
+        from numba import prange
 
+        njit = _cached(numba_njit)
         err: str | None = None
     except ImportError as exc:  # pragma: no cover - numba is a hard dependency
         err = f"numba cannot be imported ({exc}); pip install numba"

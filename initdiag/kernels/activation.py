@@ -291,3 +291,5 @@ def _activation_backward_c(dy, x, act, slope, out):
         "idg_activation_backward",
     )
     return out
+
+

@@ -58,6 +58,8 @@ from .activation import (
     _activation_forward_numpy,
 )
 
+
+
 # FMA contraction only (a * b + c in one rounding, as gcc does by default for C):
 # no reassociation, NaN / inf semantics untouched
 _CONTRACT = {"contract"}
@@ -594,3 +596,5 @@ def _batchnorm_backward_c(
         "idg_batchnorm_backward",
     )
     return dx, dgamma, dbeta
+
+

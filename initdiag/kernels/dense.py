@@ -34,6 +34,7 @@ from .activation import (
 )
 
 
+
 def _gemm_target(out, pre_out):
     return out if pre_out is None else pre_out
 
@@ -191,3 +192,5 @@ def _dense_backward_c(dy, x, w, dx, dw, db):
         B, n = dy.shape
         check(fn("idg_colsum", dy.dtype)(ptr(dy), B, n, ptr(db)), "idg_colsum")
     return dx, dw, db
+
+

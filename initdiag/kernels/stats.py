@@ -513,3 +513,5 @@ def _row_correlation_c(x, out):
         "idg_row_correlation",
     )
     return out
+
+

@@ -101,10 +101,22 @@ def _net_name(p: Profile) -> str:
     return str(getattr(p.network, "name", None) or "network")
 
 
-def _new_figure(n_panels: int, width: float = 4.6, height: float = 3.6):
-    from matplotlib.figure import Figure
+_MARKERS = ("*", "o", "s", "^", "D", "v", "P", "X", "p", "h")
+_MARK_COLORS = ("gold", "white", "tab:pink", "tab:cyan", "tab:orange", "lime")
 
-    fig = Figure(figsize=(width * n_panels, height), layout="constrained")
+
+def _new_figure(
+    n_panels: int, width: float = 4.6, height: float = 3.6, pyplot: bool = False
+):
+    size = (width * n_panels, height)
+    if pyplot:  # interactive use: plt.show() and Jupyter know the figure
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=size, layout="constrained")
+    else:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=size, layout="constrained")
     axes = fig.subplots(1, n_panels, squeeze=False)[0]
     return fig, list(axes)
 
@@ -201,6 +213,7 @@ def plot_profiles(
     title: str | None = None,
     legend: bool = True,
     log: bool | None = None,
+    pyplot: bool = False,
 ) -> Any:
     """Overlay profiles: analytic ones as lines, empirical ones as points with error
     bars, one panel per column.
@@ -217,10 +230,15 @@ def plot_profiles(
     log : bool, optional
         Force the y scale (default: log for gradient norms and for second moments
         spanning more than two decades).
+    pyplot : bool
+        Create the new Figure through ``matplotlib.pyplot`` (so that
+        ``plt.show()`` opens it and Jupyter displays it); by default a bare
+        Figure, which selects no backend and opens no window.
 
     Returns
     -------
     matplotlib.figure.Figure
+        ``fig.savefig("profile.png")`` writes it.
     """
     if isinstance(profiles, Profile):
         profiles = [profiles]
@@ -234,7 +252,7 @@ def plot_profiles(
                 f"no column {c!r}; columns: {', '.join(profiles[0].columns)}"
             )
     if ax is None:
-        fig, axes = _new_figure(len(cols))
+        fig, axes = _new_figure(len(cols), pyplot=pyplot)
     else:
         axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
         if len(axes) != len(cols):
@@ -377,9 +395,17 @@ def phase_plot(
             ax.plot(cw[ok], cbb[ok], "k-", lw=2, label="edge of chaos (chi1 = 1)")
         elif ok.sum() == 1:
             ax.plot(cw[ok], cbb[ok], "kD", ms=7, label="edge of chaos (chi1 = 1)")
-    for w, b, label in marks:
+    # one marker and colour per network, so that the legend tells them apart
+    for k, (w, b, label) in enumerate(marks):
         ax.plot(
-            [w], [b], marker="*", color="gold", mec="k", ms=16, ls="none", label=label
+            [w],
+            [b],
+            marker=_MARKERS[k % len(_MARKERS)],
+            color=_MARK_COLORS[k % len(_MARK_COLORS)],
+            mec="k",
+            ms=14 if k % len(_MARKERS) == 0 else 10,
+            ls="none",
+            label=label,
         )
     ax.set_xlim(float(np.min(sigma_w2)), float(np.max(sigma_w2)))
     ax.set_ylim(float(np.min(sigma_b2)), float(np.max(sigma_b2)))
@@ -392,9 +418,13 @@ def phase_plot(
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> str:
-    """Write a figure as PNG (Agg, no display) and return the path."""
+    """Write a figure as PNG (Agg, no display), whole or not at all, and return
+    the path."""
+    from .writers import atomic_open
+
     path = os.fspath(path)
-    fig.savefig(path, dpi=dpi)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, dpi=dpi, format="png")
     return path
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "StudyResult",
     "Sentence",
     "run_study",
+    "progress_steps",
     "summarize",
     "explain",
     "signal_rows",
@@ -74,6 +75,9 @@ class StudyResult:
     entries: list[Entry]
     settings: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    #: True when Ctrl-C stopped the run: ``entries`` hold what was finished (the
+    #: last one's empirical profile over the seeds that finished, marked partial)
+    partial: bool = False
 
     def summaries(self) -> list[dict[str, Any]]:
         return [summarize(e) for e in self.entries]
@@ -95,6 +99,8 @@ def run_study(
     empirical: bool = True,
     analytic: bool = True,
     progress: Callable[[str], None] | None = None,
+    per_network_simulate: Sequence[Mapping[str, Any]] | None = None,
+    per_network_analyze: Sequence[Mapping[str, Any]] | None = None,
 ) -> StudyResult:
     """Analyse (and simulate) every network.
 
@@ -108,11 +114,23 @@ def run_study(
     empirical, analytic : bool
         Which engines to run.
     progress : callable, optional
-        Called with a label after each engine run.
+        Called with a label once per step: after each analysis and after each
+        simulated seed, so a network of ``seeds`` seeds takes ``1 + seeds`` steps
+        (:func:`progress_steps`).
+    per_network_simulate, per_network_analyze : sequence of mapping, optional
+        Keywords of each network (one mapping per network), e.g. from the
+        ``[simulate]`` / ``[analyze]`` tables of the file each network came from;
+        ``simulate_kw`` / ``analyze_kw`` are then ignored.
 
     Returns
     -------
     StudyResult
+
+    Raises
+    ------
+    initdiag._interrupt.Interrupted
+        On Ctrl-C, carrying the :class:`StudyResult` of what was finished
+        (``partial=True``).
 
     Notes
     -----
@@ -120,49 +138,111 @@ def run_study(
     that variant's analytic profile empty and records the message in
     ``entry.errors``; every other exception propagates.
     """
+    from .._interrupt import Interrupted
+
     if analytic:
         from .. import analytic as _analytic
     if empirical:
         from .. import empirical as _empirical
 
-    sim = dict(simulate_kw or {})
-    ana = dict(analyze_kw or {})
-    if "batch_size" in sim:
-        ana.setdefault("batch_size", sim["batch_size"])
-    if "input_correlation" in sim:
-        ana.setdefault("input_correlation", sim["input_correlation"])
+    sims = _per_network(networks, simulate_kw, per_network_simulate)
+    anas = _per_network(networks, analyze_kw, per_network_analyze)
     entries: list[Entry] = []
     timings = {"analyze": 0.0, "simulate": 0.0}
-    for net in networks:
-        errors: dict[str, str] = {}
-        a = e = None
-        if analytic:
-            t0 = time.perf_counter()
-            try:
-                a = _analytic.analyze(net, **ana)
-            except NotImplementedError as exc:
-                errors["analytic"] = str(exc)
-            timings["analyze"] += time.perf_counter() - t0
-            if progress:
-                progress(f"{net.name}: analyze")
-        if empirical:
-            t0 = time.perf_counter()
-            e = _empirical.simulate(net, **sim)
-            timings["simulate"] += time.perf_counter() - t0
-            if progress:
-                progress(f"{net.name}: simulate")
-        # verdicts follow the measurement when there is one: it sees overflow and
-        # the finite batch; the analytic profile stands in otherwise
-        prof = e if e is not None else a
-        verdicts = diagnose(prof, net) if prof is not None else []
-        entries.append(Entry(net, a, e, verdicts, errors))
-    settings = {
-        "analyze": ana,
-        "simulate": sim,
-        "empirical": empirical,
-        "analytic": analytic,
-    }
-    return StudyResult(name, description, entries, settings, timings)
+
+    def result(partial: bool) -> StudyResult:
+        settings: dict[str, Any] = {
+            "analyze": _analysis_kw(anas[0], sims[0]),
+            "simulate": sims[0],
+            "empirical": empirical,
+            "analytic": analytic,
+        }
+        for key, per in (("simulate", sims), ("analyze", anas)):
+            if any(s != per[0] for s in per):
+                settings[f"{key}_per_variant"] = {
+                    str(net.name): s for net, s in zip(networks, per, strict=True)
+                }
+        return StudyResult(name, description, entries, settings, timings, partial)
+
+    try:
+        for net, sim, ana in zip(networks, sims, anas, strict=True):
+            errors: dict[str, str] = {}
+            a = e = None
+            if analytic:
+                t0 = time.perf_counter()
+                try:
+                    a = _analytic.analyze(net, **_analysis_kw(ana, sim))
+                except NotImplementedError as exc:
+                    errors["analytic"] = str(exc)
+                timings["analyze"] += time.perf_counter() - t0
+                if progress:
+                    progress(f"{net.name}: analyze")
+            if empirical:
+                t0 = time.perf_counter()
+
+                def seed_done(k: int, n: int, label: str = str(net.name)) -> None:
+                    if progress:
+                        progress(f"{label}: seed {k}/{n}")
+
+                try:
+                    e = _empirical.simulate(net, **sim, progress=seed_done)
+                except Interrupted as exc:
+                    timings["simulate"] += time.perf_counter() - t0
+                    part = exc.partial
+                    if part is not None and not part.meta.get("seeds_finished"):
+                        part = None  # no seed finished: nothing was measured
+                    if a is not None or part is not None:
+                        entries.append(_entry(net, a, part, errors))
+                    raise Interrupted(result(True)) from None
+                timings["simulate"] += time.perf_counter() - t0
+            entries.append(_entry(net, a, e, errors))
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(result(True)) from None
+    return result(False)
+
+
+def _per_network(
+    networks: Sequence[Any],
+    common: Mapping[str, Any] | None,
+    per_network: Sequence[Mapping[str, Any]] | None,
+) -> list[dict[str, Any]]:
+    if per_network is None:
+        return [dict(common or {}) for _ in networks]
+    out = [dict(s) for s in per_network]
+    if len(out) != len(networks):
+        raise ValueError(
+            f"per-network settings need one mapping per network: got {len(out)} "
+            f"for {len(networks)} networks"
+        )
+    return out
+
+
+def _analysis_kw(ana: Mapping[str, Any], sim: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(ana)
+    for k in ("batch_size", "input_correlation"):
+        if k in sim:
+            out.setdefault(k, sim[k])
+    return out
+
+
+def _entry(net: Any, a: Profile | None, e: Profile | None, errors: dict) -> Entry:
+    # verdicts follow the measurement when there is one: it sees overflow and
+    # the finite batch; the analytic profile stands in otherwise
+    prof = e if e is not None else a
+    verdicts = diagnose(prof, net) if prof is not None else []
+    return Entry(net, a, e, verdicts, errors)
+
+
+def progress_steps(
+    networks: Sequence[Any], sims: Sequence[Mapping[str, Any]], empirical: bool
+) -> int:
+    """Progress steps of :func:`run_study`: one per analysis and one per seed."""
+    return sum(
+        1 + (int(s.get("seeds", 8)) if empirical else 0)
+        for _, s in zip(networks, sims, strict=True)
+    )
 
 
 # -- summarising ----------------------------------------------------------------------

@@ -24,6 +24,8 @@ __all__ = [
     "comparison_table",
     "render_entry",
     "render_study",
+    "describe_network",
+    "terminal_width",
 ]
 
 #: the columns of the per-layer table: (column, header)
@@ -81,21 +83,83 @@ def _cell(v: float, se: float | None = None) -> str:
     return s
 
 
-def _grid(
-    head: Sequence[str], body: Sequence[Sequence[str]], style: _Style, left: int = 1
-) -> list[str]:
-    widths = [max(len(r[k]) for r in [head, *body]) for k in range(len(head))]
+def terminal_width(default: int = 100) -> int:
+    """Columns of the terminal (``COLUMNS`` when set), ``default`` when the output
+    is not a terminal; at least 40."""
+    import shutil
 
-    def line(r: Sequence[str]) -> str:
+    return max(40, shutil.get_terminal_size((default, 24)).columns)
+
+
+def _grid(
+    head: Sequence[str],
+    body: Sequence[Sequence[str]],
+    style: _Style,
+    left: int = 1,
+    width: int | None = None,
+) -> list[str]:
+    """Aligned columns; a table wider than ``width`` is cut into several tables
+    stacked vertically, each repeating the ``left`` label columns."""
+    widths = [max(len(r[k]) for r in [head, *body]) for k in range(len(head))]
+    limit = terminal_width() if width is None else width
+    label = sum(widths[:left]) + 2 * left
+    groups: list[list[int]] = [[]]
+    used = label
+    for k in range(left, len(head)):
+        if groups[-1] and used + widths[k] > limit:
+            groups.append([])
+            used = label
+        groups[-1].append(k)
+        used += widths[k] + 2
+
+    def line(r: Sequence[str], cols: Sequence[int]) -> str:
         return "  ".join(
-            c.ljust(w) if k < left else c.rjust(w)
-            for k, (c, w) in enumerate(zip(r, widths, strict=True))
+            r[k].ljust(widths[k]) if k < left else r[k].rjust(widths[k]) for k in cols
         ).rstrip()
 
-    out = [style(line(head), "bold")]
-    for r in body:
-        out.append(style(line(r), "dim") if r and r[0] == "..." else line(r))
+    out: list[str] = []
+    for g, group in enumerate(groups):
+        cols = [*range(left), *group]
+        if g:
+            out.append("")
+        out.append(style(line(head, cols), "bold"))
+        for r in body:
+            text = line(r, cols)
+            out.append(style(text, "dim") if r and r[0] == "..." else text)
     return out
+
+
+def _blocks(tokens: Sequence[str], longest: int = 8) -> list[str]:
+    """Run-length encode repeated groups: ``a b a b a b c`` -> ``3 x [a b]``, ``c``.
+    At each position the group (of up to ``longest`` tokens) repeated over the most
+    tokens wins; groups seen once stay as they are."""
+    out: list[str] = []
+    i, n = 0, len(tokens)
+    while i < n:
+        best_len, best_k = 1, 1
+        for size in range(1, min(longest, (n - i) // 2) + 1):
+            k = 1
+            while tokens[i + k * size : i + (k + 1) * size] == tokens[i : i + size]:
+                k += 1
+            if k > 1 and k * size > best_k * best_len:
+                best_len, best_k = size, k
+        group = " ".join(tokens[i : i + best_len])
+        out.append(f"{best_k} x [{group}]" if best_k > 1 else group)
+        i += best_len * best_k
+    return out
+
+
+def describe_network(network: Any, width: int | None = None) -> str:
+    """``network.describe()`` with repeated blocks summarised (``30 x [Dense(512->512)
+    relu]``) and wrapped to ``width`` (default: the terminal's)."""
+    import textwrap
+
+    text = network.describe()
+    prefix = f"{network.name}: in={network.input_dim} "
+    if text.startswith(prefix):
+        text = prefix + " ".join(_blocks(text[len(prefix) :].split()))
+    limit = terminal_width() if width is None else width
+    return "\n".join(textwrap.wrap(text, width=limit, subsequent_indent="    "))
 
 
 def layer_table(
@@ -106,6 +170,7 @@ def layer_table(
     max_rows: int = 21,
     rows: str = "all",
     color: bool = False,
+    width: int | None = None,
 ) -> str:
     """Predicted vs measured +- standard error, one line per layer output.
 
@@ -118,6 +183,8 @@ def layer_table(
         Longer tables keep the first and last rows and elide the middle.
     rows : {"all", "dense", "activation", "batchnorm"}
         Which layer kinds to list.
+    width : int, optional
+        Wider tables are cut into stacked parts (default: the terminal width).
     """
     style = _Style(color)
     base = analytic if analytic is not None else empirical
@@ -146,13 +213,19 @@ def layer_table(
                     _cell(empirical.columns[c][i], None if se is None else se[i])
                 )
         body.append(cells)
-    # drop columns that are n/a everywhere (e.g. a column theory does not predict)
+    # drop columns that are n/a everywhere (e.g. a column theory does not predict),
+    # unless that would drop them all: after an overflow every value is n/a, and
+    # the table should say so rather than lose its columns
     keep = [0] + [
         k for k in range(1, len(head)) if any(r[k] not in ("n/a", "") for r in body)
     ]
+    note = []
+    if len(keep) == 1:
+        keep = list(range(len(head)))
+        note = ["(no finite value in any column: see the verdicts)"]
     head = [head[k] for k in keep]
     body = [[r[k] for k in keep] for r in body]
-    return "\n".join(_grid(head, body, style))
+    return "\n".join([*_grid(head, body, style, width=width), *note])
 
 
 def _summary_value(v: Any) -> str:
@@ -186,7 +259,9 @@ def summary_lines(analytic: Profile | None, empirical: Profile | None) -> list[s
     return [head, *lines]
 
 
-def verdict_lines(verdicts: Sequence[Verdict], *, color: bool = False) -> list[str]:
+def verdict_lines(
+    verdicts: Sequence[Verdict], *, color: bool = False, width: int | None = None
+) -> list[str]:
     style = _Style(color)
     if not verdicts:
         return [
@@ -194,24 +269,30 @@ def verdict_lines(verdicts: Sequence[Verdict], *, color: bool = False) -> list[s
         ]
     import textwrap
 
+    # messages are indented by 10 columns; 78 columns of text on a wide terminal
+    wrap = max(30, min(78, (terminal_width() if width is None else width) - 10))
     out = []
     for v in verdicts:
         tag = style(
             f"{v.severity.upper():<7}", "red" if v.severity == "problem" else "yellow"
         )
-        body = textwrap.wrap(v.message, width=78)
+        body = textwrap.wrap(v.message, width=wrap)
         out.append(f"  {tag} {body[0]}")
         out += [f"          {ln}" for ln in body[1:]]
-        fix = textwrap.wrap("fix: " + v.suggestion, width=78)
+        fix = textwrap.wrap("fix: " + v.suggestion, width=wrap)
         out += [f"          {ln}" for ln in fix]
     return out
 
 
-def render_entry(entry: Entry, *, color: bool = False, max_rows: int = 21) -> str:
-    """The full report of one network: table, summary, verdicts."""
+def render_entry(
+    entry: Entry, *, color: bool = False, max_rows: int = 21, width: int | None = None
+) -> str:
+    """The full report of one network: table, summary, verdicts (tables and the
+    network's description fitted to ``width``, default the terminal's)."""
     style = _Style(color)
     net = entry.network
-    parts = [style(f"== {net.name} ==", "bold", "cyan"), net.describe(), ""]
+    parts = [style(f"== {net.name} ==", "bold", "cyan"), describe_network(net, width)]
+    parts.append("")
     meta = entry.empirical.meta if entry.empirical is not None else {}
     if meta:
         info = ", ".join(
@@ -221,7 +302,9 @@ def render_entry(entry: Entry, *, color: bool = False, max_rows: int = 21) -> st
         )
         parts.append(f"measured: {info}")
     parts.append(
-        layer_table(entry.analytic, entry.empirical, max_rows=max_rows, color=color)
+        layer_table(
+            entry.analytic, entry.empirical, max_rows=max_rows, color=color, width=width
+        )
     )
     parts += [
         "",
@@ -233,13 +316,16 @@ def render_entry(entry: Entry, *, color: bool = False, max_rows: int = 21) -> st
     parts += [
         "",
         style("verdicts", "bold"),
-        *verdict_lines(entry.verdicts, color=color),
+        *verdict_lines(entry.verdicts, color=color, width=width),
     ]
     return "\n".join(parts)
 
 
 def comparison_table(
-    summaries: Sequence[Mapping[str, Any]], *, color: bool = False
+    summaries: Sequence[Mapping[str, Any]],
+    *,
+    color: bool = False,
+    width: int | None = None,
 ) -> str:
     """One row per variant: final-layer second moment, correlation depth and last
     correlation, dead fraction, gradient ratio, chi1 and regime; each cell
@@ -301,13 +387,17 @@ def comparison_table(
                 reg,
             ]
         )
-    lines = _grid(head, body, style)
+    lines = _grid(head, body, style, width=width)
     return "\n".join([style(f"(each cell: {which})", "dim"), *lines])
 
 
-def _wrap(text: str, width: int = 88, indent: str = "") -> str:
+def _wrap(text: str, width: int | None = None, indent: str = "") -> str:
+    """Fill a paragraph to ``width`` (default: 88 columns, or the terminal's when
+    narrower)."""
     import textwrap
 
+    if width is None:
+        width = min(88, terminal_width())
     return textwrap.fill(
         text, width=width, initial_indent=indent, subsequent_indent=" " * len(indent)
     )
@@ -320,6 +410,7 @@ def render_study(
     details: bool = False,
     explanation: Sequence[Sentence] | None = None,
     max_rows: int = 21,
+    width: int | None = None,
 ) -> str:
     """A study: comparison table, explanation, per-variant verdicts (and, with
     ``details``, every variant's per-layer table)."""
@@ -342,19 +433,20 @@ def render_study(
             f"; meas = Monte Carlo over {sim.get('seeds', '?')} random networks, "
             f"batch {sim.get('batch_size', '?')} (+- one standard error)"
         )
-    parts.append(_wrap(legend))
-    parts += ["", comparison_table(summaries, color=color), ""]
+    parts.append(_wrap(legend, width))
+    parts += ["", comparison_table(summaries, color=color, width=width), ""]
     sentences = explanation if explanation is not None else explain_result(result)
     parts.append(style("What the numbers say", "bold"))
     for s in sentences:
-        parts.append(_wrap(s.text, indent="- "))
+        parts.append(_wrap(s.text, width, indent="- "))
     parts += ["", style("Verdicts", "bold")]
     for e in result.entries:
         parts.append(f" {e.name}:")
-        parts += [("  " + ln) for ln in verdict_lines(e.verdicts, color=color)]
+        w = None if width is None else width - 2
+        parts += [("  " + ln) for ln in verdict_lines(e.verdicts, color=color, width=w)]
     if details:
         for e in result.entries:
-            parts += ["", render_entry(e, color=color, max_rows=max_rows)]
+            parts += ["", render_entry(e, color=color, max_rows=max_rows, width=width)]
     return "\n".join(parts)
 
 

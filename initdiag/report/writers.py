@@ -3,24 +3,34 @@ explanation and the configuration that produced them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 from ..profile import ID_COLUMNS, Profile, _jsonable
 from .study import StudyResult
 
-__all__ = ["study_to_dict", "study_to_json", "study_to_csv", "write_json"]
+__all__ = [
+    "study_to_dict",
+    "study_to_json",
+    "study_to_csv",
+    "write_json",
+    "atomic_open",
+]
 
 SCHEMA = "initdiag.report/1"
 
 
 def study_to_dict(result: StudyResult) -> dict[str, Any]:
-    """A JSON-ready dict: ``{"schema", "study", "description", "settings", "timings",
-    "explanation", "variants": [{"name", "network", "analytic", "empirical",
-    "summary", "verdicts", "errors"}]}``; each profile as
-    :meth:`Profile.to_dict` (NaN -> null, inf -> "inf")."""
+    """A JSON-ready dict: ``{"schema", "partial", "study", "description",
+    "settings", "timings", "explanation", "variants": [{"name", "network",
+    "analytic", "empirical", "summary", "verdicts", "errors"}]}``; each profile as
+    :meth:`Profile.to_dict` (NaN -> null, inf -> "inf").  ``partial`` is true when
+    Ctrl-C stopped the run (the variants are those finished; an interrupted
+    empirical profile has ``meta.partial`` and ``meta.seeds_finished``)."""
     summaries = result.summaries()
     variants = []
     for e, s in zip(result.entries, summaries, strict=True):
@@ -39,6 +49,7 @@ def study_to_dict(result: StudyResult) -> dict[str, Any]:
     return _jsonable(
         {
             "schema": SCHEMA,
+            "partial": bool(getattr(result, "partial", False)),
             "study": result.name,
             "description": result.description,
             "settings": result.settings,
@@ -49,13 +60,31 @@ def study_to_dict(result: StudyResult) -> dict[str, Any]:
     )
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open ``path`` for writing so that it appears whole or not at all: the data
+    goes to a temporary file in the same directory, renamed over ``path`` only
+    when the block completes (``os.replace`` is atomic on POSIX and Windows), so an
+    interrupted run never leaves a truncated report behind."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    enc = None if "b" in mode else "utf-8"
+    try:
+        with open(tmp, mode, encoding=enc) as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def study_to_json(result: StudyResult, indent: int | None = 1) -> str:
     return json.dumps(study_to_dict(result), indent=indent)
 
 
 def write_json(result: StudyResult, path: str | os.PathLike) -> str:
     path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         fh.write(study_to_json(result))
     return path
 
