@@ -33,9 +33,6 @@ import numpy as np
 
 from .kernels._threading import ensure_configured, njit, prange
 
-
-
-
 __all__ = [
     "derive_key",
     "entropy_of",

@@ -58,8 +58,6 @@ from .activation import (
     _activation_forward_numpy,
 )
 
-
-
 # FMA contraction only (a * b + c in one rounding, as gcc does by default for C):
 # no reassociation, NaN / inf semantics untouched
 _CONTRACT = {"contract"}

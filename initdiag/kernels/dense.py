@@ -34,7 +34,6 @@ from .activation import (
 )
 
 
-
 def _gemm_target(out, pre_out):
     return out if pre_out is None else pre_out
 
