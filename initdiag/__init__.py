@@ -45,6 +45,7 @@ _LAZY = {
     "available_backends": ("kernels", "available_backends"),
     "BackendUnavailableError": ("kernels", "BackendUnavailableError"),
     "diagnose": ("verdicts", "diagnose"),
+    "sweep": ("sweeps", "sweep"),
 }
 _SUBMODULES = {
     "meanfield",
