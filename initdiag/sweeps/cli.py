@@ -25,10 +25,29 @@ from typing import Any
 __all__ = ["register", "cmd_sweep", "cmd_sweep_report"]
 
 
-def _bad(msg: str) -> Exception:
-    from ..cli import BadInput
+class _Bad(Exception):
+    """Bad input: one line on stderr, exit code 2."""
 
-    return BadInput(msg)
+
+def _bad(msg: str) -> Exception:
+    return _Bad(msg)
+
+
+def _one_line_errors(cmd):
+    """Bad input -> one line on stderr and exit 2, handled here rather than by
+    ``initdiag.cli``'s BadInput, which under ``python -m initdiag.cli`` is the class
+    of ``__main__``, not of the ``initdiag.cli`` this module would import."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return cmd(args)
+        except _Bad as exc:
+            sys.stderr.write(f"initdiag {args.command}: error: {exc}\n")
+            return 2
+
+    run.__name__ = cmd.__name__
+    run.__doc__ = cmd.__doc__
+    return run
 
 
 def _positive(text: str) -> int:
@@ -95,7 +114,7 @@ def register(subparsers: Any) -> None:
         "--parquet", metavar="FILE", help="also export as Parquet (pandas + pyarrow)"
     )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_sweep)
+    s.set_defaults(func=_one_line_errors(cmd_sweep))
 
     r = subparsers.add_parser(
         "sweep-report",
@@ -120,7 +139,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--out", metavar="DIR", default=None, help="default: FILE_report/")
     r.add_argument("--csv", metavar="FILE", help="also export the points as CSV")
     r.add_argument("-q", "--quiet", action="store_true")
-    r.set_defaults(func=cmd_sweep_report)
+    r.set_defaults(func=_one_line_errors(cmd_sweep_report))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -673,8 +673,15 @@ def _validate(plan: SweepPlan, groups: list[dict[str, list[Any]]]) -> None:
     that is bad by itself); then every combination of the groups that can clash
     (structural keys with each other, an init slot with its parameters).
     """
+    slots = {k for g in groups for k in g if k.count(".") == 1}
     for g in groups:
-        gn = {k: v for k, v in g.items() if k not in _SETTINGS}
+        # a parameter of a slot that is an axis itself is checked against each of
+        # that axis's initializers below, not against the base's
+        gn = {
+            k: v
+            for k, v in g.items()
+            if k not in _SETTINGS and k.rpartition(".")[0] not in slots
+        }
         if gn:
             for row in _rows(gn):
                 _try_build(plan, row, blame=row)
@@ -699,8 +706,11 @@ def _validate(plan: SweepPlan, groups: list[dict[str, list[Any]]]) -> None:
 def _try_build(plan: SweepPlan, params: dict[str, Any], blame: dict[str, Any]) -> None:
     try:
         build_network(plan.base, plan.mlp, params)
-    except GridError:
-        raise
+    except GridError as exc:
+        if len(blame) < 2:
+            raise
+        what = ", ".join(f"{k} = {v!r}" for k, v in blame.items())
+        raise GridError(f"{exc} (at {what})") from None
     except (TypeError, ValueError) as exc:
         what = ", ".join(f"{k} = {v!r}" for k, v in blame.items())
         first = next(iter(blame))

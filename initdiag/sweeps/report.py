@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .store import SUMMARY_COLUMNS, last_run, read_points
+from .store import MEASURED_COLUMNS, SUMMARY_COLUMNS, last_run, read_points
 
 __all__ = ["METRICS", "select", "sweep_report"]
 
@@ -129,6 +129,8 @@ def select(
     for gk, grows in groups.items():
         engines: dict[str, tuple[Any, Any]] = {}
         for engine, prefix in _ENGINES.items():
+            if engine == "empirical" and metric not in MEASURED_COLUMNS:
+                continue
             vals = np.full((len(ys), len(xs)), np.nan)
             ses = np.full((len(ys), len(xs)), np.nan)
             seen = False

@@ -519,7 +519,9 @@ def _table(
                 body.append([p.get(a) for a in axes] + list(lr))
     finally:
         con.close()
-    return [*axes, *lnames], body
+    # a grid axis named like a layer column (width) is the grid's: say so
+    names = [f"grid.{a}" if a in lnames else a for a in axes]
+    return [*names, *lnames], body
 
 
 def export_csv(
