@@ -111,10 +111,14 @@ def test_keys_seeds_canonical_and_versioned():
 
 
 def test_sigma_axes_set_the_variances():
-    net = build_network(BASE.to_dict(), mlp_parameters(BASE.to_dict()), {
-        "sigma_w2": 1.7,
-        "sigma_b2": 0.09,
-    })
+    net = build_network(
+        BASE.to_dict(),
+        mlp_parameters(BASE.to_dict()),
+        {
+            "sigma_w2": 1.7,
+            "sigma_b2": 0.09,
+        },
+    )
     for info, p in zip(net.infos, net.param_inits(), strict=True):
         if info.kind == "dense":
             assert p["weight"].mean(info.fan_in, info.width) == 0
@@ -195,7 +199,9 @@ def test_combination_the_network_rejects():
     with pytest.raises(GridError, match=r"'depth'.*depth = 3.*dense10"):
         expand(base, {"depth": [10, 3]}, seeds=2)
     # an initializer and a parameter it lacks, only together
-    with pytest.raises(GridError, match=r"init.weight.std.*no parameter 'std'.*init.weight = 'zeros'"):
+    with pytest.raises(
+        GridError, match=r"init.weight.std.*no parameter 'std'.*init.weight = 'zeros'"
+    ):
         expand(
             base,
             {"init.weight": ["normal(0, 1)", "zeros"], "init.weight.std": [0.5]},
@@ -212,7 +218,9 @@ def test_max_points(tmp_path):
 
 def test_study_base_with_variants_is_refused(tmp_path):
     with pytest.raises(GridError, match=r"8 networks.*one base network"):
-        idg.sweep(ROOT / "examples/bias_question.toml", {"depth": [2]}, db=tmp_path / "x")
+        idg.sweep(
+            ROOT / "examples/bias_question.toml", {"depth": [2]}, db=tmp_path / "x"
+        )
 
 
 def test_resume_set_engines_and_failures(tmp_path):
@@ -223,12 +231,25 @@ def test_resume_set_engines_and_failures(tmp_path):
             1,
             plan.base_hash,
             [
-                {"key": p[0].key, "params": p[0].params, "seed": 1,
-                 "engines": ["analytic", "empirical"]},
-                {"key": p[1].key, "params": p[1].params, "seed": 1,
-                 "engines": ["analytic"]},
-                {"key": p[2].key, "params": p[2].params, "seed": 1,
-                 "engines": ["analytic", "empirical"], "error": "boom"},
+                {
+                    "key": p[0].key,
+                    "params": p[0].params,
+                    "seed": 1,
+                    "engines": ["analytic", "empirical"],
+                },
+                {
+                    "key": p[1].key,
+                    "params": p[1].params,
+                    "seed": 1,
+                    "engines": ["analytic"],
+                },
+                {
+                    "key": p[2].key,
+                    "params": p[2].params,
+                    "seed": 1,
+                    "engines": ["analytic", "empirical"],
+                    "error": "boom",
+                },
             ],
         )
         both = ["analytic", "empirical"]
@@ -273,9 +294,7 @@ GRID = {
 @pytest.fixture(scope="module")
 def local_db(tmp_path_factory):
     db = tmp_path_factory.mktemp("sweep") / "local.sqlite"
-    res = idg.sweep(
-        BASE, GRID, seeds=2, batch_size=8, workers=2, db=db, progress=False
-    )
+    res = idg.sweep(BASE, GRID, seeds=2, batch_size=8, workers=2, db=db, progress=False)
     return db, res
 
 
@@ -341,7 +360,13 @@ def test_resume_and_retry_failed(local_db):
     assert (again.computed, again.skipped) == (0, 6)
     before = {r["key"]: r["finished"] for r in read_points(db)}
     retry = idg.sweep(
-        BASE, GRID, seeds=2, batch_size=8, workers=1, db=db, progress=False,
+        BASE,
+        GRID,
+        seeds=2,
+        batch_size=8,
+        workers=1,
+        db=db,
+        progress=False,
         retry_failed=True,
     )
     assert (retry.computed, retry.skipped, retry.failed) == (3, 3, 3)
@@ -381,8 +406,15 @@ def test_local_killed_worker_loses_and_duplicates_nothing(tmp_path):
 
     grid = {"sigma_w2": [1.0, 1.5, 2.0, 2.5], "sigma_b2": [0.0, 0.1]}
     res = idg.sweep(
-        BASE, grid, seeds=2, batch_size=8, workers=2, db=db, chunk=1,
-        progress=kill_one, analytic=False,
+        BASE,
+        grid,
+        seeds=2,
+        batch_size=8,
+        workers=2,
+        db=db,
+        chunk=1,
+        progress=kill_one,
+        analytic=False,
     )
     assert killed
     rows = read_points(db)
@@ -400,7 +432,12 @@ def cli(*args, timeout=300, **kw):
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     return subprocess.run(
         [sys.executable, "-m", "initdiag.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, **kw,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        **kw,
     )
 
 
@@ -425,11 +462,14 @@ sigma_b2 = [0.0, 0.05, 0.1]
 @pytest.mark.parametrize(
     "grid, extra, match",
     [
-        ('[grid]\ndepht = [1]\n', [], "unknown grid key 'depht'"),
-        ('[grid]\nwidth = []\n', [], "'width': the list of values is empty"),
+        ("[grid]\ndepht = [1]\n", [], "unknown grid key 'depht'"),
+        ("[grid]\nwidth = []\n", [], "'width': the list of values is empty"),
         ('[grid]\nactivation = ["relu", "nope"]\n', [], "'activation'"),
-        ('[grid]\nsigma_w2 = "0:1:200"\nsigma_b2 = "0:1:100"\n', [],
-         "20000 points.*--yes"),
+        (
+            '[grid]\nsigma_w2 = "0:1:200"\nsigma_b2 = "0:1:100"\n',
+            [],
+            "20000 points.*--yes",
+        ),
         ('[grid]\nsigma_w2 = "0:1:20"\n', ["--max-points", "10"], "20 points"),
     ],
 )
@@ -437,7 +477,7 @@ def test_cli_bad_grid_exits_2(tmp_path, grid, extra, match):
     import re
 
     f = tmp_path / "g.toml"
-    f.write_text('[network]\ndepth = 3\nwidth = 8\n\n' + grid)
+    f.write_text("[network]\ndepth = 3\nwidth = 8\n\n" + grid)
     r = cli("sweep", f, "--db", tmp_path / "g.sqlite", *extra)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -466,9 +506,25 @@ def test_cli_ctrl_c_then_resume_and_report(tmp_path):
     # a session of its own, so that SIGINT goes to the whole process group as a
     # terminal's Ctrl-C does (the pool workers included)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "initdiag.cli", "sweep", str(grid), "--db", str(db),
-         "--workers", "2", "--chunk", "1", "-q"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "initdiag.cli",
+            "sweep",
+            str(grid),
+            "--db",
+            str(db),
+            "--workers",
+            "2",
+            "--chunk",
+            "1",
+            "-q",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     deadline = time.monotonic() + 240
@@ -483,7 +539,9 @@ def test_cli_ctrl_c_then_resume_and_report(tmp_path):
     assert 3 <= len(done1) < 24
     assert Store(db).runs()[0]["status"] == "interrupted"
 
-    r = cli("sweep", grid, "--db", db, "--workers", "2", "-q", "--csv", tmp_path / "p.csv")
+    r = cli(
+        "sweep", grid, "--db", db, "--workers", "2", "-q", "--csv", tmp_path / "p.csv"
+    )
     assert r.returncode == 0, r.stderr
     rows = read_points(db)
     assert len(rows) == 24 and all(r["status"] == "done" for r in rows)
@@ -500,8 +558,18 @@ def test_cli_ctrl_c_then_resume_and_report(tmp_path):
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 25
 
     out_dir = tmp_path / "rep"
-    r = cli("sweep-report", db, "--x", "sigma_w2", "--y", "sigma_b2", "--metric",
-            "correlation_last", "--out", out_dir)
+    r = cli(
+        "sweep-report",
+        db,
+        "--x",
+        "sigma_w2",
+        "--y",
+        "sigma_b2",
+        "--metric",
+        "correlation_last",
+        "--out",
+        out_dir,
+    )
     assert r.returncode == 0, r.stderr
     pngs = sorted(p.name for p in out_dir.iterdir())
     assert pngs == [

@@ -79,7 +79,12 @@ def test_dask_killed_worker(client, local_rows, tmp_path):
             killed.append(pid)
 
     res = idg.sweep(
-        BASE, GRID, executor=client, db=db, chunk=1, progress=kill_one,
+        BASE,
+        GRID,
+        executor=client,
+        db=db,
+        chunk=1,
+        progress=kill_one,
         **{k: v for k, v in KW.items() if k != "progress"},
     )
     assert killed
@@ -94,8 +99,14 @@ def test_dask_killed_worker(client, local_rows, tmp_path):
 def test_dask_address_string(client, tmp_path):
     db = tmp_path / "addr.sqlite"
     res = idg.sweep(
-        BASE, {"sigma_w2": [1.0]}, executor="dask", address=client.scheduler.address,
-        db=db, analytic=True, empirical=False, **KW,
+        BASE,
+        {"sigma_w2": [1.0]},
+        executor="dask",
+        address=client.scheduler.address,
+        db=db,
+        analytic=True,
+        empirical=False,
+        **KW,
     )
     assert res.computed == 1
     with pytest.raises(ValueError, match="needs address"):

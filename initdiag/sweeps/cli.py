@@ -99,7 +99,8 @@ def register(subparsers: Any) -> None:
     s.add_argument(
         "--yes",
         action="store_true",
-        help=f"run a grid of more than --max-points points (default {DEFAULT_MAX_POINTS})",
+        help="run a grid of more than --max-points points "
+        f"(default {DEFAULT_MAX_POINTS})",
     )
     s.add_argument("--max-points", type=_positive, default=None)
     s.add_argument("--seeds", type=_positive, help="random networks per point")

@@ -192,4 +192,3 @@ def compute_chunk(task: Mapping[str, Any]) -> list[dict[str, Any]]:
         r["finished"] = time.time()
         results.append(r)
     return results
-

@@ -184,7 +184,9 @@ class DaskExecutor:
         self.client.cancel(list(futures))
 
     def describe(self) -> str:
-        return f"dask cluster at {self.client.scheduler.address} ({self.workers} threads)"
+        return (
+            f"dask cluster at {self.client.scheduler.address} ({self.workers} threads)"
+        )
 
 
 def make_executor(

@@ -180,8 +180,10 @@ def base_from(base: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
 
     if isinstance(base, Network):
         return base, {}, {}
-    if isinstance(base, (str, bytes)) or hasattr(base, "__fspath__") or isinstance(
-        base, Mapping
+    if (
+        isinstance(base, (str, bytes))
+        or hasattr(base, "__fspath__")
+        or isinstance(base, Mapping)
     ):
         try:
             study = load_study(base)
@@ -649,7 +651,9 @@ def expand(
 
 def _rows(group: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
     keys = list(group)
-    return [dict(zip(keys, vals, strict=True)) for vals in zip(*group.values())]
+    return [
+        dict(zip(keys, vals, strict=True)) for vals in zip(*group.values(), strict=True)
+    ]
 
 
 def _families(group: Mapping[str, Any]) -> set[str]:
@@ -703,6 +707,8 @@ def _validate(plan: SweepPlan, groups: list[dict[str, list[Any]]]) -> None:
             for part in combo:
                 params.update(part)
             _try_build(plan, params, blame=params)
+
+
 def _try_build(plan: SweepPlan, params: dict[str, Any], blame: dict[str, Any]) -> None:
     try:
         build_network(plan.base, plan.mlp, params)
@@ -803,7 +809,7 @@ def load_grid_file(path: str | os.PathLike) -> dict[str, Any]:
     else:
         if "network" not in d:
             raise GridError(
-                f"{path}: no base network: add [sweep] base = \"study.toml\" or a "
+                f'{path}: no base network: add [sweep] base = "study.toml" or a '
                 "[network] table (e.g. depth = 20, width = 128)"
             )
         base = d

@@ -286,14 +286,25 @@ def _lines(sel, fixed, engines, title):
         lab = "" if yval is None else f"{sel['y']}={yval}"
         if "analytic" in engines:
             ax.plot(
-                xv, engines["analytic"][0][i], "--", color=c, marker="o", ms=3,
+                xv,
+                engines["analytic"][0][i],
+                "--",
+                color=c,
+                marker="o",
+                ms=3,
                 label=f"analytic {lab}".strip(),
             )
         if "empirical" in engines:
             v, se = engines["empirical"]
             ax.errorbar(
-                xv, v[i], yerr=np.where(np.isfinite(se[i]), se[i], 0.0), fmt="-",
-                color=c, marker="s", ms=3, capsize=2,
+                xv,
+                v[i],
+                yerr=np.where(np.isfinite(se[i]), se[i], 0.0),
+                fmt="-",
+                color=c,
+                marker="s",
+                ms=3,
+                capsize=2,
                 label=f"measured {lab}".strip(),
             )
     ax.set_xlabel(sel["x"])
@@ -345,4 +356,3 @@ def sweep_report(
         plt.close(fig)
         paths.append(p)
     return paths
-

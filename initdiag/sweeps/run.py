@@ -138,8 +138,10 @@ def _hms(s: float) -> str:
     if not math.isfinite(s):
         return "?"
     s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else (
-        f"{s // 60}:{s % 60:02d}"
+    return (
+        f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+        if s >= 3600
+        else (f"{s // 60}:{s % 60:02d}")
     )
 
 
@@ -377,7 +379,9 @@ def _drive(
     def task(points) -> dict[str, Any]:
         return {
             "payload": payload,
-            "points": [{"key": p.key, "params": p.params, "seed": p.seed} for p in points],
+            "points": [
+                {"key": p.key, "params": p.params, "seed": p.seed} for p in points
+            ],
             "engines": engines,
             "version": version,
         }
@@ -485,4 +489,3 @@ def _requeue(queue_, pts, tries, kind, exc, store, run, plan, res) -> None:
     )
     res.computed += 1
     res.failed += 1
-

@@ -214,7 +214,9 @@ class Store:
         try:
             tables = {
                 r[0]
-                for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                for r in con.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table'"
+                )
             }
         except sqlite3.DatabaseError as exc:
             raise ValueError(
@@ -226,7 +228,9 @@ class Store:
                 f"(tables: {', '.join(sorted(tables))}); pass another --db"
             )
         with con:
-            con.execute(_create("meta", [("key", "TEXT PRIMARY KEY"), ("value", "TEXT")]))
+            con.execute(
+                _create("meta", [("key", "TEXT PRIMARY KEY"), ("value", "TEXT")])
+            )
             row = con.execute(
                 "SELECT value FROM meta WHERE key='schema_version'"
             ).fetchone()
@@ -402,7 +406,7 @@ class Store:
         return int(self.con.execute(q, args).fetchone()[0])
 
 
-# -- reading and exporting --------------------------------------------------------------
+# -- reading and exporting ----------------------------------------------------------
 
 
 def _connect_ro(path: str | os.PathLike) -> sqlite3.Connection:
@@ -412,7 +416,8 @@ def _connect_ro(path: str | os.PathLike) -> sqlite3.Connection:
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
         tables = {
-            r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            r[0]
+            for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
         }
     except sqlite3.DatabaseError as exc:
         raise ValueError(f"{path}: not an SQLite database: {exc}") from None
@@ -440,7 +445,9 @@ def read_points(
     try:
         q, args = "SELECT * FROM points WHERE 1", []
         if run is not None:
-            row = con.execute("SELECT base_hash FROM runs WHERE id = ?", (run,)).fetchone()
+            row = con.execute(
+                "SELECT base_hash FROM runs WHERE id = ?", (run,)
+            ).fetchone()
             if row is None:
                 ids = [r[0] for r in con.execute("SELECT id FROM runs ORDER BY id")]
                 raise ValueError(f"{path}: no run {run}; runs: {ids}")
