@@ -248,6 +248,15 @@ def _number(v: Any, key: str, *, integer: bool = False, minimum: float | None = 
     return v
 
 
+def _spec(v: Any, key: str, want: str) -> Any:
+    """A name / call string, or a table (keys sorted, so the key is canonical)."""
+    if isinstance(v, Mapping):
+        return {str(k): v[k] for k in sorted(v)}
+    if not isinstance(v, str):
+        raise GridError(f"grid key {key!r}: expected {want}, got {v!r}")
+    return v
+
+
 def _canonical_value(key: str, v: Any) -> Any:
     """One JSON-stable form per value, so that 2 and 2.0 name the same point."""
     if key in ("depth", "width", "input_dim"):
@@ -272,23 +281,14 @@ def _canonical_value(key: str, v: Any) -> Any:
             )
         return v
     if key == "activation":
-        if isinstance(v, Mapping):
-            return {str(k): v[k] for k in sorted(v)}
-        if not isinstance(v, str):
-            raise GridError(
-                f"grid key {key!r}: expected a name such as 'tanh' or a table such as "
-                f"{{type = 'leaky_relu', negative_slope = 0.2}}, got {v!r}"
-            )
-        return v
+        return _spec(
+            v,
+            key,
+            "a name such as 'tanh' or a table such as "
+            "{type = 'leaky_relu', negative_slope = 0.2}",
+        )
     if key.count(".") == 1:  # init.<slot>: an initializer spec
-        if isinstance(v, Mapping):
-            return {str(k): v[k] for k in sorted(v)}
-        if not isinstance(v, str):
-            raise GridError(
-                f"grid key {key!r}: expected an initializer string such as "
-                f"'normal(0, 0.1)', got {v!r}"
-            )
-        return v
+        return _spec(v, key, "an initializer string such as 'normal(0, 0.1)'")
     # init.<slot>.<param>: numbers stay numbers (int 1 and 1.0 alike), strings strings
     if isinstance(v, bool) or isinstance(v, str):
         return v

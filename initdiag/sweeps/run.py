@@ -242,10 +242,6 @@ def sweep(
     exactly the finished points.  Every point runs single-threaded; parallelism
     comes from running points side by side.
     """
-    from .. import __version__
-    from .compute import compute_chunk
-    from .executors import make_executor
-
     if not (analytic or empirical):
         raise ValueError("analytic and empirical are both False: nothing to compute")
     for name, flag in (("resume", resume), ("retry_failed", retry_failed)):
@@ -275,26 +271,39 @@ def sweep(
         max_points=max_points,
     )
     engines = [e for e, on in (("analytic", analytic), ("empirical", empirical)) if on]
+    job = _Job(
+        plan=plan,
+        grid=grid,
+        engines=engines,
+        executor=executor,
+        workers=workers,
+        address=address,
+        resume=resume,
+        retry_failed=retry_failed,
+        progress=progress,
+        chunk=chunk,
+    )
     store = Store(db)
     try:
-        return _drive(
-            store,
-            plan,
-            grid,
-            engines,
-            executor,
-            workers,
-            address,
-            resume,
-            retry_failed,
-            progress,
-            chunk,
-            compute_chunk,
-            make_executor,
-            __version__,
-        )
+        return _drive(store, job)
     finally:
         store.close()
+
+
+@dataclass
+class _Job:
+    """What :func:`_drive` runs: the expanded plan and the sweep's options."""
+
+    plan: Any
+    grid: Mapping[str, Any]
+    engines: list[str]
+    executor: Any
+    workers: int | None
+    address: str | None
+    resume: bool
+    retry_failed: bool
+    progress: bool | Callable[[int, int], None]
+    chunk: int | None
 
 
 def _todo(store: Store, plan, engines, resume: bool, retry_failed: bool):
@@ -316,32 +325,22 @@ def _todo(store: Store, plan, engines, resume: bool, retry_failed: bool):
     return todo, len(plan.points) - len(todo)
 
 
-def _drive(
-    store,
-    plan,
-    grid,
-    engines,
-    executor,
-    workers,
-    address,
-    resume,
-    retry_failed,
-    progress,
-    chunk,
-    compute_chunk,
-    make_executor,
-    version,
-) -> SweepResult:
-    todo, skipped = _todo(store, plan, engines, resume, retry_failed)
+def _drive(store: Store, job: _Job) -> SweepResult:
+    from .. import __version__ as version
+    from .compute import compute_chunk
+    from .executors import make_executor
+
+    plan, engines, progress = job.plan, job.engines, job.progress
+    todo, skipped = _todo(store, plan, engines, job.resume, job.retry_failed)
     total = len(plan.points)
     if not todo:
         run = store.start_run(
             base_hash=plan.base_hash,
             base=plan.base,
-            grid=grid,
+            grid=job.grid,
             settings={**plan.payload(), "engines": engines},
-            executor=str(executor if isinstance(executor, str) else "dask"),
-            workers=workers,
+            executor=job.executor if isinstance(job.executor, str) else "dask",
+            workers=job.workers,
             total=total,
         )
         store.finish_run(run, "complete", skipped=skipped)
@@ -353,12 +352,12 @@ def _drive(
             base_hash=plan.base_hash,
             keys=[p.key for p in plan.points],
         )
-    ex = make_executor(executor, workers, address)
-    size = chunk or _chunk_size(len(todo), ex.workers, "empirical" in engines)
+    ex = make_executor(job.executor, job.workers, job.address)
+    size = job.chunk or _chunk_size(len(todo), ex.workers, "empirical" in engines)
     run = store.start_run(
         base_hash=plan.base_hash,
         base=plan.base,
-        grid=grid,
+        grid=job.grid,
         settings={**plan.payload(), "engines": engines, "chunk": size},
         executor=ex.kind,
         workers=ex.workers,

@@ -71,16 +71,16 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+
 #: per-point numbers, each as a_<name> (analyze) and e_<name> (simulate)
-_SUMMARY_NUM = (
-    "chi1",
-    "q_star",
-    "c_star",
-    "xi_q",
-    "xi_c",
-    "correlation_depth",
-    "gradient_ratio",
-)
+def _summary_keys() -> tuple[str, ...]:
+    from ..profile import SUMMARY_KEYS
+
+    return tuple(k for k in SUMMARY_KEYS if k != "regime")
+
+
+_SUMMARY_NUM = _summary_keys()
 _LAST = ("q_last", "correlation_last", "dead_last", "grad_first")
 SUMMARY_COLUMNS = (*_SUMMARY_NUM, "regime", *_LAST)
 #: what simulate measures (its chi1, regime, fixed points and depth scales come
