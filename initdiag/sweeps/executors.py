@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Completed", "DaskExecutor", "LocalExecutor", "make_executor"]
+__all__ = [
+    "Completed",
+    "DaskExecutor",
+    "LocalExecutor",
+    "check_executor",
+    "make_executor",
+]
 
 
 class Completed:
@@ -56,11 +63,7 @@ class LocalExecutor:
     kind = "local"
 
     def __init__(self, workers: int | None = None) -> None:
-        if workers is None:
-            workers = os.cpu_count() or 1
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive integer, got {workers!r}")
-        self.workers = workers
+        self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self.generation = 0
         self._pool = self._new_pool()
 
@@ -75,6 +78,9 @@ class LocalExecutor:
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_local_worker,
         )
+
+    def capacity(self) -> int:
+        return self.workers
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         fut = self._pool.submit(fn, arg)
@@ -137,20 +143,10 @@ class DaskExecutor:
     kind = "dask"
 
     def __init__(self, client: Any = None, address: str | None = None) -> None:
-        try:
-            import distributed
-        except ImportError:
-            raise ImportError(
-                "executor='dask' needs dask.distributed: pip install "
-                "'initdiag[dask]' (or dask[distributed])"
-            ) from None
+        import distributed
+
         self._own = client is None
         if client is None:
-            if not address:
-                raise ValueError(
-                    "executor='dask' needs address='tcp://host:8786' (the scheduler) "
-                    "or a distributed.Client as executor"
-                )
             try:
                 client = distributed.Client(address, timeout="20s")
             except (OSError, TimeoutError) as exc:
@@ -158,10 +154,19 @@ class DaskExecutor:
                     f"cannot reach the Dask scheduler at {address}: {exc}"
                 ) from None
         self.client = client
-        info = client.scheduler_info()
-        workers = info.get("workers", {})
-        self.workers = max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+        self._checked = 0.0
+        self.workers = 1
+        self.capacity()
         self.generation = 0
+
+    def capacity(self) -> int:
+        """Worker threads of the cluster now (asked at most every 5 s: workers
+        may join or leave during a sweep)."""
+        now = time.monotonic()
+        if now - self._checked > 5.0:
+            self.workers = max(1, sum(self.client.nthreads().values()))
+            self._checked = now
+        return self.workers
 
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         # pure=False: every submission is its own task, never merged with another
@@ -180,31 +185,67 @@ class DaskExecutor:
         if self._own:
             self.client.close()
 
-    def cancel(self, futures: Any) -> None:
-        self.client.cancel(list(futures))
-
     def describe(self) -> str:
         return (
             f"dask cluster at {self.client.scheduler.address} ({self.workers} threads)"
         )
 
 
-def make_executor(
-    executor: Any, workers: int | None, address: str | None
-) -> LocalExecutor | DaskExecutor:
-    """``"local"`` -> :class:`LocalExecutor`; ``"dask"`` (with ``address``) or a
-    ``distributed.Client`` -> :class:`DaskExecutor`."""
+def _is_client(executor: Any) -> bool:
+    return type(executor).__name__ == "Client" and hasattr(executor, "submit")
+
+
+def check_executor(executor: Any, workers: int | None, address: str | None) -> None:
+    """Reject a bad executor choice before anything is created or started.
+
+    Raises
+    ------
+    ValueError
+        Not ``"local"``, ``"dask"`` or a Client; ``"dask"`` without an address;
+        an address for the local pool; bad ``workers``.
+    ImportError
+        ``"dask"`` without dask.distributed installed.
+    """
     if executor == "local":
         if address is not None:
             raise ValueError(
                 "address is for executor='dask'; the local executor runs here"
             )
-        return LocalExecutor(workers)
+        if workers is not None and (
+            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+        ):
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        return
     if executor == "dask":
-        return DaskExecutor(address=address)
-    if type(executor).__name__ == "Client" and hasattr(executor, "submit"):
-        return DaskExecutor(client=executor)
+        if not address:
+            raise ValueError(
+                "executor='dask' needs address='tcp://host:8786' (the scheduler) "
+                "or a distributed.Client as executor"
+            )
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "executor='dask' needs dask.distributed: pip install "
+                "'initdiag[dask]' (or dask[distributed])"
+            ) from None
+        return
+    if _is_client(executor):
+        return
     raise ValueError(
         f"executor must be 'local', 'dask' (with address='tcp://host:8786') or a "
         f"distributed.Client, got {executor!r}"
     )
+
+
+def make_executor(
+    executor: Any, workers: int | None, address: str | None
+) -> LocalExecutor | DaskExecutor:
+    """``"local"`` -> :class:`LocalExecutor`; ``"dask"`` (with ``address``) or a
+    ``distributed.Client`` -> :class:`DaskExecutor` (after :func:`check_executor`)."""
+    check_executor(executor, workers, address)
+    if executor == "local":
+        return LocalExecutor(workers)
+    if executor == "dask":
+        return DaskExecutor(address=address)
+    return DaskExecutor(client=executor)

@@ -251,7 +251,10 @@ def sweep(
         isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1
     ):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    from .executors import check_executor
     from .grid import base_from
+
+    check_executor(executor, workers, address)
 
     network, study_sim, study_ana = base_from(base)
     sim = {**study_sim, **dict(simulate or {})}
@@ -388,9 +391,6 @@ def _drive(store: Store, job: _Job) -> SweepResult:
     queue_: deque[tuple[list, int]] = deque(
         (todo[i : i + size], 0) for i in range(0, len(todo), size)
     )
-    # a few chunks queued per worker keep every worker busy without handing the
-    # executor the whole grid: Ctrl-C then cancels little, and memory stays flat
-    max_inflight = 2 * ex.workers + 1
     inflight: dict[Any, tuple[list, int]] = {}
     from .executors import Completed
 
@@ -401,7 +401,9 @@ def _drive(store: Store, job: _Job) -> SweepResult:
     status = "error"
     try:
         while queue_ or inflight:
-            while queue_ and len(inflight) < max_inflight:
+            # two chunks per worker keep every worker busy without handing the
+            # executor the whole grid: Ctrl-C then cancels little, memory stays flat
+            while queue_ and len(inflight) < 2 * ex.capacity() + 1:
                 pts, tries = queue_.popleft()
                 fut = ex.submit(compute_chunk, task(pts))
                 inflight[fut] = (pts, tries)
