@@ -180,6 +180,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         # GridError, ConfigError, a bad database, an unreachable scheduler: all
         # raised before any work starts
         raise _bad(f"{args.grid}: {exc}") from None
+    except RuntimeError as exc:
+        # the executor could not run a chunk (e.g. workers with another initdiag);
+        # what finished is saved
+        sys.stderr.write(f"initdiag sweep: {exc}; finished points are in {db}\n")
+        return 1
     sys.stdout.write(str(res) + "\n")
     _exports(args, db, res.run)
     return 0
