@@ -424,6 +424,30 @@ def test_local_killed_worker_loses_and_duplicates_nothing(tmp_path):
     assert Store(db).runs()[-1]["status"] == "complete"
 
 
+def test_workers_that_die_at_start_stop_the_sweep(tmp_path):
+    """A script on stdin: spawned workers cannot re-import the main module and die
+    at once; the sweep stops with the reason instead of failing point by point."""
+    script = (
+        "import initdiag as idg\n"
+        f"idg.sweep(idg.mlp(3, 8), {{'depth': list(range(1, 21))}}, empirical=False,"
+        f" workers=1, db={str(tmp_path / 'x.sqlite')!r}, progress=False)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 1
+    assert "RuntimeError: 5 worker processes died in a row" in r.stderr
+    assert "__main__" in r.stderr.splitlines()[-1]
+    assert read_points(tmp_path / "x.sqlite") == []
+
+
 # -- the command line ---------------------------------------------------------------
 
 

@@ -92,12 +92,15 @@ class LocalExecutor:
 
         return isinstance(exc, BrokenProcessPool)
 
-    def after_lost_worker(self, future: Any) -> None:
-        """Replace the broken pool once (its other futures fail with it)."""
-        if getattr(future, "generation", None) == self.generation:
-            self._terminate()
-            self.generation += 1
-            self._pool = self._new_pool()
+    def after_lost_worker(self, future: Any) -> bool:
+        """Replace the broken pool once (its other futures fail with it); True when
+        this future's failure was a new incident (the first of its pool)."""
+        if getattr(future, "generation", None) != self.generation:
+            return False
+        self._terminate()
+        self.generation += 1
+        self._pool = self._new_pool()
+        return True
 
     def pids(self) -> list[int]:
         procs = getattr(self._pool, "_processes", None) or {}
@@ -178,8 +181,10 @@ class DaskExecutor:
 
         return isinstance(exc, (KilledWorker, CommClosedError))
 
-    def after_lost_worker(self, future: Any) -> None:
-        """The scheduler reschedules a dead worker's tasks itself."""
+    def after_lost_worker(self, future: Any) -> bool:
+        """Nothing to repair: the scheduler reschedules a dead worker's tasks
+        itself (a KilledWorker is a task that has killed several)."""
+        return True
 
     def close(self, cancel: bool = False) -> None:
         if self._own:

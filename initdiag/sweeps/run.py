@@ -23,6 +23,9 @@ DEFAULT_MAX_POINTS = 10_000
 #: of a single point before it is stored as failed
 _CHUNK_TRIES = 2
 _POINT_TRIES = 3
+#: worker deaths in a row, with no chunk coming back in between, before the sweep
+#: stops: workers that die at start would otherwise fail every point one by one
+_LOSSES_IN_A_ROW = 4
 
 
 @dataclass
@@ -241,6 +244,11 @@ def sweep(
     the executor, the chunking or the order of completion, and resuming skips
     exactly the finished points.  Every point runs single-threaded; parallelism
     comes from running points side by side.
+
+    The local pool starts fresh Python processes (``spawn``), which import the
+    caller's main module: a script that calls ``sweep`` needs the usual
+    ``if __name__ == "__main__":`` guard, and cannot be read from stdin (workers
+    that die at start stop the sweep with a RuntimeError saying so).
     """
     if not (analytic or empirical):
         raise ValueError("analytic and empirical are both False: nothing to compute")
@@ -399,6 +407,7 @@ def _drive(store: Store, job: _Job) -> SweepResult:
     callback = progress if callable(progress) else None
     t0 = time.perf_counter()
     status = "error"
+    losses = 0  # worker deaths since the last chunk that came back
     try:
         while queue_ or inflight:
             # two chunks per worker keep every worker busy without handing the
@@ -419,10 +428,14 @@ def _drive(store: Store, job: _Job) -> SweepResult:
                         f"the executor could not run a chunk of {len(pts)} points: "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
-                ex.after_lost_worker(fut)
+                if ex.after_lost_worker(fut):
+                    losses += 1
+                if losses > _LOSSES_IN_A_ROW:
+                    raise RuntimeError(_dying_workers(ex.kind, losses, exc))
                 _requeue(queue_, pts, tries + 1, ex.kind, exc, store, run, plan, res)
                 continue
             results = fut.result()
+            losses = 0
             store.write_chunk(run, plan.base_hash, results)
             res.computed += len(results)
             res.failed += sum(1 for r in results if r.get("error"))
@@ -453,6 +466,20 @@ def _drive(store: Store, job: _Job) -> SweepResult:
             failed=res.failed,
         )
     return res
+
+
+def _dying_workers(kind: str, losses: int, exc: BaseException) -> str:
+    hint = (
+        "local workers are new Python processes that import the main module: "
+        "call sweep() from a script file under `if __name__ == '__main__':` (not "
+        "from stdin), or use the `initdiag sweep` command"
+        if kind == "local"
+        else "check the workers' logs (memory limits, a missing initdiag)"
+    )
+    return (
+        f"{losses} worker processes died in a row and no chunk came back "
+        f"({type(exc).__name__}: {exc}); {hint}"
+    )
 
 
 def _requeue(queue_, pts, tries, kind, exc, store, run, plan, res) -> None:
