@@ -394,6 +394,7 @@ def test_exports(local_db, tmp_path):
     assert isinstance(df, pd.DataFrame) and len(df) == 6
 
 
+@pytest.mark.slow
 def test_local_killed_worker_loses_and_duplicates_nothing(tmp_path):
     db = tmp_path / "kill.sqlite"
     killed = []
@@ -521,6 +522,7 @@ def _count(db):
         con.close()
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_then_resume_and_report(tmp_path):
     grid = tmp_path / "phase.toml"
     grid.write_text(GRID_TOML)

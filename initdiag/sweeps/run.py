@@ -130,6 +130,13 @@ class _Bar:
         elif self._own is not None:
             self._own.update(self._label(), steps=steps)
 
+    def refresh(self) -> None:
+        """Redraw (elapsed time and ETA move between finished chunks too)."""
+        if self._tqdm is not None:
+            self._tqdm.refresh()
+        elif self._own is not None:
+            self._own.set_label(self._label())
+
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
@@ -418,7 +425,10 @@ def _drive(store: Store, job: _Job) -> SweepResult:
                 inflight[fut] = (pts, tries)
                 done_q.add(fut)
             fut = done_q.next(timeout=0.5)
-            if fut is None or fut not in inflight:
+            if fut is None:
+                bar.refresh()
+                continue
+            if fut not in inflight:
                 continue
             pts, tries = inflight.pop(fut)
             exc = fut.exception()
