@@ -223,6 +223,31 @@ def test_study_base_with_variants_is_refused(tmp_path):
         )
 
 
+def test_shipped_grid_file():
+    from initdiag.sweeps.grid import base_from, load_grid_file
+
+    spec = load_grid_file(ROOT / "examples/sweeps/tanh_phase.toml")
+    net, sim, _ = base_from(spec["base"])
+    plan = expand(net, spec["grid"], seeds=spec["seeds"], simulate=sim)
+    assert len(plan.points) == 44 and plan.axes == ["sigma_w2", "sigma_b2"]
+    assert plan.simulate["batch_size"] == 64 and plan.mlp["activation"] == "tanh"
+
+
+def test_grid_file_errors(tmp_path):
+    from initdiag.sweeps.grid import load_grid_file
+
+    f = tmp_path / "g.toml"
+    f.write_text("[network]\ndepth = 2\nwidth = 4\n")
+    with pytest.raises(GridError, match=r"needs a \[grid\] table"):
+        load_grid_file(f)
+    f.write_text("[sweep]\nseed = 2\n[grid]\ndepth = [1]\n")
+    with pytest.raises(GridError, match=r"unknown keys \['seed'\]"):
+        load_grid_file(f)
+    f.write_text("[grid]\ndepth = [1]\n")
+    with pytest.raises(GridError, match=r"no base network"):
+        load_grid_file(f)
+
+
 def test_resume_set_engines_and_failures(tmp_path):
     plan = expand(BASE, {"depth": [1, 2, 3, 4]}, seeds=2)
     with Store(tmp_path / "s.sqlite") as st:
