@@ -49,6 +49,7 @@ _LAZY = {
     "Comparison": ("profile", "Comparison"),
     "Verdict": ("verdicts", "Verdict"),
     "network_parameters": ("analytic", "network_parameters"),
+    "sweep": ("sweeps", "sweep"),
 }
 _SUBMODULES = {
     "meanfield",

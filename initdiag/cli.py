@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--format", choices=("text", "json"), default="text")
     ph.add_argument("-q", "--quiet", action="store_true")
     ph.set_defaults(func=cmd_phase)
+    from .sweeps.cli import register as register_sweep_commands
+
+    register_sweep_commands(sub)
     return parser
 
 
