@@ -211,6 +211,27 @@ def _phi0(act: Activation) -> tuple[float, float]:
     return float(_phi(act, x)[0]), float(_dphi(act, x + 0.0)[0])
 
 
+def _dphi2_at_0(act: Activation) -> float:
+    """lim_{q -> 0} E[phi'(sqrt(q) z)^2] = (phi'(0+)^2 + phi'(0-)^2)/2 (the two sides
+    of a kink each carry half of the Gaussian mass)."""
+    d = _dphi(act, np.array([1e-300, -1e-300]))
+    return float(0.5 * (d[0] ** 2 + d[1] ** 2))
+
+
+#: activations with phi(0) = 0 and |phi(x)| <= |phi'(0+-)| |x| on each side (tanh,
+#: erf: concave on x > 0 and odd; SELU: x on x > 0, alpha (e^x - 1) on x < 0), so
+#: E[phi(sqrt(q) z)^2] < q lim_{q->0} E[phi'^2] for q > 0: without bias, q* = 0 is
+#: the fixed point reached from every q0 once sigma_w2 lim E[phi'^2] <= 1
+_SUBLINEAR = ("tanh", "erf", "selu")
+
+
+def _q_star_is_zero(act: Activation, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where q* = 0 exactly (no bias, q' = sigma_w2 E[phi^2] < q for every q > 0)."""
+    if act.name not in _SUBLINEAR:
+        return np.zeros(np.shape(w), dtype=bool)
+    return (b == 0) & (w * _dphi2_at_0(act) <= 1.0)
+
+
 # -- quadrature rules -----------------------------------------------------------------
 
 
@@ -598,7 +619,11 @@ def _fixed_point_q(
             q = np.where((g > 1) & (b == 0) & (q0 == 0), 0.0, q)
         return q
     z = np.zeros_like(q)
-    active = np.ones(q.shape, dtype=bool)
+    # the iteration only creeps toward q* = 0 (q_l ~ 1/(2 l) for tanh at the edge of
+    # chaos), so the exact value is used where it is known
+    zero = _q_star_is_zero(act, w, b)
+    q[zero] = 0.0
+    active = ~zero
     for it in range(max_iter):
         idx = np.flatnonzero(active)
         if idx.size == 0:
@@ -607,11 +632,11 @@ def _fixed_point_q(
         v = _expect_1d(act, "phi2", z[idx], qa)
         new = w[idx] * v + b[idx]
         # Newton polish once the plain iteration has settled near a fixed point;
-        # slope of the map: sigma_w2 dV/dq = sigma_w2 E[phi'^2 + phi phi'']/2
+        # slope of the map: sigma_w2 dV/dq = sigma_w2 E[phi'^2 + phi phi''] (Stein's
+        # lemma on E[z phi(sqrt(q) z) phi'(sqrt(q) z)] / sqrt(q))
         if it >= 20:
             d = (
-                0.5
-                * w[idx]
+                w[idx]
                 * (
                     _expect_1d(act, "dphi2", z[idx], qa)
                     + _expect_1d(act, "d2phi_phi", z[idx], qa)
@@ -672,6 +697,8 @@ def _chi1_at(act: Activation, w: np.ndarray, q: np.ndarray) -> np.ndarray:
         return w * k
     qf = np.where(np.isfinite(q), q, 0.0)
     out = w * _expect_1d(act, "dphi2", np.zeros_like(q), qf)
+    # at q = 0, chi1 is the q -> 0 limit (both sides of a kink), not phi'(0)^2
+    out = np.where(qf == 0, w * _dphi2_at_0(act), out)
     return np.where(np.isfinite(q), out, np.nan)
 
 
@@ -803,78 +830,145 @@ def depth_scales(
     return xq, xc
 
 
+def _edge_parts(act: Activation, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The edge of chaos parametrised by q* (zero-mean pre-activations): chi1 = 1
+    gives sigma_w2 = 1/E[phi'^2] and the fixed-point equation then gives
+    sigma_b2 = q - E[phi^2]/E[phi'^2]."""
+    z = np.zeros_like(q)
+    v = _expect_1d(act, "phi2", z, q)
+    d = _expect_1d(act, "dphi2", z, q)
+    return 1.0 / d, q - v / d
+
+
+def _edge_slope(act: Activation, q: np.ndarray) -> np.ndarray:
+    """Slope of the length map at an edge point q*: sigma_w2 E[phi'^2 + phi'' phi]
+    with sigma_w2 = 1/E[phi'^2], i.e. 1 + E[phi'' phi]/E[phi'^2]."""
+    z = np.zeros_like(q)
+    return 1.0 + _expect_1d(act, "d2phi_phi", z, q) / _expect_1d(act, "dphi2", z, q)
+
+
+@functools.lru_cache(maxsize=32)
+def _edge_table(act: Activation) -> tuple[np.ndarray, np.ndarray]:
+    """sigma_b2(q) along the edge on a log grid of q* in [1e-12, 1e12]."""
+    lq = np.linspace(math.log(1e-12), math.log(1e12), 481)
+    return lq, _edge_parts(act, np.exp(lq))[1]
+
+
 def critical_sigma_w2(
     activation: str | Activation,
     sigma_b2: ArrayLike = 0.0,
     *,
-    sigma_w2_max: float = 100.0,
-    tol: float = 1e-12,
-) -> np.ndarray | float:
+    sigma_w2_max: float = math.inf,
+    tol: float = 1e-14,
+    return_q_star: bool = False,
+) -> np.ndarray | float | tuple[Any, Any]:
     """The edge of chaos: the sigma_w2 with chi1(sigma_w2, sigma_b2) = 1.
 
     Returns NaN where there is none, and then emits a :class:`NoEdgeOfChaosWarning`
     saying why (the choice made for vectorised use: an exception would abort a
-    whole curve).  ReLU-like activations (slopes 1 and a) and identity have no
-    edge of chaos for sigma_b2 > 0: chi1 = sigma_w2 (1 + a^2)/2 is 1 exactly where the
-    length map q' = q + sigma_b2 has no fixed point (Hayou et al. 2019), so their only
-    critical point is (sigma_b2 = 0, sigma_w2 = 2/(1 + a^2)).  For odd phi with
-    phi(0) = 0 (tanh, erf) at sigma_b2 = 0, q* = 0 for sigma_w2 phi'(0)^2 <= 1, so the
-    edge is sigma_w2 = 1/phi'(0)^2 (tanh 1, erf pi/4).  Otherwise bisection on
-    sigma_w2 in (0, sigma_w2_max], q* from :func:`fixed_point_q`.
+    whole curve).
+
+    Notes
+    -----
+    ReLU-like activations (slopes 1 and a) and identity have no edge of chaos for
+    sigma_b2 > 0: chi1 = sigma_w2 (1 + a^2)/2 is 1 exactly where the length map
+    q' = q + sigma_b2 has no fixed point (Hayou et al. 2019), so their only critical
+    point is (sigma_b2 = 0, sigma_w2 = 2/(1 + a^2)).
+
+    Other activations: on the edge, chi1 = sigma_w2 E[phi'(sqrt(q*) z)^2] = 1 and
+    q* = sigma_w2 E[phi(sqrt(q*) z)^2] + sigma_b2, so the edge is the curve
+    ``q* -> (1/E[phi'^2], q* - E[phi^2]/E[phi'^2])``; for a given sigma_b2 the root
+    q* of ``q - E[phi^2]/E[phi'^2] = sigma_b2`` is bracketed on a log grid of q*
+    in [1e-12, 1e12] (on the branch where the right-hand side increases, the one
+    whose fixed point the length map reaches) and bisected in log q* to ``tol``;
+    then sigma_w2 = 1/E[phi'^2] there, so chi1 at the returned point is 1 up to the
+    accuracy of the Gaussian expectations (~1e-13).  This is one root find in q*
+    instead of nested fixed-point iterations inside a bisection on sigma_w2.
+    Where the curve reaches sigma_b2 = 0 only as q* -> 0 (tanh, erf, SELU, GELU,
+    SiLU), the edge at sigma_b2 = 0 is that limit: sigma_w2 = 1/lim E[phi'^2] with
+    q* = 0, for the activations where q* = 0 then attracts every input (tanh 1,
+    erf pi/4, SELU; GELU and SiLU grow faster than linearly near 0, so q* = 0 repels
+    and they have no edge at sigma_b2 = 0).
+
+    A point is returned only where the edge's fixed point is stable: the length
+    map's slope there is 1 + E[phi'' phi]/E[phi'^2], which must be below 1.  GELU
+    and SiLU fail this at small sigma_b2 (E[phi'' phi] > 0 for q* up to about 2):
+    chi1 = 1 there only at a repelling fixed point, and the length map jumps from
+    the ordered phase to divergence (NaN, with the warning).  ``return_q_star=True`` also returns the edge's q* (``inf`` for ReLU-like
+    and identity at sigma_b2 = 0, where every q is fixed), so that
+    ``chi1(activation, w, b, q=q_star)`` evaluates chi1 on the edge itself.
     """
     act = _act(activation)
     shape, (b,) = _bcast(sigma_b2)
     _check_var(b, "sigma_b2")
     n = act.name
     out = np.full(b.shape, np.nan)
-    reason = None
+    q_edge = np.where(b == 0, 0.0, np.nan)
     if n in ("relu", "leaky_relu", "identity"):
         k = 1.0 if n == "identity" else 0.5 * (1.0 + _slope(act) ** 2)
         out = np.where(b == 0, 1.0 / k, np.nan)
+        # every q is fixed at the critical point without bias
+        q_edge = np.where(b == 0, np.inf, np.nan)
         reason = (
             f"{n} has no edge of chaos for sigma_b2 > 0: chi1 = 1 forces "
             "q' = q + sigma_b2, which has no fixed point (Hayou et al. 2019)"
         )
     else:
-        p0, d0 = _phi0(act)
-        odd = n in ("tanh", "erf")
-        todo = np.ones(b.shape, dtype=bool)
-        if odd:
-            out[b == 0] = 1.0 / d0**2
-            todo = b != 0
-        idx = np.flatnonzero(todo)
-        if idx.size:
-            lo = np.full(idx.size, 1e-6)
-            hi = np.full(idx.size, float(sigma_w2_max))
-            bb = b[idx]
-
-            def f(w):
-                q = _fixed_point_q(act, w, bb, np.ones_like(w), 1e-15, 5000)
-                return _chi1_at(act, w, q) - 1.0
-
-            flo, fhi = f(lo), f(hi)
-            ok = (flo < 0) & (fhi > 0)
+        lq, bq = _edge_table(act)
+        # sigma_b2(q) -> 0 as q -> 0 when phi(0) = 0 (at the grid's first point it is
+        # 0 up to the rounding of q - E[phi^2]/E[phi'^2], ~1e-16 q)
+        tends0 = _phi0(act)[0] == 0.0 and bq[0] >= -1e-9 * math.exp(lq[0])
+        # q* = 0 attracts every q0 only for the sublinear activations
+        limit0 = tends0 and n in _SUBLINEAR
+        # the increasing branch: from the grid minimum of sigma_b2(q) upwards
+        k0 = 0 if tends0 else int(np.argmin(bq))
+        lqb, bqb = lq[k0:], np.maximum.accumulate(bq[k0:])
+        if limit0:
+            out[b == 0] = 1.0 / _dphi2_at_0(act)
+        todo = np.flatnonzero((b >= bqb[0]) & (b <= bqb[-1]) & ~(limit0 & (b == 0)))
+        if tends0:
+            # below the grid's first point the edge is at q* < 1e-12
+            tiny = np.flatnonzero((b > 0) & (b < bqb[0]))
+            todo = np.union1d(todo, tiny)
+        if todo.size:
+            bt = b[todo]
+            j = np.clip(np.searchsorted(bqb, bt), 1, lqb.size - 1)
+            lo, hi = lqb[j - 1], lqb[j]
+            lo = np.where(bt < bqb[0], math.log(1e-300), lo)
             for _ in range(200):
                 mid = 0.5 * (lo + hi)
-                fm = f(mid)
-                up = fm > 0
+                up = _edge_parts(act, np.exp(mid))[1] > bt
                 hi = np.where(up, mid, hi)
                 lo = np.where(up, lo, mid)
-                if np.all((hi - lo) <= tol * hi):
+                if np.all(hi - lo <= tol):
                     break
-            out[idx] = np.where(ok, 0.5 * (lo + hi), np.nan)
-            reason = (
-                f"chi1 - 1 does not change sign for sigma_w2 in (0, "
-                f"{sigma_w2_max}] with a finite q*"
-            )
+            qe = np.exp(0.5 * (lo + hi))
+            # an edge point whose fixed point repels (slope >= 1) is never reached
+            stable = _edge_slope(act, qe) < 1.0
+            out[todo] = np.where(stable, _edge_parts(act, qe)[0], np.nan)
+            q_edge[todo] = qe
+        if not limit0:
+            out[b == 0] = np.where(np.isnan(q_edge[b == 0]), np.nan, out[b == 0])
+        out = np.where(out <= sigma_w2_max, out, np.nan)
+        q_edge = np.where(np.isnan(out), np.nan, q_edge)
+        reason = (
+            f"for {n}, chi1 = 1 at a stable fixed point q* in (0, 1e12] (length-map "
+            "slope 1 + E[phi'' phi]/E[phi'^2] < 1) needs sigma_b2 in a range that "
+            f"excludes these values (along the edge, sigma_b2 = q* - E[phi^2]/"
+            f"E[phi'^2] runs over [{max(float(bqb[0]), 0.0):.3g}, {float(bqb[-1]):.3g}])"
+            + (f", and sigma_w2 <= {sigma_w2_max}" if math.isfinite(sigma_w2_max) else "")
+        )
     bad = np.isnan(out)
-    if np.any(bad) and reason:
+    if np.any(bad):
         warnings.warn(
             f"no edge of chaos at sigma_b2 = {b[bad][:3].tolist()}...: {reason}",
             NoEdgeOfChaosWarning,
             stacklevel=2,
         )
     out = out.reshape(shape)
+    q_edge = q_edge.reshape(shape)
+    if return_q_star:
+        return (out, q_edge) if shape else (float(out), float(q_edge))
     return out if shape else float(out)
 
 

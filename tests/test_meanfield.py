@@ -277,3 +277,86 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert mf.critical_sigma_w2("erf", 0.0) == pytest.approx(math.pi / 4)
+
+
+# -- the edge of chaos of every smooth activation -------------------------------------
+
+_SELU_A, _SELU_L = 1.6732632423543772, 1.0507009873554805
+
+
+def _ncdf(x):
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x)) if x > -700 else 0.0
+
+
+# phi and phi' written here from their textbook definitions
+_SMOOTH = {
+    "tanh": (math.tanh, lambda x: 1 - math.tanh(x) ** 2),
+    "erf": (math.erf, lambda x: 2 / math.sqrt(math.pi) * math.exp(-x * x)),
+    "sigmoid": (_sig, lambda x: _sig(x) * (1 - _sig(x))),
+    "selu": (
+        lambda x: _SELU_L * (x if x > 0 else _SELU_A * math.expm1(x)),
+        lambda x: _SELU_L * (1.0 if x > 0 else _SELU_A * math.exp(x)),
+    ),
+    "gelu": (
+        lambda x: x * _ncdf(x),
+        lambda x: _ncdf(x) + x * math.exp(-0.5 * x * x) / SQ2PI,
+    ),
+    "silu": (
+        lambda x: x * _sig(x),
+        lambda x: _sig(x) + x * _sig(x) * (1 - _sig(x)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SMOOTH))
+def test_edge_of_chaos_of_every_smooth_activation(name):
+    phi, dphi = _SMOOTH[name]
+    # GELU and SiLU have a stable edge only from sigma_b2 ~ 0.5 on (docstring)
+    bs = [1.0, 2.0] if name in ("gelu", "silu") else [0.01, 0.1, 0.5, 2.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w, q = mf.critical_sigma_w2(name, bs, return_q_star=True)
+    for wi, qi, bi in zip(w, q, bs, strict=True):
+        # the edge's fixed point attracts inputs on both sides of it
+        for q0 in (0.8 * qi, 1.25 * qi):
+            qr = mf.fixed_point_q(name, wi, bi, q0=q0)
+            assert qr == pytest.approx(qi, rel=1e-10)
+            assert abs(mf.chi1(name, wi, bi, q=qr) - 1.0) <= 1e-9
+        # independent quadrature: chi1 = 1 and q* is the fixed point of the length map
+        assert abs(wi * _quad1(lambda x: dphi(x) ** 2, 0.0, qi) - 1.0) <= 1e-9
+        assert wi * _quad1(lambda x: phi(x) ** 2, 0.0, qi) + bi == pytest.approx(
+            qi, rel=1e-9
+        )
+
+
+def test_edge_without_bias_is_exact():
+    # tanh, erf, SELU: q* = 0 exactly, chi1 = sigma_w2 lim E[phi'^2] = 1 exactly
+    for name, w0 in (
+        ("tanh", 1.0),
+        ("erf", math.pi / 4),
+        ("selu", 2 / (_SELU_L**2 * (1 + _SELU_A**2))),
+    ):
+        assert mf.critical_sigma_w2(name, 0.0) == pytest.approx(w0, rel=1e-15)
+        assert mf.fixed_point_q(name, w0, 0.0) == 0.0
+        assert abs(mf.chi1(name, w0, 0.0) - 1.0) <= 1e-12
+        # just below the edge the network is ordered and q* is still 0
+        assert mf.chi1(name, 0.9 * w0, 0.0) == pytest.approx(0.9, rel=1e-14)
+    # sigmoid (phi(0) != 0) has an edge at sigma_b2 = 0 with q* > 0
+    w, q = mf.critical_sigma_w2("sigmoid", 0.0, return_q_star=True)
+    assert q > 1 and abs(mf.chi1("sigmoid", w, 0.0) - 1.0) <= 1e-9
+
+
+def test_gelu_edge_at_small_bias_is_refused_because_it_repels():
+    with pytest.warns(mf.NoEdgeOfChaosWarning, match="stable fixed point"):
+        w = mf.critical_sigma_w2("gelu", [0.0, 0.1])
+    assert np.all(np.isnan(w))
+    # the chi1 = 1 point at sigma_b2 = 0.1 exists but the length map leaves it
+    q = np.geomspace(0.05, 5.0, 400)
+    wq, bq = mf._edge_parts(mf._act("gelu"), q)
+    k = int(np.argmin(np.abs(bq - 0.1)))
+    qn = mf.qmap("gelu", 1.01 * q[k], wq[k], bq[k])
+    assert qn - q[k] > 1.01 * (1.01 * q[k] - q[k])
