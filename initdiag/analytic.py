@@ -81,8 +81,8 @@ from .profile import Profile
 
 __all__ = ["analyze", "bn_gradient_gain", "REGIME_TOL"]
 
-#: |chi1 - 1| below which the summary calls the network critical
-REGIME_TOL = 1e-6
+#: |chi1 - 1| below which the summary calls the network critical (meanfield.regime)
+REGIME_TOL = mf.REGIME_TOL
 # a gain read off a profile (not a fixed point) is a finite-depth average: call it
 # critical within 0.1 % per layer (30 layers at 1.001 change the gradient by 3 %)
 REGIME_TOL_GAIN = 1e-3
@@ -177,7 +177,8 @@ class _Batch:
             else:
                 sq = K.mean()
                 B = K.shape[0]
-                cos = K / np.sqrt(np.outer(d, d))
+                sd = np.sqrt(d)
+                cos = K / np.outer(sd, sd)
                 corr = (cos.sum() - np.trace(cos)) / (B * (B - 1)) if B > 1 else np.nan
         second = float(d.mean())
         return {
@@ -257,7 +258,9 @@ def _act_expect(act: Activation, g: _Gauss, batch: _Batch):
     v = np.diagonal(g.S, axis1=1, axis2=2)  # (k, B)
     vi, vj = v[:, iu], v[:, ju]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        rho = np.where(vi * vj > 0, g.S[:, iu, ju] / np.sqrt(vi * vj), 0.0)
+        # sqrt before the product: vi * vj overflows from q ~ 1e154 on
+        sij = np.sqrt(vi) * np.sqrt(vj)
+        rho = np.where(sij > 0, g.S[:, iu, ju] / sij, 0.0)
     mi, mj = g.m[:, iu], g.m[:, ju]
     pp = mf._expect_2d(
         act, False, mi.ravel(), mj.ravel(), vi.ravel(), vj.ravel(), rho.ravel()
@@ -534,12 +537,22 @@ def analyze(
             raise NotImplementedError(
                 f"layer {info.name} ({type(layer).__name__}): no mean-field rule"
             )
+        qmax = float(np.max(np.abs(np.diag(new.K)))) if new.K.size else 0.0
         if not (
             np.all(np.isfinite(new.K))
             and np.all(np.isfinite(new.ex))
-            and np.max(np.abs(np.diag(new.K))) < mf.Q_OVERFLOW
+            and qmax < mf.Q_PRECISION
         ):
             overflow_at = i
+            finite = np.all(np.isfinite(new.K)) and np.all(np.isfinite(new.ex))
+            msg = (
+                f"the signal reached q = {qmax:.3g} at layer {i} ({info.name}), "
+                f"beyond {mf.Q_PRECISION:.0e}, where float64 can no longer hold "
+                "products of second moments (the correlations would be lost); the "
+                "profile stops here"
+                if finite
+                else f"the signal overflowed at layer {i} ({info.name})"
+            )
             prof.findings.append(
                 {
                     "kind": "overflow",
@@ -548,7 +561,7 @@ def analyze(
                     "block": info.block,
                     "pass": "forward",
                     "seed": None,
-                    "message": f"the signal overflowed at layer {i} ({info.name})",
+                    "message": msg,
                 }
             )
             break
@@ -703,7 +716,7 @@ def _summary(network: Network, inits, prof: Profile) -> dict[str, Any]:
             chi = _bulk_gradient_gain(prof)
             out["chi1"] = chi
             out["chi1_source"] = "per-block gradient gain of the profile"
-        out["regime"] = _regime(chi)
+        _set_regime(out, mf.regime(chi, source=out["chi1_source"]))
         return out
     if any(
         (
@@ -720,30 +733,46 @@ def _summary(network: Network, inits, prof: Profile) -> dict[str, Any]:
         chi = _bulk_gradient_gain(prof)
         out["chi1"] = chi
         out["chi1_source"] = "per-block gradient gain of the profile"
-        out["regime"] = _regime(chi, tol=REGIME_TOL_GAIN)
+        # the length map with the bias mean: is there a fixed point at all?
+        mbs = [
+            inits[i]["bias"].mean(info.fan_in, info.width)
+            for i, info in enumerate(infos)
+            if isinstance(info.layer, Dense) and inits[i].get("bias") is not None
+        ]
+        mb = float(np.median(mbs)) if mbs else 0.0
+        w2 = float(np.median(sw))
+        v = mf._fixed_point_v_mean(act, w2, mb, float(np.median(sb)), 1.0)
+        out["q_star"] = v + mb * mb
+        _set_regime(
+            out,
+            mf.regime(
+                chi,
+                q_star=out["q_star"],
+                activation=act,
+                tol=REGIME_TOL_GAIN,
+                source=out["chi1_source"],
+            ),
+        )
         return out
     w2 = float(np.median(sw))
     b2 = float(np.median(sb))
+    # q* = 0 exactly for tanh / erf / SELU without bias below the edge (meanfield)
     q = float(
         mf._fixed_point_q(act, np.array([w2]), np.array([b2]), np.ones(1), 1e-14, 5000)[
             0
         ]
     )
-    # tanh and erf are odd with |phi'| largest at 0: without bias, q* = 0 is the
-    # stable fixed point exactly when sigma_w2 phi'(0)^2 <= 1, and there chi1 =
-    # sigma_w2 phi'(0)^2 (Poole et al. 2016).  The iteration only creeps toward 0
-    # (q_l ~ 1/(2l) at the critical point), so use the exact values.
-    slope0 = {"tanh": 1.0, "erf": 2.0 / math.sqrt(math.pi)}.get(act.name)
-    if b2 == 0.0 and slope0 is not None and w2 * slope0**2 <= 1.0:
-        q = 0.0
-        chi = w2 * slope0**2
-    else:
-        chi = float(mf._chi1_at(act, np.array([w2]), np.array([q]))[0])
+    chi = float(mf._chi1_at(act, np.array([w2]), np.array([q]))[0])
     out["q_star"] = q
     out["chi1"] = chi
     out["chi1_source"] = "fixed point"
-    out["regime"] = _regime(chi)
-    if q == 0.0 and slope0 is not None:
+    if math.isinf(q) and act.name in ("relu", "leaky_relu"):
+        # chi1 = sigma_w2 (1 + a^2)/2 whatever q is: the gradient's rate per block
+        chi = float(mf._chi1_at(act, np.array([w2]), np.array([1.0]))[0])
+        out["chi1"] = chi
+        out["chi1_source"] = "sigma_w2 E[phi'^2], the same at every q"
+    _set_regime(out, mf.regime(chi, q_star=q, activation=act, source=out["chi1_source"]))
+    if q == 0.0 and act.name in mf._SUBLINEAR:
         # the q -> 0 limit is a linear network: the correlation map is the identity
         # (c* undefined, xi_c infinite) and the length map has slope chi1
         out["c_star"] = math.nan
@@ -774,12 +803,6 @@ def _bulk_gradient_gain(prof: Profile) -> float:
     return float(math.exp(sum(tail) / len(tail)))
 
 
-def _regime(chi: float, tol: float | None = None) -> str | None:
-    tol = REGIME_TOL if tol is None else tol
-    if not math.isfinite(chi):
-        return None
-    if chi < 1 - tol:
-        return "ordered"
-    if chi > 1 + tol:
-        return "chaotic"
-    return "critical"
+def _set_regime(out: dict[str, Any], reg: mf.Regime) -> None:
+    out["regime"] = reg.label
+    out["regime_reason"] = reg.reason

@@ -90,6 +90,9 @@ __all__ = [
     "fixed_point_q",
     "phase_diagram",
     "qmap",
+    "REGIME_TOL",
+    "Regime",
+    "regime",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -100,6 +103,14 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 #: q above which the length map is declared to have overflowed (no fixed point)
 Q_OVERFLOW = 1e200
+#: q beyond which a product of two second moments (q_a q_b, as in a cosine
+#: K_ab / sqrt(K_aa K_bb) computed naively) overflows float64 (sqrt of 1.8e308 is
+#: 1.3e154): the analytic engine stops there with a finding
+Q_PRECISION = 1e150
+#: |chi1 - 1| below which :func:`regime` calls a fixed point critical
+REGIME_TOL = 1e-6
+#: activations whose square grows like q at large q (the length map can diverge)
+_UNBOUNDED = ("relu", "leaky_relu", "identity", "selu", "gelu", "silu")
 
 
 class NoEdgeOfChaosWarning(RuntimeWarning):
@@ -644,12 +655,15 @@ def _fixed_point_q(
             )
             with np.errstate(divide="ignore", invalid="ignore"):
                 nt = qa - (new - qa) / (d - 1.0)
-            ok = (
-                np.isfinite(nt)
-                & (nt >= 0)
-                & (np.abs(nt - new) < 0.5 * np.abs(new - qa) + 1e-300)
-                & (d < 1)
-            )
+            ok = np.isfinite(nt) & (nt >= 0) & (d < 1)
+            if np.any(ok):
+                # keep a Newton step only where it lowers the residual: near the
+                # edge of chaos the plain steps are tiny (slope ~ 1), so the step
+                # size says nothing about the distance to q*
+                k = np.flatnonzero(ok)
+                rn = w[idx][k] * _expect_1d(act, "phi2", z[idx][k], nt[k]) + b[idx][k]
+                better = np.abs(rn - nt[k]) < np.abs(new[k] - qa[k])
+                ok[k] = better
             new = np.where(ok, nt, new)
         new = np.where(new > Q_OVERFLOW, np.inf, new)
         done = (
@@ -700,6 +714,132 @@ def _chi1_at(act: Activation, w: np.ndarray, q: np.ndarray) -> np.ndarray:
     # at q = 0, chi1 is the q -> 0 limit (both sides of a kink), not phi'(0)^2
     out = np.where(qf == 0, w * _dphi2_at_0(act), out)
     return np.where(np.isfinite(q), out, np.nan)
+
+
+def _fixed_point_v_mean(
+    act: Activation, w: float, mb: float, vb: float, v0: float, max_iter: int = 4000
+) -> float:
+    """Fixed point V* of the length map with a bias mean, in the variance of the
+    pre-activation: V' = sigma_w2 E[phi(N(mb, V))^2] + vb (zero-mean weights, the
+    bias N-like of mean mb and variance vb; q = V + mb^2).
+
+    Plain iteration (with Newton steps once settled).  ``inf`` when V passes
+    :data:`Q_OVERFLOW`, or when, for an activation whose square grows like q
+    (:data:`_UNBOUNDED`), V still grows by non-decreasing steps after ``max_iter``
+    iterations (a ReLU at sigma_w2 = 2 with a constant positive bias grows
+    quadratically: sqrt(V) gains a fixed amount per layer); NaN when it has not
+    settled otherwise.
+    """
+    m = np.array([mb])
+    v = float(v0)
+    steps: list[float] = []
+    for it in range(max_iter):
+        new = float(w * _expect_1d(act, "phi2", m, np.array([v]))[0] + vb)
+        if it >= 20 and v > 0:
+            d = float(
+                w
+                * (
+                    _expect_1d(act, "dphi2", m, np.array([v]))[0]
+                    + _expect_1d(act, "d2phi_phi", m, np.array([v]))[0]
+                )
+            )
+            if d < 1:
+                nt = v - (new - v) / (d - 1.0)
+                if nt >= 0 and abs(nt - new) < 0.5 * abs(new - v):
+                    new = nt
+        if not math.isfinite(new) or new > Q_OVERFLOW:
+            return math.inf
+        if abs(new - v) <= 1e-14 * max(abs(new), 1e-300) or new < 1e-300:
+            return max(new, 0.0) if new >= 1e-300 else 0.0
+        steps.append(new - v)
+        v = new
+    tail = np.asarray(steps[len(steps) // 2 :])
+    if act.name in _UNBOUNDED and np.all(tail > 0) and np.all(np.diff(tail) >= 0):
+        return math.inf
+    return math.nan
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The order/chaos label of a network and why.
+
+    Attributes
+    ----------
+    label : {"ordered", "critical", "chaotic"} or None
+        None when chi1 is unknown.
+    reason : str
+        One sentence: what decided the label.
+    """
+
+    label: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return str(self.label)
+
+
+def regime(
+    chi1: float,
+    *,
+    q_star: float = math.nan,
+    activation: str | Activation | None = None,
+    tol: float = REGIME_TOL,
+    source: str = "fixed point",
+) -> Regime:
+    """The one regime classification used by every command (analyze's summary, the
+    verdicts, the report, ``initdiag phase``).
+
+    Parameters
+    ----------
+    chi1 : float
+        At the fixed point, or a per-block gradient gain (BatchNorm networks, or a
+        profile's gain).
+    q_star : float
+        The length map's fixed point; ``inf`` when there is none (q grows without
+        bound), NaN when unknown or not applicable.
+    activation : str or Activation, optional
+        Needed for the ``q_star = inf`` case.
+    tol : float
+        |chi1 - 1| <= tol is critical.
+    source : str
+        What chi1 is, for the reason.
+
+    Returns
+    -------
+    Regime
+
+    Notes
+    -----
+    Poole et al. (2016) define the phases by the stability of the correlation
+    fixed point c* = 1, whose slope is chi1 at q*: ordered (chi1 < 1, correlations
+    of distinct inputs go to 1), critical (chi1 = 1), chaotic (chi1 > 1, a stable
+    c* < 1).  That definition needs a finite q*.  Where the length map has none
+    (ReLU-like with sigma_b2 > 0 and sigma_w2 >= 2/(1 + a^2), or a constant
+    positive bias; SELU, GELU, SiLU beyond their divergence), q grows without
+    bound and the correlation map tends to the bias-free normalised map of the
+    activation's large-q limit, a ReLU-like map whose only fixed point is c = 1 with
+    slope 1 (Cho & Saul 2009; Hayou et al. 2019): correlations still converge to 1,
+    polynomially, so the label is ``ordered`` whatever chi1 is, and the reason says
+    that chi1 still sets the gradient's growth per block.
+    """
+    chi = float(chi1)
+    q = float(q_star)
+    if not math.isfinite(chi):
+        return Regime(None, f"chi1 is not known ({chi})")
+    name = _act(activation).name if activation is not None else None
+    if math.isinf(q) and q > 0 and name != "identity":
+        return Regime(
+            "ordered",
+            "the length map has no fixed point (q grows without bound), and "
+            "correlations of distinct inputs still converge to 1, polynomially; "
+            f"chi1 = {chi:.4g} ({source}) is the gradient's growth per block, "
+            "not a criticality",
+        )
+    if chi < 1 - tol:
+        return Regime("ordered", f"chi1 = {chi:.4g} < 1 ({source})")
+    if chi > 1 + tol:
+        return Regime("chaotic", f"chi1 = {chi:.4g} > 1 ({source})")
+    return Regime("critical", f"chi1 = {chi:.4g} within {tol:g} of 1 ({source})")
 
 
 def chi1(

@@ -45,6 +45,7 @@ __all__ = [
     "Verdict",
     "diagnose",
     "network_parameters",
+    "network_regime",
     "critical_point",
     "signal_rows",
     "signal_gradient_ratio",
@@ -162,6 +163,33 @@ def network_parameters(network: Any) -> dict[str, Any]:
     return out
 
 
+def network_regime(network: Any, profile: Profile | None = None) -> dict[str, Any]:
+    """chi1, the regime and its reason for a network: the summary of
+    :func:`initdiag.analyze` (``profile``'s summary when it carries a regime), whose
+    label comes from :func:`initdiag.meanfield.regime`, the one classification
+    every command uses.
+
+    Returns
+    -------
+    dict
+        ``chi1`` (float, NaN when unknown), ``regime`` (str or None), ``reason``.
+    """
+    summ = profile.summary if profile is not None else {}
+    if not summ.get("regime"):
+        from .analytic import analyze
+
+        try:
+            summ = analyze(network).summary
+        except NotImplementedError as exc:
+            return {"chi1": math.nan, "regime": None, "reason": str(exc)}
+    chi = summ.get("chi1")
+    return {
+        "chi1": float(chi) if isinstance(chi, (int, float)) else math.nan,
+        "regime": summ.get("regime"),
+        "reason": str(summ.get("regime_reason") or ""),
+    }
+
+
 @functools.lru_cache(maxsize=256)
 def critical_point(activation: str, sigma_b2: float) -> float | None:
     """The critical ``sigma_w2`` for ``sigma_b2`` (None where there is no edge of
@@ -203,7 +231,11 @@ def _fix_weights(p: Mapping[str, Any]) -> str:
     act, sb2, sw2 = p["activation"], p["sigma_b2"], p["sigma_w2"]
     if act in ("relu", "leaky_relu") and sb2 > 0:
         crit0 = critical_point(act, 0.0)
-        tail = f" and keep sigma_w2 = {_g(crit0)} (Kaiming)" if crit0 else ""
+        tail = ""
+        if crit0 and math.isfinite(sw2) and abs(sw2 / crit0 - 1) < CRITICAL_TOLERANCE:
+            tail = f" and keep sigma_w2 = {_g(crit0)} (Kaiming)"
+        elif crit0:
+            tail = f" and use sigma_w2 = {_g(crit0)} (Kaiming) instead of {_g(sw2)}"
         return (
             f"set the bias to zero: {act} has no edge of chaos with sigma_b2 > 0 "
             f"(here sigma_b2 = {_g(sb2)}){tail}"
