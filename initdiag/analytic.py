@@ -129,12 +129,9 @@ def _param_nodes(init: Any, nf: int, what: str, layer: str):
     var = init.variance(nf, nf)
     if var == 0:
         return np.array([mean]), np.ones(1)
-    dist = init.distribution(nf, nf)
-    if dist is None:
-        raise NotImplementedError(
-            f"{layer}: {what} initializer {init} has no closed-form distribution; the "
-            "activation after this BatchNorm needs it (use normal, uniform or constant)"
-        )
+    dist = _param_law(init, nf, nf, f"{layer}: {what}")
+    if dist[0] == "truncated_normal":
+        return mf.law_nodes(dist)
     kind, p, q = dist
     if kind == "normal":
         x, w = special.roots_hermitenorm(_NQ)
@@ -143,6 +140,37 @@ def _param_nodes(init: Any, nf: int, what: str, layer: str):
         x, w = np.polynomial.legendre.leggauss(_NQ)
         return 0.5 * (p + q) + 0.5 * (q - p) * x, w / w.sum()
     return np.array([p]), np.ones(1)
+
+
+def _param_law(init: Any, fi: int, fo: int, what: str) -> tuple:
+    """The law of one parameter entry, as :func:`initdiag.meanfield.law_nodes`
+    takes it (the initializer's closed-form distribution, or its truncated normal).
+    A bias or beta enters every unit directly, so its law matters, not only its
+    variance."""
+    from .initializers import TruncNormal, VarianceScaling
+
+    dist = init.distribution(fi, fo)
+    if dist is not None:
+        return dist
+    if isinstance(init, TruncNormal):
+        return ("truncated_normal", init.mean_, init.std, init.a, init.b)
+    if isinstance(init, VarianceScaling) and init.distribution_ == "truncated_normal":
+        s, bound = init._trunc(fi, fo)
+        return ("truncated_normal", 0.0, s, -bound, bound)
+    raise NotImplementedError(
+        f"{what} initializer {init} has no known distribution; its law enters every "
+        "unit directly (use normal, uniform, constant or trunc_normal)"
+    )
+
+
+def _bias_law(init: Any, fi: int, fo: int, layer: str) -> tuple | None:
+    """The law of a Dense bias when it is neither normal nor constant (those fold
+    into the Gaussian state exactly): ``("uniform", lo, hi)`` or
+    ``("truncated_normal", mean, std, a, b)``; None otherwise."""
+    if init.variance(fi, fo) == 0:
+        return None
+    law = _param_law(init, fi, fo, f"{layer}: the bias")
+    return law if law[0] in ("uniform", "truncated_normal") else None
 
 
 class _Batch:
@@ -454,9 +482,28 @@ def analyze(
             mb, vb = (
                 (b.mean(fi, fo), b.variance(fi, fo)) if b is not None else (0.0, 0.0)
             )
-            m = fi * mw * state.ex + mb
-            S = fi * vw * state.K + vb
-            g = _single(m, S)
+            # --- bias law (issue 12, deliverable 3): a uniform or truncated-normal
+            # bias is one draw per unit shared by the whole batch, so it enters as
+            # a mixture over its nodes (meanfield.law_nodes), not as a Gaussian of
+            # its variance; normal and constant biases fold into the Gaussian.
+            law = _bias_law(b, fi, fo, info.name) if b is not None else None
+            if law is None:
+                m = fi * mw * state.ex + mb
+                S = fi * vw * state.K + vb
+                g = _single(m, S)
+            else:
+                S = fi * vw * state.K
+                sd = math.sqrt(max(float(np.min(np.diag(S))), 0.0))
+                nodes, wts = mf.law_nodes(law, sd)
+                k = nodes.size
+                g = _Gauss(
+                    wts,
+                    (fi * mw * state.ex)[None, :] + nodes[:, None],
+                    np.broadcast_to(S, (k, *S.shape)).copy(),
+                    np.ones(k),
+                    np.zeros(k),
+                )
+            # --- end of the bias-law change
             ex, K = _moments(g)
             new = _State(ex, K, g)
             extra = {
@@ -504,6 +551,16 @@ def analyze(
                         ms.append(Cm / math.sqrt(den))
                         Ss.append(CSC / den)
                         ws.append(wk)
+                    # a Dense bias law's nodes differ only by a shift the centring
+                    # removed: one component then stands for all of them
+                    m0, S0 = ms[0], Ss[0]
+                    scale = max(float(np.max(np.abs(S0))), 1e-300)
+                    if len(ms) > 1 and all(
+                        np.max(np.abs(mk - m0)) <= 1e-12 * math.sqrt(scale)
+                        and np.max(np.abs(Sk - S0)) <= 1e-12 * scale
+                        for mk, Sk in zip(ms, Ss, strict=True)
+                    ):
+                        ms, Ss, ws = [m0], [S0], [float(np.sum(ws))]
                     GG, BB = np.meshgrid(gn, bn_, indexing="ij")
                     WW = np.outer(gw, bw)
                     comp_w, comp_m, comp_S, comp_g, comp_b = [], [], [], [], []

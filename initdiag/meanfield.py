@@ -86,7 +86,10 @@ __all__ = [
     "expect_phi",
     "expect_phi2",
     "expect_phi_phi",
+    "expect_phi_phi_with_bias",
+    "expect_with_bias",
     "fixed_point_c",
+    "law_nodes",
     "fixed_point_q",
     "phase_diagram",
     "qmap",
@@ -568,6 +571,137 @@ def expect_dphi_dphi(
     """E[phi'(u) phi'(v)] for jointly Gaussian (u, v) (arguments as
     :func:`expect_phi_phi`; relu at zero means: (pi - arccos(corr)) / (2 pi))."""
     return _public_2d(True, activation, var1, var2, corr, mean1, mean2)
+
+
+# -- a bias of a given law ------------------------------------------------------------
+#
+# A unit's pre-activation is h = g + b: g Gaussian over the weights (the central limit
+# over fan-in) and b the unit's own bias, drawn once and shared by every input of the
+# batch.  A normal bias folds into g exactly; a uniform, constant or truncated-normal
+# one does not, and enters through its nodes: E[f(g + b)] = sum_k w_k E[f(g + b_k)].
+
+#: Gauss-Legendre nodes per panel of a uniform / truncated-normal law
+_LAW_NPP = 8
+#: most panels of a law (the panel width follows the smoothing scale of g)
+_LAW_MAX_PANELS = 32
+
+
+def law_nodes(
+    law: tuple, resolution: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature nodes and weights (summing to 1) of a parameter's distribution.
+
+    Parameters
+    ----------
+    law : tuple
+        ``("normal", mean, std)``, ``("uniform", low, high)``, ``("constant",
+        value, 0)`` or ``("truncated_normal", mean, std, a, b)`` (N(mean, std^2)
+        restricted to [a, b], as ``torch.nn.init.trunc_normal_``).
+    resolution : float, optional
+        The scale on which the integrand varies with the parameter (for a bias:
+        the standard deviation of the Gaussian part g it is added to).  A uniform
+        or truncated law gets composite Gauss-Legendre panels no wider than
+        ``2 * resolution`` (and, truncated, no wider than ``std``; at most 32
+        panels of 8 nodes): E[f(g + b)] is then a smooth function of b on each
+        panel (the Gaussian smooths a kink of f over that scale), integrated to
+        near machine precision.
+
+    Returns
+    -------
+    nodes, weights : ndarray
+        Normal: 20 Gauss-Hermite nodes (exact for polynomials of degree 39).
+        Constant: one node.
+
+    Notes
+    -----
+    Truncated normal: Gauss-Legendre on [a, b] with the weights multiplied by the
+    truncated density varphi((x - mean)/std) / (std Z), Z = Phi(beta) - Phi(alpha),
+    then normalised (the product of a smooth integrand and a smooth density).
+    """
+    kind = law[0]
+    if kind == "constant":
+        return np.array([float(law[1])]), np.ones(1)
+    if kind == "normal":
+        x, w = special.roots_hermitenorm(20)
+        return float(law[1]) + float(law[2]) * x, w / w.sum()
+    if kind == "uniform":
+        lo, hi = float(law[1]), float(law[2])
+    elif kind == "truncated_normal":
+        mean, std, lo, hi = (float(v) for v in law[1:5])
+        if std == 0.0:
+            return np.array([min(max(mean, lo), hi)]), np.ones(1)
+    else:
+        raise ValueError(
+            f"law must be ('normal', mean, std), ('uniform', low, high), "
+            f"('constant', value, 0) or ('truncated_normal', mean, std, a, b); got "
+            f"{law!r}"
+        )
+    if not hi > lo:
+        return np.array([lo]), np.ones(1)
+    # the truncated density itself varies on the scale std
+    scale = resolution if resolution is not None and resolution > 0 else math.inf
+    if kind == "truncated_normal":
+        scale = min(scale, 0.5 * std)
+    npan = 1
+    if math.isfinite(scale):
+        npan = int(min(_LAW_MAX_PANELS, max(1, math.ceil((hi - lo) / (2 * scale)))))
+    x, w = np.polynomial.legendre.leggauss(_LAW_NPP)
+    edges = np.linspace(lo, hi, npan + 1)
+    half = 0.5 * np.diff(edges)
+    nodes = (0.5 * (edges[:-1] + edges[1:]))[:, None] + half[:, None] * x[None, :]
+    wts = half[:, None] * w[None, :]
+    nodes, wts = nodes.ravel(), wts.ravel()
+    if kind == "truncated_normal":
+        wts = wts * np.exp(-0.5 * ((nodes - mean) / std) ** 2)
+    return nodes, wts / wts.sum()
+
+
+def expect_with_bias(
+    activation: str | Activation,
+    law: tuple,
+    which: str = "phi",
+    mean: float = 0.0,
+    var: float = 1.0,
+) -> float:
+    """E[f(g + b)] for g ~ N(mean, var) and an independent b of the given law.
+
+    ``which`` is ``"phi"``, ``"phi2"`` or ``"dphi2"`` (f = phi, phi^2, phi'^2);
+    ``law`` as :func:`law_nodes`, whose nodes are used at resolution sqrt(var).
+    """
+    if which not in ("phi", "phi2", "dphi2"):
+        raise ValueError(f"which must be 'phi', 'phi2' or 'dphi2', got {which!r}")
+    act = _act(activation)
+    _check_var(np.asarray(var, dtype=float))
+    b, w = law_nodes(law, math.sqrt(var))
+    vals = _expect_1d(act, which, float(mean) + b, np.full(b.size, float(var)))
+    return float(w @ vals)
+
+
+def expect_phi_phi_with_bias(
+    activation: str | Activation,
+    law: tuple,
+    var1: float = 1.0,
+    var2: float = 1.0,
+    corr: float = 0.0,
+    mean1: float = 0.0,
+    mean2: float = 0.0,
+) -> float:
+    """E[phi(u + b) phi(v + b)]: (u, v) jointly Gaussian as in
+    :func:`expect_phi_phi`, plus one bias b of the given law shared by both (one
+    unit, two inputs)."""
+    act = _act(activation)
+    b, w = law_nodes(law, math.sqrt(min(var1, var2)))
+    n = b.size
+    vals = _expect_2d(
+        act,
+        False,
+        float(mean1) + b,
+        float(mean2) + b,
+        np.full(n, float(var1)),
+        np.full(n, float(var2)),
+        np.full(n, float(corr)),
+    )
+    return float(w @ vals)
 
 
 # -- maps -----------------------------------------------------------------------------

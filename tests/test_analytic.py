@@ -265,3 +265,55 @@ def test_tanh_without_bias_has_q_star_zero_and_exact_chi1():
         assert s["chi1"] == pytest.approx(sw2, rel=1e-12)
         assert s["xi_c"] == math.inf
     assert s["xi_q"] == pytest.approx(-1 / math.log(0.5))
+
+
+def test_torch_default_bias_law_relu_mean_vs_monte_carlo():
+    """torch-default W and b (both U(+-1/sqrt(fan_in))): the bias is one uniform draw
+    per unit, shared by the batch, so its law (not a Gaussian of its variance) sets
+    the ReLU mean once the bias dominates the pre-activation (issue 12: 5.6 %)."""
+    depth, width, B, seeds = 8, 512, 32, 64
+    net = idg.mlp(depth, width, "relu", init=idg.InitScheme("torch_default", "torch_default"))
+    a = idg.analyze(net, batch_size=B)
+    rows = [i for i, k in enumerate(a.kind) if k == "activation"]
+    means = np.empty((seeds, len(rows)))
+    bound = 1 / math.sqrt(width)
+    for s in range(seeds):
+        rng = np.random.default_rng(100 + s)
+        h = rng.standard_normal((B, width))
+        for r in range(depth):
+            W = rng.uniform(-bound, bound, (width, width))
+            b = rng.uniform(-bound, bound, width)
+            h = np.maximum(h @ W + b, 0.0)
+            means[s, r] = h.mean()
+    mc = means.mean(axis=0)
+    se = means.std(axis=0, ddof=1) / math.sqrt(seeds)
+    pred = a["mean"][rows]
+    assert np.all(np.abs(pred - mc) <= 4 * se), (pred, mc, se)
+    # the Gaussian of the same variance misses the deep rows by far more than that
+    gauss = idg.mlp(
+        depth,
+        width,
+        "relu",
+        init=idg.InitScheme("torch_default", f"normal(std={bound / math.sqrt(3)!r})"),
+    )
+    g = idg.analyze(gauss, batch_size=B)["mean"][rows]
+    assert abs(g[-1] - mc[-1]) > 4 * se[-1]
+    assert g[-1] / pred[-1] - 1 == pytest.approx(-0.054, abs=0.01)
+
+
+def test_truncated_normal_beta_enters_through_its_law():
+    # large batch: the BatchNorm output is N(0, 1) per unit, so the ReLU mean is
+    # E[relu(z + beta)] with beta ~ N(0.1, 0.3^2) restricted to [-0.2, 0.5]
+    init = idg.InitScheme(
+        "kaiming_normal(nonlinearity='relu')",
+        "zeros",
+        bn_bias="trunc_normal(mean=0.1, std=0.3, a=-0.2, b=0.5)",
+    )
+    a = idg.analyze(idg.mlp(2, 64, "relu", batchnorm=True, init=init))
+    rng = np.random.default_rng(3)
+    n = 4_000_000
+    beta = rng.normal(0.1, 0.3, 3 * n)
+    beta = beta[(beta >= -0.2) & (beta <= 0.5)][:n]
+    x = np.maximum(rng.standard_normal(n) + beta, 0.0)
+    relu_row = list(a.kind).index("activation")
+    assert abs(a["mean"][relu_row] - x.mean()) <= 4 * x.std() / math.sqrt(n)

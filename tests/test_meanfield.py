@@ -360,3 +360,66 @@ def test_gelu_edge_at_small_bias_is_refused_because_it_repels():
     k = int(np.argmin(np.abs(bq - 0.1)))
     qn = mf.qmap("gelu", 1.01 * q[k], wq[k], bq[k])
     assert qn - q[k] > 1.01 * (1.01 * q[k] - q[k])
+
+
+# -- a bias of a given law ------------------------------------------------------------
+
+
+def _draw(law, n, rng):
+    kind = law[0]
+    if kind == "uniform":
+        return rng.uniform(law[1], law[2], n)
+    if kind == "constant":
+        return np.full(n, law[1])
+    mean, std, a, b = law[1:]
+    out = np.empty(0)
+    while out.size < n:  # rejection sampling, written independently of the package
+        x = rng.normal(mean, std, 2 * n)
+        out = np.concatenate([out, x[(x >= a) & (x <= b)]])
+    return out[:n]
+
+
+@pytest.mark.parametrize(
+    "law",
+    [
+        ("uniform", -0.3, 0.3),
+        ("uniform", 0.0, 2.0),
+        ("constant", -0.4, 0.0),
+        ("truncated_normal", 0.1, 0.5, -0.2, 0.6),
+    ],
+)
+@pytest.mark.parametrize("name", ["relu", "tanh"])
+def test_expectations_with_a_bias_law_vs_monte_carlo(law, name):
+    rng = np.random.default_rng(7)
+    n = 2_000_000
+    mean, var, var2, rho = 0.05, 0.04, 0.09, 0.6
+    f = (lambda x: np.maximum(x, 0)) if name == "relu" else np.tanh
+    b = _draw(law, n, rng)
+    z1, z2 = rng.standard_normal((2, n))
+    u = mean + math.sqrt(var) * z1 + b
+    v = -mean + math.sqrt(var2) * (rho * z1 + math.sqrt(1 - rho * rho) * z2) + b
+    for which, vals in (("phi", f(u)), ("phi2", f(u) ** 2)):
+        got = mf.expect_with_bias(name, law, which, mean, var)
+        se = vals.std() / math.sqrt(n)
+        assert abs(got - vals.mean()) <= 4 * se, (which, got, vals.mean(), se)
+    pp = f(u) * f(v)
+    got = mf.expect_phi_phi_with_bias(name, law, var, var2, rho, mean, -mean)
+    assert abs(got - pp.mean()) <= 4 * pp.std() / math.sqrt(n)
+
+
+def test_uniform_bias_relu_mean_against_nested_quadrature():
+    # E[relu(g + b)], b ~ U(lo, hi): scipy quad over b of the closed-form Gaussian
+    # ReLU mean, at a resolution where the kink matters (sd 0.01, width 0.2)
+    lo, hi, m, s = -0.1, 0.1, 0.003, 0.01
+
+    def relu_mean(mu):
+        return mu * _ncdf(mu / s) + s * math.exp(-0.5 * (mu / s) ** 2) / SQ2PI
+
+    ref = integrate.quad(lambda b: relu_mean(m + b), lo, hi, points=[-m])[0] / (hi - lo)
+    got = mf.expect_with_bias("relu", ("uniform", lo, hi), "phi", m, s * s)
+    assert got == pytest.approx(ref, rel=1e-12)
+    x, w = mf.law_nodes(("truncated_normal", 0.0, 1.0, -2.0, 2.0))
+    # the variance of N(0, 1) truncated to +-2 (jax's truncated_normal constant)
+    assert w @ x**2 == pytest.approx(0.87962566103423978**2, rel=1e-12)
+    with pytest.raises(ValueError, match="law must be"):
+        mf.law_nodes(("laplace", 0.0, 1.0))
