@@ -26,9 +26,12 @@ Dense, weight entries of mean ``mu_w`` and variance ``v_w``, bias ``mu_b, v_b``,
 from ``init.mean(fan_in, fan_out)`` / ``init.variance(fan_in, fan_out)`` only:
 ``m[a] = fan_in mu_w ex_x[a] + mu_b``, ``S = fan_in v_w K_x + v_b``, K = S + m m^T
 (Poole et al. 2016 eq. 3-5 with means; first layer
-K = sigma_w2 <x_a, x_b>/d_in + sigma_b2 as in neural-tangents).  The weight mean
-enters through the law of large numbers (fan_in mu_w times the average input);
-orthogonal weights are treated as Gaussian of the same variance (exact for these
+K = sigma_w2 <x_a, x_b>/d_in + sigma_b2 as in neural-tangents).  A weight mean
+mu_w != 0 is refused (NotImplementedError naming the layer): it adds one
+component mu_w sum_j x_j shared by every unit, whose fluctuation over networks
+is O(1) relative to the Gaussian part at any width.  A uniform or truncated-normal
+bias enters as a mixture over the nodes of its law (one draw per unit, shared by
+the batch); orthogonal weights are treated as Gaussian of the same variance (exact for these
 second moments, Pennington et al. 2017 differ only in higher moments).
 
 Activation: ``ex[a] = E[phi(h_a)]``, ``K[a, b] = E[phi(h_a) phi(h_b)]`` under the
@@ -140,6 +143,23 @@ def _param_nodes(init: Any, nf: int, what: str, layer: str):
         x, w = np.polynomial.legendre.leggauss(_NQ)
         return 0.5 * (p + q) + 0.5 * (q - p) * x, w / w.sum()
     return np.array([p]), np.ones(1)
+
+
+def _refuse_weight_mean(layer: str, init: Any, mw: float, fi: int) -> None:
+    """A weight mean mu_w makes h_i = mu_w sum_j x_j + (zero-mean part) + b_i: every
+    unit of the layer shares the scalar mu_w sum_j x_j per input.  Over random
+    networks that sum fluctuates by mu_w sqrt(fan_in) std(x), the same order as the
+    Gaussian part sqrt(fan_in Var[w] E[x^2]) at every width, so the law of large
+    numbers the Gaussian state rests on does not remove it; the rules here carry
+    no such shared component, and refuse rather than answer wrongly."""
+    raise NotImplementedError(
+        f"{layer}: the weight initializer {init} has mean {mw:.4g} (not 0); a weight "
+        f"mean gives every unit of {layer} one shared rank-one component of the "
+        f"signal (fan_in * mean = {fi * mw:.4g} times the input's average over "
+        "units), whose fluctuation over networks is as large as the Gaussian part "
+        "at any width; the mean-field rules do not treat it: use simulate() for "
+        "this network, or a zero-mean weight initializer"
+    )
 
 
 def _param_law(init: Any, fi: int, fo: int, what: str) -> tuple:
@@ -446,6 +466,12 @@ def analyze(
     x, B = _check_batch(
         inputs, batch_size, input_second_moment, input_correlation, network.input_dim
     )
+    small = mf.batchnorm_small_batch(B)
+    if small is not None and any(isinstance(i.layer, BatchNorm) for i in network.infos):
+        raise NotImplementedError(
+            f"{small}; the mean-field rules need a batch of at least 4 (or the "
+            "large-batch limit, batch_size=None)"
+        )
     batch = _Batch(x is None, B)
     if x is None:
         q0, c0 = float(input_second_moment), float(input_correlation)
@@ -478,6 +504,8 @@ def analyze(
             init = inits[i]
             fi, fo = info.fan_in, info.width
             mw, vw = init["weight"].mean(fi, fo), init["weight"].variance(fi, fo)
+            if mw != 0.0:
+                _refuse_weight_mean(info.name, init["weight"], mw, fi)
             b = init.get("bias")
             mb, vb = (
                 (b.mean(fi, fo), b.variance(fi, fo)) if b is not None else (0.0, 0.0)

@@ -95,6 +95,7 @@ __all__ = [
     "qmap",
     "REGIME_TOL",
     "Regime",
+    "batchnorm_small_batch",
     "regime",
 ]
 
@@ -571,6 +572,42 @@ def expect_dphi_dphi(
     """E[phi'(u) phi'(v)] for jointly Gaussian (u, v) (arguments as
     :func:`expect_phi_phi`; relu at zero means: (pi - arccos(corr)) / (2 pi))."""
     return _public_2d(True, activation, var1, var2, corr, mean1, mean2)
+
+
+# -- BatchNorm at tiny batches ---------------------------------------------------------
+
+
+def batchnorm_small_batch(batch_size: int | None) -> str | None:
+    """Why BatchNorm statistics at this batch size have no mean-field answer, or
+    None (B >= 4, or the large-batch limit).
+
+    Over a batch of B, one unit's BatchNorm input has B sigma^2_hat / sigma^2 ~
+    chi^2_{B-1}, so E[1/sigma^2_hat] = B/((B - 3) sigma^2) is infinite at B <= 3,
+    and the backward projection P = C - n n^T/B (C the centring) has rank B - 2
+    (Yang et al. 2019).  At B = 2 each unit's normalised batch is (+1, -1) up to
+    eps and P g = (eps/(sigma^2_hat + eps)) (g - mean g): no gradient passes except
+    through the rare units whose batch variance is below eps, where the factor is
+    1/eps; they dominate the mean (E ~ eps^-1/2, variance ~ eps^-3/2).  At B = 3
+    the second moment is infinite up to eps (it grows like log(1/eps)).  Either
+    way the answer is set by eps and rare units, and a mean over random networks
+    does not settle.
+    """
+    if batch_size is None or batch_size >= 4:
+        return None
+    if batch_size == 2:
+        return (
+            "BatchNorm at batch size 2: every unit's normalised batch is (+1, -1) up "
+            "to eps and the backward projection C - n n^T/B has rank B - 2 = 0, so a "
+            "gradient passes only through the rare units whose batch variance is "
+            "below eps (factor 1/eps), which dominate its mean: set by eps, not by "
+            "the initialisation"
+        )
+    return (
+        f"BatchNorm at batch size {batch_size}: E[1/batch variance] = B/((B - 3) "
+        "sigma^2) is infinite (chi-square with 2 degrees of freedom), so the "
+        "gradient's second moment through BatchNorm is infinite up to eps (it grows "
+        "like log(1/eps)) and its mean over random networks does not converge"
+    )
 
 
 # -- a bias of a given law ------------------------------------------------------------

@@ -241,9 +241,9 @@ def test_batchnorm_rows_have_no_dead_units_at_finite_batch():
     p = idg.analyze(net, batch_size=256)
     rows = [i for i, n in enumerate(p.name) if n.startswith(("bn", "relu"))]
     assert np.all(p["dead_fraction"][rows] == 0.0)
-    # a batch of 3 leaves the bound (1/2)^3 above 1e-12: no rule, so NaN, not a guess
-    p3 = idg.analyze(net, batch_size=3)
-    assert np.all(np.isnan(p3["dead_fraction"][rows[2:]]))
+    # a batch of 3 through BatchNorm has no mean-field answer: refused
+    with pytest.raises(NotImplementedError, match="batch size 3"):
+        idg.analyze(net, batch_size=3)
 
 
 def test_tanh_without_bias_has_q_star_zero_and_exact_chi1():
@@ -317,3 +317,49 @@ def test_truncated_normal_beta_enters_through_its_law():
     x = np.maximum(rng.standard_normal(n) + beta, 0.0)
     relu_row = list(a.kind).index("activation")
     assert abs(a["mean"][relu_row] - x.mean()) <= 4 * x.std() / math.sqrt(n)
+
+
+@pytest.mark.parametrize("weight", ["uniform(0, 1)", "constant(5)"])
+def test_weight_mean_is_refused_naming_the_layer(weight):
+    net = idg.mlp(4, 128, "relu", init=idg.InitScheme(weight, "zeros"))
+    with pytest.raises(NotImplementedError, match=r"dense1: .* mean .*rank-one"):
+        idg.analyze(net)
+    # the report keeps the measurement and says why the prediction is missing
+    from initdiag.report.study import run_study
+
+    res = run_study(
+        [net],
+        simulate_kw={"batch_size": 16, "seeds": 1, "dtype": "float64", "rng": 0},
+    )
+    (entry,) = res.entries
+    assert entry.analytic is None and entry.empirical is not None
+    assert "dense1" in entry.errors["analytic"]
+
+
+@pytest.mark.parametrize("B", [2, 3])
+def test_batchnorm_at_batch_2_and_3_is_refused(B):
+    net = idg.mlp(3, 32, "relu", batchnorm=True)
+    with pytest.raises(NotImplementedError, match=f"batch size {B}"):
+        idg.analyze(net, batch_size=B)
+    with pytest.raises(NotImplementedError, match=f"batch size {B}"):
+        idg.analyze(net, inputs=np.random.default_rng(0).standard_normal((B, 32)))
+    # without BatchNorm a batch of 2 or 3 is fine
+    idg.analyze(idg.mlp(3, 32, "relu"), batch_size=B)
+
+
+def test_simulate_refuses_batchnorm_at_batch_2_and_3():
+    net = idg.mlp(3, 32, "relu", batchnorm=True)
+    for B in (2, 3):
+        with pytest.raises(ValueError, match=f"batch size {B}.*at least 4"):
+            idg.simulate(net, batch_size=B, seeds=1)
+        with pytest.raises(ValueError, match=f"batch size {B}"):
+            idg.simulate(net, inputs=np.ones((B, 32)) * np.arange(B)[:, None], seeds=1)
+    # the rare units behind the refusal at B = 2: the factor eps/(s2 + eps) / (s2 +
+    # eps) per unit, s2 = ((a - b)/2)^2 with a - b ~ N(0, 2): its Monte Carlo mean is
+    # dominated by the few draws below eps
+    rng = np.random.default_rng(0)
+    eps = 1e-5
+    s2 = (rng.standard_normal(10**6) * math.sqrt(2) / 2) ** 2
+    f = (eps / (s2 + eps)) ** 2 / (s2 + eps)
+    rare = s2 < eps
+    assert rare.mean() < 0.01 and f[rare].sum() > 0.5 * f.sum()
