@@ -122,9 +122,11 @@ def network_parameters(network: Any) -> dict[str, Any]:
     -------
     dict
         ``activation`` (name of the most frequent activation, ``"identity"`` if none),
-        ``sigma_w2``, ``sigma_b2``, ``bias_mean``, ``batchnorm`` (bool),
-        ``gamma2`` / ``beta_mean`` / ``beta2`` (BatchNorm, NaN without),
-        ``n_blocks``, ``n_batchnorm``, ``width``.
+        ``sigma_w2``, ``sigma_b2`` (the bias's second moment), ``bias_mean``,
+        ``bias_var``, ``batchnorm`` (bool), ``gamma2`` / ``gamma_mean`` /
+        ``gamma_var`` / ``beta_mean`` / ``beta2`` / ``beta_var`` (BatchNorm, NaN
+        without), ``dense_bias_before_bn`` (a Dense bias feeds a BatchNorm, which
+        cancels it), ``n_blocks``, ``n_batchnorm``, ``width``.
     """
     infos = list(network.infos)
     inits = network.param_inits()
@@ -137,10 +139,21 @@ def network_parameters(network: Any) -> dict[str, Any]:
         "sigma_w2": math.nan,
         "sigma_b2": 0.0,
         "bias_mean": 0.0,
+        "bias_var": 0.0,
         "batchnorm": bool(bns),
         "gamma2": math.nan,
+        "gamma_mean": math.nan,
+        "gamma_var": math.nan,
         "beta_mean": math.nan,
         "beta2": math.nan,
+        "beta_var": math.nan,
+        "dense_bias_before_bn": any(
+            infos[i].kind == "dense"
+            and inits[i].get("bias") is not None
+            and i + 1 < len(infos)
+            and infos[i + 1].kind == "batchnorm"
+            for i in range(len(infos))
+        ),
         "n_blocks": len(dense),
         "n_batchnorm": len(bns),
         "width": int(infos[dense[0]].width) if dense else int(infos[0].width),
@@ -154,12 +167,17 @@ def network_parameters(network: Any) -> dict[str, Any]:
         if b is not None:
             out["sigma_b2"] = float(b.second_moment(fi, fo))
             out["bias_mean"] = float(b.mean(fi, fo))
+            out["bias_var"] = float(b.variance(fi, fo))
     if bns:
         i = bns[0]
         n = infos[i].width
-        out["gamma2"] = float(inits[i]["weight"].second_moment(n, n))
-        out["beta_mean"] = float(inits[i]["bias"].mean(n, n))
-        out["beta2"] = float(inits[i]["bias"].second_moment(n, n))
+        gi, bi = inits[i]["weight"], inits[i]["bias"]
+        out["gamma2"] = float(gi.second_moment(n, n))
+        out["gamma_mean"] = float(gi.mean(n, n))
+        out["gamma_var"] = float(gi.variance(n, n))
+        out["beta_mean"] = float(bi.mean(n, n))
+        out["beta2"] = float(bi.second_moment(n, n))
+        out["beta_var"] = float(bi.variance(n, n))
     return out
 
 
@@ -236,9 +254,14 @@ def _fix_weights(p: Mapping[str, Any]) -> str:
             tail = f" and keep sigma_w2 = {_g(crit0)} (Kaiming)"
         elif crit0:
             tail = f" and use sigma_w2 = {_g(crit0)} (Kaiming) instead of {_g(sw2)}"
+        here = (
+            f"here a constant bias of {_g(p['bias_mean'])}"
+            if p.get("bias_var", sb2) == 0 and p.get("bias_mean", 0.0) != 0
+            else f"here sigma_b2 = {_g(sb2)}"
+        )
         return (
-            f"set the bias to zero: {act} has no edge of chaos with sigma_b2 > 0 "
-            f"(here sigma_b2 = {_g(sb2)}){tail}"
+            f"set the bias to zero: {act} has no edge of chaos with a bias "
+            f"({here}){tail}"
         )
     crit = critical_point(act, sb2)
     if crit is None:
@@ -487,10 +510,20 @@ def _dead(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
             if depth is not None
             else f"they are at correlation {c_worst:.3f} there"
         )
+        # infinite-width theory predicts this: with every pair of inputs at
+        # correlation c, P(a unit is <= 0 for all B inputs) stays finite at finite
+        # B; neither width nor a zero-mean bias is the cause
         sug = (
-            f"units die because unrelated inputs become aligned ({at}), so a unit's "
-            f"pre-activations share one sign across the batch; "
-            + (_fix_weights(p) if not p["batchnorm"] else "check gamma and beta")
+            f"units die because unrelated inputs become aligned ({at}): a unit's "
+            f"pre-activations then share one sign across the batch{batch_txt}, "
+            "which infinite-width theory predicts at this correlation and batch "
+            "size (it is not a finite-width effect); "
+            + (
+                "BatchNorm would hold the batch's centred correlation at -1/(B-1); "
+                "or use fewer blocks or residual connections"
+                if not p["batchnorm"]
+                else "check gamma and beta"
+            )
         )
     else:
         sug = _fix_weights(p)
