@@ -31,15 +31,15 @@ mu_w != 0 is refused (NotImplementedError naming the layer): it adds one
 component mu_w sum_j x_j shared by every unit, whose fluctuation over networks
 is O(1) relative to the Gaussian part at any width.  A uniform or truncated-normal
 bias enters as a mixture over the nodes of its law (one draw per unit, shared by
-the batch); orthogonal weights are treated as Gaussian of the same variance (exact for these
-second moments, Pennington et al. 2017 differ only in higher moments).
+the batch); orthogonal weights are treated as Gaussian of the same variance (exact
+for these second moments, Pennington et al. 2017 differ only in higher moments).
 
 Activation: ``ex[a] = E[phi(h_a)]``, ``K[a, b] = E[phi(h_a) phi(h_b)]`` under the
 Gaussian state (:mod:`initdiag.meanfield`).  An activation whose input is not
 Gaussian (an activation after an activation, or after a BatchNorm fed by an
 activation) has no rule: NotImplementedError.
 
-BatchNorm (large-batch limit, THEORY.md section 4; Yang et al. 2019): with the
+BatchNorm (large-batch limit, docs/theory.md section 4; Yang et al. 2019): with the
 centring C = I - 11^T/B and s2 = mean(diag(C K C)) the per-unit batch variance,
 ``n = C h / sqrt(s2 + eps)`` and
 ``K_BN = E[gamma^2] C K C/(s2 + eps) + mu_g mu_b (C ex 1^T + 1 (C ex)^T)/sqrt(s2 + eps)
@@ -59,7 +59,7 @@ Activation: ``q~_in = E[phi'(h)^2] q~_out``, per mixture component.  BatchNorm:
 gives the gain gamma^2 E[phi'^2]/Var[phi], pi/(pi - 1) for ReLU), times
 (B - 2)/(B - 3) for a finite ``batch_size`` when the BatchNorm output feeds a
 linear layer directly and its input is an exchangeable Gaussian batch (the exact
-finite-batch result for linear BN networks, THEORY.md section 4); otherwise the
+finite-batch result for linear BN networks, docs/theory.md section 6); otherwise the
 large-batch limit.  Parameter gradients, normalised as in :mod:`initdiag.profile`
 (independent examples): dense ``||dW||^2 = fan_out fan_in q~ E[x^2]`` (with a
 following BatchNorm the gradient is centred over the batch, so E[x^2] becomes the
@@ -366,7 +366,7 @@ def bn_gradient_gain(
     batch_size: int | None = None,
 ) -> float:
     """Per-block growth of the squared gradient in a deep BatchNorm network
-    ``Dense -> BN(gamma, beta) -> phi`` (Yang et al. 2019, THEORY.md section 4).
+    ``Dense -> BN(gamma, beta) -> phi`` (Yang et al. 2019, docs/theory.md section 6).
 
     Large batch: ``gamma^2 E[phi'(gamma z + beta)^2] / Var[phi(gamma z + beta)]``,
     z ~ N(0, 1) (ReLU at gamma = 1, beta = 0: pi/(pi - 1) = 1.466942...).
@@ -856,7 +856,9 @@ def _summary(network: Network, inits, prof: Profile) -> dict[str, Any]:
         chi = float(mf._chi1_at(act, np.array([w2]), np.array([1.0]))[0])
         out["chi1"] = chi
         out["chi1_source"] = "sigma_w2 E[phi'^2], the same at every q"
-    _set_regime(out, mf.regime(chi, q_star=q, activation=act, source=out["chi1_source"]))
+    _set_regime(
+        out, mf.regime(chi, q_star=q, activation=act, source=out["chi1_source"])
+    )
     if q == 0.0 and act.name in mf._SUBLINEAR:
         # the q -> 0 limit is a linear network: the correlation map is the identity
         # (c* undefined, xi_c infinite) and the length map has slope chi1

@@ -14,7 +14,7 @@ variances ``var1, var2`` and correlation ``rho`` of the centred parts (2-D):
 
 Closed forms (zero means, 2-D):
 
-- ReLU, arc-cosine kernel (Cho & Saul 2009, halved, see THEORY.md section 2), with
+- ReLU, arc-cosine kernel (Cho & Saul 2009, halved, see docs/theory.md section 1), with
   theta = arccos(rho): E[relu(u) relu(v)] = s1 s2 (sin theta + (pi - theta) rho)/(2 pi),
   E[relu'(u) relu'(v)] = (pi - theta)/(2 pi);
 - leaky ReLU with slope a = a u + (1 - a) relu(u):
@@ -1205,7 +1205,8 @@ def critical_sigma_w2(
     map's slope there is 1 + E[phi'' phi]/E[phi'^2], which must be below 1.  GELU
     and SiLU fail this at small sigma_b2 (E[phi'' phi] > 0 for q* up to about 2):
     chi1 = 1 there only at a repelling fixed point, and the length map jumps from
-    the ordered phase to divergence (NaN, with the warning).  ``return_q_star=True`` also returns the edge's q* (``inf`` for ReLU-like
+    the ordered phase to divergence (NaN, with the warning).  ``return_q_star=True``
+    also returns the edge's q* (``inf`` for ReLU-like
     and identity at sigma_b2 = 0, where every q is fixed), so that
     ``chi1(activation, w, b, q=q_star)`` evaluates chi1 on the edge itself.
     """
@@ -1266,8 +1267,13 @@ def critical_sigma_w2(
             f"for {n}, chi1 = 1 at a stable fixed point q* in (0, 1e12] (length-map "
             "slope 1 + E[phi'' phi]/E[phi'^2] < 1) needs sigma_b2 in a range that "
             f"excludes these values (along the edge, sigma_b2 = q* - E[phi^2]/"
-            f"E[phi'^2] runs over [{max(float(bqb[0]), 0.0):.3g}, {float(bqb[-1]):.3g}])"
-            + (f", and sigma_w2 <= {sigma_w2_max}" if math.isfinite(sigma_w2_max) else "")
+            f"E[phi'^2] runs over [{max(float(bqb[0]), 0.0):.3g}, "
+            f"{float(bqb[-1]):.3g}])"
+            + (
+                f", and sigma_w2 <= {sigma_w2_max}"
+                if math.isfinite(sigma_w2_max)
+                else ""
+            )
         )
     bad = np.isnan(out)
     if np.any(bad):

@@ -116,7 +116,7 @@ def network_parameters(network: Any) -> dict[str, Any]:
     """The mean-field parameters of a network, read from its init scheme.
 
     Uses the second dense layer (hidden to hidden) when there is one, else the first.
-    ``sigma_w2 = fan_in * E[W^2]`` and ``sigma_b2 = E[b^2]`` (THEORY.md section 0).
+    ``sigma_w2 = fan_in * E[W^2]`` and ``sigma_b2 = E[b^2]`` (docs/theory.md section 0).
 
     Returns
     -------

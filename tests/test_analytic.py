@@ -272,7 +272,8 @@ def test_torch_default_bias_law_relu_mean_vs_monte_carlo():
     per unit, shared by the batch, so its law (not a Gaussian of its variance) sets
     the ReLU mean once the bias dominates the pre-activation (issue 12: 5.6 %)."""
     depth, width, B, seeds = 8, 512, 32, 64
-    net = idg.mlp(depth, width, "relu", init=idg.InitScheme("torch_default", "torch_default"))
+    init = idg.InitScheme("torch_default", "torch_default")
+    net = idg.mlp(depth, width, "relu", init=init)
     a = idg.analyze(net, batch_size=B)
     rows = [i for i, k in enumerate(a.kind) if k == "activation"]
     means = np.empty((seeds, len(rows)))

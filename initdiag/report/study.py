@@ -587,7 +587,7 @@ def _z(delta: float, se: float) -> str:
     """How far a change is from the measurement's noise, as a clause."""
     if not (se == se and se > 0 and delta == delta):
         return ""
-    return f", {fmt(abs(delta) / se)} standard errors of the measurement"
+    return f" ({fmt(abs(delta) / se)} standard errors of the measurement)"
 
 
 def _pct(x: float) -> str:
@@ -951,7 +951,8 @@ def _batchnorm_sentences(
     out.append(Sentence("batchnorm", text + ".", keys))
     # gamma and beta: what they change and what they do not (large-batch gains)
     gh, g1 = sbn.get("bn_gain_gamma_half", math.nan), large
-    bp, bm = sbn.get("bn_gain_beta_pos", math.nan), sbn.get("bn_gain_beta_neg", math.nan)
+    bp = sbn.get("bn_gain_beta_pos", math.nan)
+    bm = sbn.get("bn_gain_beta_neg", math.nan)
     if gh == gh and g1 == g1:
         dep = abs(gh / g1 - 1) <= 1e-9
         gam = sbn.get("bn_probe_gamma", math.nan)
