@@ -794,11 +794,13 @@ def _fixed_point_q(
     if n in ("relu", "leaky_relu", "identity"):
         k = 1.0 if n == "identity" else 0.5 * (1.0 + _slope(act) ** 2)
         g = w * k
+        # sigma_w2 k = 1 up to rounding (fan_in * (sqrt(2/fan_in))^2 is 2 + 4e-16)
+        crit = np.abs(g - 1) <= 1e-12
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.where(g < 1, b / (1 - g), np.inf)
+            q = np.where((g < 1) & ~crit, b / (1 - g), np.inf)
             # sigma_w2 at the critical value with no bias: every q is fixed
-            q = np.where((g == 1) & (b == 0), q0, q)
-            q = np.where((g > 1) & (b == 0) & (q0 == 0), 0.0, q)
+            q = np.where(crit & (b == 0), q0, q)
+            q = np.where((g > 1) & ~crit & (b == 0) & (q0 == 0), 0.0, q)
         return q
     z = np.zeros_like(q)
     # the iteration only creeps toward q* = 0 (q_l ~ 1/(2 l) for tanh at the edge of
@@ -1322,10 +1324,18 @@ class PhaseDiagram:
     correlation: np.ndarray
 
     def regime(self, tol: float = 1e-3) -> np.ndarray:
-        """-1 (ordered), 0 (critical, |chi1 - 1| <= tol), 1 (chaotic); NaN where
-        chi1 is NaN."""
-        r = np.sign(self.chi1 - 1.0)
-        return np.where(np.abs(self.chi1 - 1.0) <= tol, 0.0, r)
+        """:func:`regime` on the grid as codes: -1 (ordered), 0 (critical,
+        |chi1 - 1| <= tol), 1 (chaotic); NaN where it is unknown.  Where q* is
+        infinite the label is ordered whatever chi1 is (see :func:`regime`)."""
+        code = {"ordered": -1.0, "critical": 0.0, "chaotic": 1.0}
+        chi = np.where(np.isinf(self.q_star), 1.0, self.chi1)
+        return np.vectorize(
+            lambda c, q: code.get(
+                str(regime(c, q_star=q, activation=self.activation, tol=tol).label),
+                math.nan,
+            ),
+            otypes=[float],
+        )(chi, self.q_star)
 
 
 class _Fast:
@@ -1598,7 +1608,9 @@ def _pd_fixed_q(fast: _Fast, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     if fast.name in ("relu", "leaky_relu", "identity"):
         return _fixed_point_q(fast.act, w, b, np.ones_like(w), 0.0, 0)
     q = np.ones_like(w)
-    act_ = np.arange(w.size)
+    zero = _q_star_is_zero(fast.act, w, b)
+    q[zero] = 0.0
+    act_ = np.flatnonzero(~zero)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for it in range(300):
             qq, wa, ba = q[act_], w[act_], b[act_]

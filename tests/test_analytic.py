@@ -335,6 +335,8 @@ def test_weight_mean_is_refused_naming_the_layer(weight):
     (entry,) = res.entries
     assert entry.analytic is None and entry.empirical is not None
     assert "dense1" in entry.errors["analytic"]
+    (first,) = [x.text for x in res.explanation() if x.id == "reference"]
+    assert "measured only, no prediction: dense1" in first
 
 
 @pytest.mark.parametrize("B", [2, 3])

@@ -771,6 +771,8 @@ def explain(
     fwd, fwd_keys = _forward_clause(ref)
     corr, corr_keys = _corr_clause(ref, settings)
     who = f"The reference, {ref['name']}," if len(summaries) > 1 else f"{ref['name']}"
+    if ref.get("analytic_error"):
+        who += f" (measured only, no prediction: {ref['analytic_error']})"
     text = (
         f"{who} is a {ref['n_blocks']}-block, width-"
         f"{ref['width']} {ref['activation']} network with sigma_w2 = "
@@ -792,6 +794,7 @@ def explain(
                     *init_keys,
                     *fwd_keys,
                     *corr_keys,
+                    "analytic_error",
                 )
             ],
         )
@@ -811,7 +814,10 @@ def explain(
         keys = [(i, k) for k in (*init_keys, *fwd_keys, *corr_keys)]
         keys += [(j, k) for k in cmp_keys]
         if s.get("analytic_error"):
-            text = f"{s['name']} (measured only: {s['analytic_error']}): {fwd}"
+            text = (
+                f"{s['name']} (measured only, no prediction: "
+                f"{s['analytic_error']}): {fwd}"
+            )
             keys = [(i, "analytic_error")] + [(i, k) for k in fwd_keys]
         g, gc = s.get("grad_ratio", math.nan), cmp.get("grad_ratio", math.nan)
         if s["batchnorm"] or (g == g and not 0.5 <= g <= 2.0):
