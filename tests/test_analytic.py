@@ -366,3 +366,19 @@ def test_simulate_refuses_batchnorm_at_batch_2_and_3():
     f = (eps / (s2 + eps)) ** 2 / (s2 + eps)
     rare = s2 < eps
     assert rare.mean() < 0.01 and f[rare].sum() > 0.5 * f.sum()
+
+
+def test_float64_precision_limit_is_a_finding_not_a_silent_jump():
+    # q grows x11.5 per block: the correlation must not jump to the independent-input
+    # value 1/pi where q^2 leaves float64 (q ~ 1e154); the engine stops at 1e150
+    net = idg.mlp(
+        200, 64, "relu", init=idg.InitScheme("normal(0, 0.6)", "normal(0, 0.1)")
+    )
+    a = idg.analyze(net, input_correlation=0.5)
+    c = a["correlation"]
+    dense = [i for i, k in enumerate(a.kind) if k == "dense" and np.isfinite(c[i])]
+    assert np.all(np.diff(c[dense]) > 0)  # monotone up to the last finite row
+    assert a["second_moment"][dense[-1]] < 1e150
+    (f,) = a.findings
+    assert f["kind"] == "overflow" and "float64" in f["message"]
+    assert a["second_moment"][dense[-1]] * 11.5 > 1e150  # stopped at the next block

@@ -423,3 +423,24 @@ def test_uniform_bias_relu_mean_against_nested_quadrature():
     assert w @ x**2 == pytest.approx(0.87962566103423978**2, rel=1e-12)
     with pytest.raises(ValueError, match="law must be"):
         mf.law_nodes(("laplace", 0.0, 1.0))
+
+
+def test_regime_labels_and_reasons():
+    assert mf.regime(0.5).label == "ordered"
+    assert mf.regime(1.0 + 1e-7).label == "critical"
+    assert mf.regime(1.2).label == "chaotic"
+    assert mf.regime(math.nan).label is None
+    # no fixed point: correlations still go to 1, whatever chi1 says
+    for chi in (1.0, 1.5):
+        r = mf.regime(chi, q_star=math.inf, activation="relu")
+        assert r.label == "ordered" and "no fixed point" in r.reason
+    # a linear network keeps its correlations: chi1 decides
+    assert mf.regime(1.5, q_star=math.inf, activation="identity").label == "chaotic"
+    # ReLU with a bias at sigma_w2 = 2: q* infinite, the rounding of 2 not "chaotic"
+    assert mf.fixed_point_q("relu", 2.0 + 4e-16, 0.0, q0=0.7) == 0.7
+    assert math.isinf(mf.fixed_point_q("relu", 2.0, 0.1))
+    # the length map with a constant bias: no fixed point at Kaiming, one below it
+    act = mf._act("relu")
+    assert math.isinf(mf._fixed_point_v_mean(act, 2.0, 0.1, 0.0, 1.0))
+    v = mf._fixed_point_v_mean(act, 1.0, 0.1, 0.0, 1.0)
+    assert v == pytest.approx(mf.expect_phi2("relu", 0.1, v), rel=1e-10)
