@@ -315,7 +315,8 @@ _SMOOTH = {
 @pytest.mark.parametrize("name", sorted(_SMOOTH))
 def test_edge_of_chaos_of_every_smooth_activation(name):
     phi, dphi = _SMOOTH[name]
-    # GELU and SiLU have a stable edge only from sigma_b2 ~ 0.5 on (docstring)
+    # GELU and SiLU have a stable edge only above sigma_b2 ~ 0.17 (GELU) and ~ 0.57
+    # (SiLU): below, chi1 = 1 only at a repelling fixed point (docstring)
     bs = [1.0, 2.0] if name in ("gelu", "silu") else [0.01, 0.1, 0.5, 2.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
