@@ -33,8 +33,8 @@ from .profile import Profile
 
 __all__ = ["analyze", "bn_gradient_gain", "network_parameters", "REGIME_TOL"]
 
-#: |chi1 - 1| below which the summary calls the network critical
-REGIME_TOL = 1e-6
+#: |chi1 - 1| below which the summary calls the network critical (meanfield.regime)
+REGIME_TOL = mf.REGIME_TOL
 # a gain read off a profile (not a fixed point) is a finite-depth average: call it
 # critical within 0.1 % per layer (30 layers at 1.001 change the gradient by 3 %)
 REGIME_TOL_GAIN = 1e-3
@@ -106,6 +106,13 @@ def network_parameters(network: Network) -> dict[str, Any]:
         "bias_mean",
     ):
         out[key] = float(np.median([d[key] for _, d in dense])) if dense else math.nan
+    out["dense_bias_before_bn"] = any(
+        infos[i].kind == "dense"
+        and inits[i].get("bias") is not None
+        and i + 1 < len(infos)
+        and infos[i + 1].kind == "batchnorm"
+        for i in range(len(infos))
+    )
     out["any_mean"] = any(
         d["weight_mean"] != 0.0 or d["bias_mean"] != 0.0 for _, d in dense
     )
@@ -219,6 +226,12 @@ def analyze(
     x, B = _check_batch(
         inputs, batch_size, input_second_moment, input_correlation, network.input_dim
     )
+    small = mf.batchnorm_small_batch(B)
+    if small is not None and any(i.kind == "batchnorm" for i in network.infos):
+        raise NotImplementedError(
+            f"{small}; the mean-field rules need a batch of at least 4 (or the "
+            "large-batch limit, batch_size=None)"
+        )
     batch = mfstate.Batch(x is None, B)
     if x is None:
         q0, c0 = float(input_second_moment), float(input_correlation)
@@ -244,12 +257,18 @@ def analyze(
     for i, info in enumerate(infos):
         ctx = RuleContext(info, inits[i], batch, state)
         new = info.layer.mf_forward(ctx, state)
-        if not (
-            np.all(np.isfinite(new.K))
-            and np.all(np.isfinite(new.ex))
-            and np.max(np.abs(np.diag(new.K))) < mf.Q_OVERFLOW
-        ):
+        qmax = float(np.max(np.abs(np.diag(new.K)))) if new.K.size else 0.0
+        finite = bool(np.all(np.isfinite(new.K)) and np.all(np.isfinite(new.ex)))
+        if not (finite and qmax < mf.Q_PRECISION):
             overflow = True
+            msg = (
+                f"the signal reached q = {qmax:.3g} at layer {i + 1} ({info.name}), "
+                f"beyond {mf.Q_PRECISION:.0e}, where float64 can no longer hold "
+                "products of second moments (the correlations would be lost); the "
+                "profile stops here"
+                if finite
+                else f"the signal overflowed at layer {i + 1} ({info.name})"
+            )
             prof.findings.append(
                 {
                     "kind": "overflow",
@@ -258,7 +277,7 @@ def analyze(
                     "block": info.block,
                     "pass": "forward",
                     "seed": None,
-                    "message": f"the signal overflowed at layer {i + 1} ({info.name})",
+                    "message": msg,
                 }
             )
             break
@@ -327,7 +346,7 @@ def _summary(network: Network, prof: Profile) -> dict[str, Any]:
             chi = _bulk_gradient_gain(prof)
             out["chi1_source"] = "per-block gradient gain of the profile"
         out["chi1"] = chi
-        out["regime"] = _regime(chi)
+        _set_regime(out, mf.regime(chi, source=out["chi1_source"]))
         return out
     if p["any_mean"]:
         # non-zero parameter means (e.g. a constant bias) shift the pre-activations;
@@ -336,7 +355,20 @@ def _summary(network: Network, prof: Profile) -> dict[str, Any]:
         chi = _bulk_gradient_gain(prof)
         out["chi1"] = chi
         out["chi1_source"] = "per-block gradient gain of the profile"
-        out["regime"] = _regime(chi, tol=REGIME_TOL_GAIN)
+        # the length map with the bias mean: is there a fixed point at all?
+        mb = p["bias_mean"]
+        v = mf._fixed_point_v_mean(act, p["weight_var"], mb, p["bias_var"], 1.0)
+        out["q_star"] = v + mb * mb
+        _set_regime(
+            out,
+            mf.regime(
+                chi,
+                q_star=out["q_star"],
+                activation=act,
+                tol=REGIME_TOL_GAIN,
+                source=out["chi1_source"],
+            ),
+        )
         return out
     w2, b2 = p["weight_var"], p["bias_var"]
     q = float(
@@ -344,21 +376,20 @@ def _summary(network: Network, prof: Profile) -> dict[str, Any]:
             0
         ]
     )
-    # tanh and erf are odd with |phi'| largest at 0: without bias, q* = 0 is the
-    # stable fixed point exactly when sigma_w2 phi'(0)^2 <= 1, and there chi1 =
-    # sigma_w2 phi'(0)^2 (Poole et al. 2016).  The iteration only creeps toward 0
-    # (q_l ~ 1/(2l) at the critical point), so use the exact values.
-    slope0 = {"tanh": 1.0, "erf": 2.0 / math.sqrt(math.pi)}.get(act.name)
-    if b2 == 0.0 and slope0 is not None and w2 * slope0**2 <= 1.0:
-        q = 0.0
-        chi = w2 * slope0**2
-    else:
-        chi = float(mf._chi1_at(act, np.array([w2]), np.array([q]))[0])
+    # q* = 0 exactly for tanh / erf / SELU without bias below the edge (meanfield)
+    chi = float(mf._chi1_at(act, np.array([w2]), np.array([q]))[0])
     out["q_star"] = q
     out["chi1"] = chi
     out["chi1_source"] = "fixed point"
-    out["regime"] = _regime(chi)
-    if q == 0.0 and slope0 is not None:
+    if math.isinf(q) and act.name in ("relu", "leaky_relu"):
+        # chi1 = sigma_w2 (1 + a^2)/2 whatever q is: the gradient's rate per block
+        chi = float(mf._chi1_at(act, np.array([w2]), np.array([1.0]))[0])
+        out["chi1"] = chi
+        out["chi1_source"] = "sigma_w2 E[phi'^2], the same at every q"
+    _set_regime(
+        out, mf.regime(chi, q_star=q, activation=act, source=out["chi1_source"])
+    )
+    if q == 0.0 and act.name in mf._SUBLINEAR:
         # the q -> 0 limit is a linear network: the correlation map is the identity
         # (c* undefined, xi_c infinite) and the length map has slope chi1
         out["c_star"] = math.nan
@@ -389,12 +420,6 @@ def _bulk_gradient_gain(prof: Profile) -> float:
     return float(math.exp(sum(tail) / len(tail)))
 
 
-def _regime(chi: float, tol: float | None = None) -> str | None:
-    tol = REGIME_TOL if tol is None else tol
-    if not math.isfinite(chi):
-        return None
-    if chi < 1 - tol:
-        return "ordered"
-    if chi > 1 + tol:
-        return "chaotic"
-    return "critical"
+def _set_regime(out: dict[str, Any], reg: Any) -> None:
+    out["regime"] = reg.label
+    out["regime_reason"] = reg.reason

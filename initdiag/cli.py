@@ -754,9 +754,10 @@ def _critical_curve(act: str, b: Any) -> Any:
 def cmd_phase(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .verdicts import critical_point, network_parameters
+    from .verdicts import critical_point, network_parameters, network_regime
 
     marks: list[tuple[float, float, str]] = []
+    mark_nets: list[Any] = []
     act = args.activation
     depth = args.depth
     if args.config:
@@ -767,6 +768,7 @@ def cmd_phase(args: argparse.Namespace) -> int:
             depth = depth or p["n_blocks"]
             if p["activation"] == act and math.isfinite(p["sigma_w2"]):
                 marks.append((p["sigma_w2"], p["sigma_b2"], net.name))
+                mark_nets.append(net)
     act = act or "tanh"
     depth = depth or 30
     wa, wb, wn = args.sigma_w2 or (0.05, 4.0, 121)
@@ -792,21 +794,18 @@ def cmd_phase(args: argparse.Namespace) -> int:
         crit = _critical_curve(act, b)
     elapsed = time.perf_counter() - t0
     rows = []
-    for mw, mb, name in marks:
-        from . import meanfield
-
-        chi = float(np.asarray(meanfield.chi1(act, mw, mb)))
-        cw = critical_point(act, mb)
+    for (mw, mb, name), net in zip(marks, mark_nets, strict=True):
+        # the same chi1 and regime as `report` and the verdicts (analyze's summary)
+        reg = network_regime(net)
         rows.append(
             {
                 "name": name,
                 "sigma_w2": mw,
                 "sigma_b2": mb,
-                "chi1": chi,
-                "regime": "ordered"
-                if chi < 1 - 1e-6
-                else ("chaotic" if chi > 1 + 1e-6 else "critical"),
-                "critical_sigma_w2": cw,
+                "chi1": reg["chi1"],
+                "regime": reg["regime"],
+                "regime_reason": reg["reason"],
+                "critical_sigma_w2": critical_point(act, mb),
             }
         )
     record = {

@@ -14,7 +14,7 @@ variances ``var1, var2`` and correlation ``rho`` of the centred parts (2-D):
 
 Closed forms (zero means, 2-D):
 
-- ReLU, arc-cosine kernel (Cho & Saul 2009, halved, see THEORY.md section 2), with
+- ReLU, arc-cosine kernel (Cho & Saul 2009, halved, see docs/theory.md section 1), with
   theta = arccos(rho): E[relu(u) relu(v)] = s1 s2 (sin theta + (pi - theta) rho)/(2 pi),
   E[relu'(u) relu'(v)] = (pi - theta)/(2 pi);
 - leaky ReLU with slope a = a u + (1 - a) relu(u):
@@ -86,10 +86,17 @@ __all__ = [
     "expect_phi",
     "expect_phi2",
     "expect_phi_phi",
+    "expect_phi_phi_with_bias",
+    "expect_with_bias",
     "fixed_point_c",
+    "law_nodes",
     "fixed_point_q",
     "phase_diagram",
     "qmap",
+    "REGIME_TOL",
+    "Regime",
+    "batchnorm_small_batch",
+    "regime",
 ]
 
 ArrayLike = npt.ArrayLike
@@ -100,6 +107,14 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 #: q above which the length map is declared to have overflowed (no fixed point)
 Q_OVERFLOW = 1e200
+#: q beyond which a product of two second moments (q_a q_b, as in a cosine
+#: K_ab / sqrt(K_aa K_bb) computed naively) overflows float64 (sqrt of 1.8e308 is
+#: 1.3e154): the analytic engine stops there with a finding
+Q_PRECISION = 1e150
+#: |chi1 - 1| below which :func:`regime` calls a fixed point critical
+REGIME_TOL = 1e-6
+#: activations whose square grows like q at large q (the length map can diverge)
+_UNBOUNDED = ("relu", "leaky_relu", "identity", "selu", "gelu", "silu")
 
 
 class NoEdgeOfChaosWarning(RuntimeWarning):
@@ -209,6 +224,27 @@ def _phi0(act: Activation) -> tuple[float, float]:
     """phi(0), phi'(0) (right derivative for kinks)."""
     x = np.array([0.0])
     return float(_phi(act, x)[0]), float(_dphi(act, x + 0.0)[0])
+
+
+def _dphi2_at_0(act: Activation) -> float:
+    """lim_{q -> 0} E[phi'(sqrt(q) z)^2] = (phi'(0+)^2 + phi'(0-)^2)/2 (the two sides
+    of a kink each carry half of the Gaussian mass)."""
+    d = _dphi(act, np.array([1e-300, -1e-300]))
+    return float(0.5 * (d[0] ** 2 + d[1] ** 2))
+
+
+#: activations with phi(0) = 0 and |phi(x)| <= |phi'(0+-)| |x| on each side (tanh,
+#: erf: concave on x > 0 and odd; SELU: x on x > 0, alpha (e^x - 1) on x < 0), so
+#: E[phi(sqrt(q) z)^2] < q lim_{q->0} E[phi'^2] for q > 0: without bias, q* = 0 is
+#: the fixed point reached from every q0 once sigma_w2 lim E[phi'^2] <= 1
+_SUBLINEAR = ("tanh", "erf", "selu")
+
+
+def _q_star_is_zero(act: Activation, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where q* = 0 exactly (no bias, q' = sigma_w2 E[phi^2] < q for every q > 0)."""
+    if act.name not in _SUBLINEAR:
+        return np.zeros(np.shape(w), dtype=bool)
+    return (b == 0) & (w * _dphi2_at_0(act) <= 1.0)
 
 
 # -- quadrature rules -----------------------------------------------------------------
@@ -538,6 +574,173 @@ def expect_dphi_dphi(
     return _public_2d(True, activation, var1, var2, corr, mean1, mean2)
 
 
+# -- BatchNorm at tiny batches ---------------------------------------------------------
+
+
+def batchnorm_small_batch(batch_size: int | None) -> str | None:
+    """Why BatchNorm statistics at this batch size have no mean-field answer, or
+    None (B >= 4, or the large-batch limit).
+
+    Over a batch of B, one unit's BatchNorm input has B sigma^2_hat / sigma^2 ~
+    chi^2_{B-1}, so E[1/sigma^2_hat] = B/((B - 3) sigma^2) is infinite at B <= 3,
+    and the backward projection P = C - n n^T/B (C the centring) has rank B - 2
+    (Yang et al. 2019).  At B = 2 each unit's normalised batch is (+1, -1) up to
+    eps and P g = (eps/(sigma^2_hat + eps)) (g - mean g): no gradient passes except
+    through the rare units whose batch variance is below eps, where the factor is
+    1/eps; they dominate the mean (E ~ eps^-1/2, variance ~ eps^-3/2).  At B = 3
+    the second moment is infinite up to eps (it grows like log(1/eps)).  Either
+    way the answer is set by eps and rare units, and a mean over random networks
+    does not settle.
+    """
+    if batch_size is None or batch_size >= 4:
+        return None
+    if batch_size == 2:
+        return (
+            "BatchNorm at batch size 2: every unit's normalised batch is (+1, -1) up "
+            "to eps and the backward projection C - n n^T/B has rank B - 2 = 0, so a "
+            "gradient passes only through the rare units whose batch variance is "
+            "below eps (factor 1/eps), which dominate its mean: set by eps, not by "
+            "the initialisation"
+        )
+    return (
+        f"BatchNorm at batch size {batch_size}: E[1/batch variance] = B/((B - 3) "
+        "sigma^2) is infinite (chi-square with 2 degrees of freedom), so the "
+        "gradient's second moment through BatchNorm is infinite up to eps (it grows "
+        "like log(1/eps)) and its mean over random networks does not converge"
+    )
+
+
+# -- a bias of a given law ------------------------------------------------------------
+#
+# A unit's pre-activation is h = g + b: g Gaussian over the weights (the central limit
+# over fan-in) and b the unit's own bias, drawn once and shared by every input of the
+# batch.  A normal bias folds into g exactly; a uniform, constant or truncated-normal
+# one does not, and enters through its nodes: E[f(g + b)] = sum_k w_k E[f(g + b_k)].
+
+#: Gauss-Legendre nodes per panel of a uniform / truncated-normal law
+_LAW_NPP = 8
+#: most panels of a law (the panel width follows the smoothing scale of g)
+_LAW_MAX_PANELS = 32
+
+
+def law_nodes(
+    law: tuple, resolution: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quadrature nodes and weights (summing to 1) of a parameter's distribution.
+
+    Parameters
+    ----------
+    law : tuple
+        ``("normal", mean, std)``, ``("uniform", low, high)``, ``("constant",
+        value, 0)`` or ``("truncated_normal", mean, std, a, b)`` (N(mean, std^2)
+        restricted to [a, b], as ``torch.nn.init.trunc_normal_``).
+    resolution : float, optional
+        The scale on which the integrand varies with the parameter (for a bias:
+        the standard deviation of the Gaussian part g it is added to).  A uniform
+        or truncated law gets composite Gauss-Legendre panels no wider than
+        ``2 * resolution`` (and, truncated, no wider than ``std``; at most 32
+        panels of 8 nodes): E[f(g + b)] is then a smooth function of b on each
+        panel (the Gaussian smooths a kink of f over that scale), integrated to
+        near machine precision.
+
+    Returns
+    -------
+    nodes, weights : ndarray
+        Normal: 20 Gauss-Hermite nodes (exact for polynomials of degree 39).
+        Constant: one node.
+
+    Notes
+    -----
+    Truncated normal: Gauss-Legendre on [a, b] with the weights multiplied by the
+    truncated density varphi((x - mean)/std) / (std Z), Z = Phi(beta) - Phi(alpha),
+    then normalised (the product of a smooth integrand and a smooth density).
+    """
+    kind = law[0]
+    if kind == "constant":
+        return np.array([float(law[1])]), np.ones(1)
+    if kind == "normal":
+        x, w = special.roots_hermitenorm(20)
+        return float(law[1]) + float(law[2]) * x, w / w.sum()
+    if kind == "uniform":
+        lo, hi = float(law[1]), float(law[2])
+    elif kind == "truncated_normal":
+        mean, std, lo, hi = (float(v) for v in law[1:5])
+        if std == 0.0:
+            return np.array([min(max(mean, lo), hi)]), np.ones(1)
+    else:
+        raise ValueError(
+            f"law must be ('normal', mean, std), ('uniform', low, high), "
+            f"('constant', value, 0) or ('truncated_normal', mean, std, a, b); got "
+            f"{law!r}"
+        )
+    if not hi > lo:
+        return np.array([lo]), np.ones(1)
+    # the truncated density itself varies on the scale std
+    scale = resolution if resolution is not None and resolution > 0 else math.inf
+    if kind == "truncated_normal":
+        scale = min(scale, 0.5 * std)
+    npan = 1
+    if math.isfinite(scale):
+        npan = int(min(_LAW_MAX_PANELS, max(1, math.ceil((hi - lo) / (2 * scale)))))
+    x, w = np.polynomial.legendre.leggauss(_LAW_NPP)
+    edges = np.linspace(lo, hi, npan + 1)
+    half = 0.5 * np.diff(edges)
+    nodes = (0.5 * (edges[:-1] + edges[1:]))[:, None] + half[:, None] * x[None, :]
+    wts = half[:, None] * w[None, :]
+    nodes, wts = nodes.ravel(), wts.ravel()
+    if kind == "truncated_normal":
+        wts = wts * np.exp(-0.5 * ((nodes - mean) / std) ** 2)
+    return nodes, wts / wts.sum()
+
+
+def expect_with_bias(
+    activation: str | Activation,
+    law: tuple,
+    which: str = "phi",
+    mean: float = 0.0,
+    var: float = 1.0,
+) -> float:
+    """E[f(g + b)] for g ~ N(mean, var) and an independent b of the given law.
+
+    ``which`` is ``"phi"``, ``"phi2"`` or ``"dphi2"`` (f = phi, phi^2, phi'^2);
+    ``law`` as :func:`law_nodes`, whose nodes are used at resolution sqrt(var).
+    """
+    if which not in ("phi", "phi2", "dphi2"):
+        raise ValueError(f"which must be 'phi', 'phi2' or 'dphi2', got {which!r}")
+    act = _act(activation)
+    _check_var(np.asarray(var, dtype=float))
+    b, w = law_nodes(law, math.sqrt(var))
+    vals = _expect_1d(act, which, float(mean) + b, np.full(b.size, float(var)))
+    return float(w @ vals)
+
+
+def expect_phi_phi_with_bias(
+    activation: str | Activation,
+    law: tuple,
+    var1: float = 1.0,
+    var2: float = 1.0,
+    corr: float = 0.0,
+    mean1: float = 0.0,
+    mean2: float = 0.0,
+) -> float:
+    """E[phi(u + b) phi(v + b)]: (u, v) jointly Gaussian as in
+    :func:`expect_phi_phi`, plus one bias b of the given law shared by both (one
+    unit, two inputs)."""
+    act = _act(activation)
+    b, w = law_nodes(law, math.sqrt(min(var1, var2)))
+    n = b.size
+    vals = _expect_2d(
+        act,
+        False,
+        float(mean1) + b,
+        float(mean2) + b,
+        np.full(n, float(var1)),
+        np.full(n, float(var2)),
+        np.full(n, float(corr)),
+    )
+    return float(w @ vals)
+
+
 # -- maps -----------------------------------------------------------------------------
 
 
@@ -591,14 +794,20 @@ def _fixed_point_q(
     if n in ("relu", "leaky_relu", "identity"):
         k = 1.0 if n == "identity" else 0.5 * (1.0 + _slope(act) ** 2)
         g = w * k
+        # sigma_w2 k = 1 up to rounding (fan_in * (sqrt(2/fan_in))^2 is 2 + 4e-16)
+        crit = np.abs(g - 1) <= 1e-12
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.where(g < 1, b / (1 - g), np.inf)
+            q = np.where((g < 1) & ~crit, b / (1 - g), np.inf)
             # sigma_w2 at the critical value with no bias: every q is fixed
-            q = np.where((g == 1) & (b == 0), q0, q)
-            q = np.where((g > 1) & (b == 0) & (q0 == 0), 0.0, q)
+            q = np.where(crit & (b == 0), q0, q)
+            q = np.where((g > 1) & ~crit & (b == 0) & (q0 == 0), 0.0, q)
         return q
     z = np.zeros_like(q)
-    active = np.ones(q.shape, dtype=bool)
+    # the iteration only creeps toward q* = 0 (q_l ~ 1/(2 l) for tanh at the edge of
+    # chaos), so the exact value is used where it is known
+    zero = _q_star_is_zero(act, w, b)
+    q[zero] = 0.0
+    active = ~zero
     for it in range(max_iter):
         idx = np.flatnonzero(active)
         if idx.size == 0:
@@ -607,11 +816,11 @@ def _fixed_point_q(
         v = _expect_1d(act, "phi2", z[idx], qa)
         new = w[idx] * v + b[idx]
         # Newton polish once the plain iteration has settled near a fixed point;
-        # slope of the map: sigma_w2 dV/dq = sigma_w2 E[phi'^2 + phi phi'']/2
+        # slope of the map: sigma_w2 dV/dq = sigma_w2 E[phi'^2 + phi phi''] (Stein's
+        # lemma on E[z phi(sqrt(q) z) phi'(sqrt(q) z)] / sqrt(q))
         if it >= 20:
             d = (
-                0.5
-                * w[idx]
+                w[idx]
                 * (
                     _expect_1d(act, "dphi2", z[idx], qa)
                     + _expect_1d(act, "d2phi_phi", z[idx], qa)
@@ -619,12 +828,15 @@ def _fixed_point_q(
             )
             with np.errstate(divide="ignore", invalid="ignore"):
                 nt = qa - (new - qa) / (d - 1.0)
-            ok = (
-                np.isfinite(nt)
-                & (nt >= 0)
-                & (np.abs(nt - new) < 0.5 * np.abs(new - qa) + 1e-300)
-                & (d < 1)
-            )
+            ok = np.isfinite(nt) & (nt >= 0) & (d < 1)
+            if np.any(ok):
+                # keep a Newton step only where it lowers the residual: near the
+                # edge of chaos the plain steps are tiny (slope ~ 1), so the step
+                # size says nothing about the distance to q*
+                k = np.flatnonzero(ok)
+                rn = w[idx][k] * _expect_1d(act, "phi2", z[idx][k], nt[k]) + b[idx][k]
+                better = np.abs(rn - nt[k]) < np.abs(new[k] - qa[k])
+                ok[k] = better
             new = np.where(ok, nt, new)
         new = np.where(new > Q_OVERFLOW, np.inf, new)
         done = (
@@ -672,7 +884,135 @@ def _chi1_at(act: Activation, w: np.ndarray, q: np.ndarray) -> np.ndarray:
         return w * k
     qf = np.where(np.isfinite(q), q, 0.0)
     out = w * _expect_1d(act, "dphi2", np.zeros_like(q), qf)
+    # at q = 0, chi1 is the q -> 0 limit (both sides of a kink), not phi'(0)^2
+    out = np.where(qf == 0, w * _dphi2_at_0(act), out)
     return np.where(np.isfinite(q), out, np.nan)
+
+
+def _fixed_point_v_mean(
+    act: Activation, w: float, mb: float, vb: float, v0: float, max_iter: int = 4000
+) -> float:
+    """Fixed point V* of the length map with a bias mean, in the variance of the
+    pre-activation: V' = sigma_w2 E[phi(N(mb, V))^2] + vb (zero-mean weights, the
+    bias N-like of mean mb and variance vb; q = V + mb^2).
+
+    Plain iteration (with Newton steps once settled).  ``inf`` when V passes
+    :data:`Q_OVERFLOW`, or when, for an activation whose square grows like q
+    (:data:`_UNBOUNDED`), V still grows by non-decreasing steps after ``max_iter``
+    iterations (a ReLU at sigma_w2 = 2 with a constant positive bias grows
+    quadratically: sqrt(V) gains a fixed amount per layer); NaN when it has not
+    settled otherwise.
+    """
+    m = np.array([mb])
+    v = float(v0)
+    steps: list[float] = []
+    for it in range(max_iter):
+        new = float(w * _expect_1d(act, "phi2", m, np.array([v]))[0] + vb)
+        if it >= 20 and v > 0:
+            d = float(
+                w
+                * (
+                    _expect_1d(act, "dphi2", m, np.array([v]))[0]
+                    + _expect_1d(act, "d2phi_phi", m, np.array([v]))[0]
+                )
+            )
+            if d < 1:
+                nt = v - (new - v) / (d - 1.0)
+                if nt >= 0 and abs(nt - new) < 0.5 * abs(new - v):
+                    new = nt
+        if not math.isfinite(new) or new > Q_OVERFLOW:
+            return math.inf
+        if abs(new - v) <= 1e-14 * max(abs(new), 1e-300) or new < 1e-300:
+            return max(new, 0.0) if new >= 1e-300 else 0.0
+        steps.append(new - v)
+        v = new
+    tail = np.asarray(steps[len(steps) // 2 :])
+    if act.name in _UNBOUNDED and np.all(tail > 0) and np.all(np.diff(tail) >= 0):
+        return math.inf
+    return math.nan
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The order/chaos label of a network and why.
+
+    Attributes
+    ----------
+    label : {"ordered", "critical", "chaotic"} or None
+        None when chi1 is unknown.
+    reason : str
+        One sentence: what decided the label.
+    """
+
+    label: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        return str(self.label)
+
+
+def regime(
+    chi1: float,
+    *,
+    q_star: float = math.nan,
+    activation: str | Activation | None = None,
+    tol: float = REGIME_TOL,
+    source: str = "fixed point",
+) -> Regime:
+    """The one regime classification used by every command (analyze's summary, the
+    verdicts, the report, ``initdiag phase``).
+
+    Parameters
+    ----------
+    chi1 : float
+        At the fixed point, or a per-block gradient gain (BatchNorm networks, or a
+        profile's gain).
+    q_star : float
+        The length map's fixed point; ``inf`` when there is none (q grows without
+        bound), NaN when unknown or not applicable.
+    activation : str or Activation, optional
+        Needed for the ``q_star = inf`` case.
+    tol : float
+        |chi1 - 1| <= tol is critical.
+    source : str
+        What chi1 is, for the reason.
+
+    Returns
+    -------
+    Regime
+
+    Notes
+    -----
+    Poole et al. (2016) define the phases by the stability of the correlation
+    fixed point c* = 1, whose slope is chi1 at q*: ordered (chi1 < 1, correlations
+    of distinct inputs go to 1), critical (chi1 = 1), chaotic (chi1 > 1, a stable
+    c* < 1).  That definition needs a finite q*.  Where the length map has none
+    (ReLU-like with sigma_b2 > 0 and sigma_w2 >= 2/(1 + a^2), or a constant
+    positive bias; SELU, GELU, SiLU beyond their divergence), q grows without
+    bound and the correlation map tends to the bias-free normalised map of the
+    activation's large-q limit, a ReLU-like map whose only fixed point is c = 1 with
+    slope 1 (Cho & Saul 2009; Hayou et al. 2019): correlations still converge to 1,
+    polynomially, so the label is ``ordered`` whatever chi1 is, and the reason says
+    that chi1 still sets the gradient's growth per block.
+    """
+    chi = float(chi1)
+    q = float(q_star)
+    if not math.isfinite(chi):
+        return Regime(None, f"chi1 is not known ({chi})")
+    name = _act(activation).name if activation is not None else None
+    if math.isinf(q) and q > 0 and name != "identity":
+        return Regime(
+            "ordered",
+            "the length map has no fixed point (q grows without bound), and "
+            "correlations of distinct inputs still converge to 1, polynomially; "
+            f"chi1 = {chi:.4g} ({source}) is the gradient's growth per block, "
+            "not a criticality",
+        )
+    if chi < 1 - tol:
+        return Regime("ordered", f"chi1 = {chi:.4g} < 1 ({source})")
+    if chi > 1 + tol:
+        return Regime("chaotic", f"chi1 = {chi:.4g} > 1 ({source})")
+    return Regime("critical", f"chi1 = {chi:.4g} within {tol:g} of 1 ({source})")
 
 
 def chi1(
@@ -803,78 +1143,151 @@ def depth_scales(
     return xq, xc
 
 
+def _edge_parts(act: Activation, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The edge of chaos parametrised by q* (zero-mean pre-activations): chi1 = 1
+    gives sigma_w2 = 1/E[phi'^2] and the fixed-point equation then gives
+    sigma_b2 = q - E[phi^2]/E[phi'^2]."""
+    z = np.zeros_like(q)
+    v = _expect_1d(act, "phi2", z, q)
+    d = _expect_1d(act, "dphi2", z, q)
+    return 1.0 / d, q - v / d
+
+
+def _edge_slope(act: Activation, q: np.ndarray) -> np.ndarray:
+    """Slope of the length map at an edge point q*: sigma_w2 E[phi'^2 + phi'' phi]
+    with sigma_w2 = 1/E[phi'^2], i.e. 1 + E[phi'' phi]/E[phi'^2]."""
+    z = np.zeros_like(q)
+    return 1.0 + _expect_1d(act, "d2phi_phi", z, q) / _expect_1d(act, "dphi2", z, q)
+
+
+@functools.lru_cache(maxsize=32)
+def _edge_table(act: Activation) -> tuple[np.ndarray, np.ndarray]:
+    """sigma_b2(q) along the edge on a log grid of q* in [1e-12, 1e12]."""
+    lq = np.linspace(math.log(1e-12), math.log(1e12), 481)
+    return lq, _edge_parts(act, np.exp(lq))[1]
+
+
 def critical_sigma_w2(
     activation: str | Activation,
     sigma_b2: ArrayLike = 0.0,
     *,
-    sigma_w2_max: float = 100.0,
-    tol: float = 1e-12,
-) -> np.ndarray | float:
+    sigma_w2_max: float = math.inf,
+    tol: float = 1e-14,
+    return_q_star: bool = False,
+) -> np.ndarray | float | tuple[Any, Any]:
     """The edge of chaos: the sigma_w2 with chi1(sigma_w2, sigma_b2) = 1.
 
     Returns NaN where there is none, and then emits a :class:`NoEdgeOfChaosWarning`
     saying why (the choice made for vectorised use: an exception would abort a
-    whole curve).  ReLU-like activations (slopes 1 and a) and identity have no
-    edge of chaos for sigma_b2 > 0: chi1 = sigma_w2 (1 + a^2)/2 is 1 exactly where the
-    length map q' = q + sigma_b2 has no fixed point (Hayou et al. 2019), so their only
-    critical point is (sigma_b2 = 0, sigma_w2 = 2/(1 + a^2)).  For odd phi with
-    phi(0) = 0 (tanh, erf) at sigma_b2 = 0, q* = 0 for sigma_w2 phi'(0)^2 <= 1, so the
-    edge is sigma_w2 = 1/phi'(0)^2 (tanh 1, erf pi/4).  Otherwise bisection on
-    sigma_w2 in (0, sigma_w2_max], q* from :func:`fixed_point_q`.
+    whole curve).
+
+    Notes
+    -----
+    ReLU-like activations (slopes 1 and a) and identity have no edge of chaos for
+    sigma_b2 > 0: chi1 = sigma_w2 (1 + a^2)/2 is 1 exactly where the length map
+    q' = q + sigma_b2 has no fixed point (Hayou et al. 2019), so their only critical
+    point is (sigma_b2 = 0, sigma_w2 = 2/(1 + a^2)).
+
+    Other activations: on the edge, chi1 = sigma_w2 E[phi'(sqrt(q*) z)^2] = 1 and
+    q* = sigma_w2 E[phi(sqrt(q*) z)^2] + sigma_b2, so the edge is the curve
+    ``q* -> (1/E[phi'^2], q* - E[phi^2]/E[phi'^2])``; for a given sigma_b2 the root
+    q* of ``q - E[phi^2]/E[phi'^2] = sigma_b2`` is bracketed on a log grid of q*
+    in [1e-12, 1e12] (on the branch where the right-hand side increases, the one
+    whose fixed point the length map reaches) and bisected in log q* to ``tol``;
+    then sigma_w2 = 1/E[phi'^2] there, so chi1 at the returned point is 1 up to the
+    accuracy of the Gaussian expectations (~1e-13).  This is one root find in q*
+    instead of nested fixed-point iterations inside a bisection on sigma_w2.
+    Where the curve reaches sigma_b2 = 0 only as q* -> 0 (tanh, erf, SELU, GELU,
+    SiLU), the edge at sigma_b2 = 0 is that limit: sigma_w2 = 1/lim E[phi'^2] with
+    q* = 0, for the activations where q* = 0 then attracts every input (tanh 1,
+    erf pi/4, SELU; GELU and SiLU grow faster than linearly near 0, so q* = 0 repels
+    and they have no edge at sigma_b2 = 0).
+
+    A point is returned only where the edge's fixed point is stable: the length
+    map's slope there is 1 + E[phi'' phi]/E[phi'^2], which must be below 1.  GELU
+    and SiLU fail this at small sigma_b2 (E[phi'' phi] > 0 for q* up to about 2):
+    chi1 = 1 there only at a repelling fixed point, and the length map jumps from
+    the ordered phase to divergence (NaN, with the warning).  ``return_q_star=True``
+    also returns the edge's q* (``inf`` for ReLU-like
+    and identity at sigma_b2 = 0, where every q is fixed), so that
+    ``chi1(activation, w, b, q=q_star)`` evaluates chi1 on the edge itself.
     """
     act = _act(activation)
     shape, (b,) = _bcast(sigma_b2)
     _check_var(b, "sigma_b2")
     n = act.name
     out = np.full(b.shape, np.nan)
-    reason = None
+    q_edge = np.where(b == 0, 0.0, np.nan)
     if n in ("relu", "leaky_relu", "identity"):
         k = 1.0 if n == "identity" else 0.5 * (1.0 + _slope(act) ** 2)
         out = np.where(b == 0, 1.0 / k, np.nan)
+        # every q is fixed at the critical point without bias
+        q_edge = np.where(b == 0, np.inf, np.nan)
         reason = (
             f"{n} has no edge of chaos for sigma_b2 > 0: chi1 = 1 forces "
             "q' = q + sigma_b2, which has no fixed point (Hayou et al. 2019)"
         )
     else:
-        p0, d0 = _phi0(act)
-        odd = n in ("tanh", "erf")
-        todo = np.ones(b.shape, dtype=bool)
-        if odd:
-            out[b == 0] = 1.0 / d0**2
-            todo = b != 0
-        idx = np.flatnonzero(todo)
-        if idx.size:
-            lo = np.full(idx.size, 1e-6)
-            hi = np.full(idx.size, float(sigma_w2_max))
-            bb = b[idx]
-
-            def f(w):
-                q = _fixed_point_q(act, w, bb, np.ones_like(w), 1e-15, 5000)
-                return _chi1_at(act, w, q) - 1.0
-
-            flo, fhi = f(lo), f(hi)
-            ok = (flo < 0) & (fhi > 0)
+        lq, bq = _edge_table(act)
+        # sigma_b2(q) -> 0 as q -> 0 when phi(0) = 0 (at the grid's first point it is
+        # 0 up to the rounding of q - E[phi^2]/E[phi'^2], ~1e-16 q)
+        tends0 = _phi0(act)[0] == 0.0 and bq[0] >= -1e-9 * math.exp(lq[0])
+        # q* = 0 attracts every q0 only for the sublinear activations
+        limit0 = tends0 and n in _SUBLINEAR
+        # the increasing branch: from the grid minimum of sigma_b2(q) upwards
+        k0 = 0 if tends0 else int(np.argmin(bq))
+        lqb, bqb = lq[k0:], np.maximum.accumulate(bq[k0:])
+        if limit0:
+            out[b == 0] = 1.0 / _dphi2_at_0(act)
+        todo = np.flatnonzero((b >= bqb[0]) & (b <= bqb[-1]) & ~(limit0 & (b == 0)))
+        if tends0:
+            # below the grid's first point the edge is at q* < 1e-12
+            tiny = np.flatnonzero((b > 0) & (b < bqb[0]))
+            todo = np.union1d(todo, tiny)
+        if todo.size:
+            bt = b[todo]
+            j = np.clip(np.searchsorted(bqb, bt), 1, lqb.size - 1)
+            lo, hi = lqb[j - 1], lqb[j]
+            lo = np.where(bt < bqb[0], math.log(1e-300), lo)
             for _ in range(200):
                 mid = 0.5 * (lo + hi)
-                fm = f(mid)
-                up = fm > 0
+                up = _edge_parts(act, np.exp(mid))[1] > bt
                 hi = np.where(up, mid, hi)
                 lo = np.where(up, lo, mid)
-                if np.all((hi - lo) <= tol * hi):
+                if np.all(hi - lo <= tol):
                     break
-            out[idx] = np.where(ok, 0.5 * (lo + hi), np.nan)
-            reason = (
-                f"chi1 - 1 does not change sign for sigma_w2 in (0, "
-                f"{sigma_w2_max}] with a finite q*"
+            qe = np.exp(0.5 * (lo + hi))
+            # an edge point whose fixed point repels (slope >= 1) is never reached
+            stable = _edge_slope(act, qe) < 1.0
+            out[todo] = np.where(stable, _edge_parts(act, qe)[0], np.nan)
+            q_edge[todo] = qe
+        if not limit0:
+            out[b == 0] = np.where(np.isnan(q_edge[b == 0]), np.nan, out[b == 0])
+        out = np.where(out <= sigma_w2_max, out, np.nan)
+        q_edge = np.where(np.isnan(out), np.nan, q_edge)
+        reason = (
+            f"for {n}, chi1 = 1 at a stable fixed point q* in (0, 1e12] (length-map "
+            "slope 1 + E[phi'' phi]/E[phi'^2] < 1) needs sigma_b2 in a range that "
+            f"excludes these values (along the edge, sigma_b2 = q* - E[phi^2]/"
+            f"E[phi'^2] runs over [{max(float(bqb[0]), 0.0):.3g}, "
+            f"{float(bqb[-1]):.3g}])"
+            + (
+                f", and sigma_w2 <= {sigma_w2_max}"
+                if math.isfinite(sigma_w2_max)
+                else ""
             )
+        )
     bad = np.isnan(out)
-    if np.any(bad) and reason:
+    if np.any(bad):
         warnings.warn(
             f"no edge of chaos at sigma_b2 = {b[bad][:3].tolist()}...: {reason}",
             NoEdgeOfChaosWarning,
             stacklevel=2,
         )
     out = out.reshape(shape)
+    q_edge = q_edge.reshape(shape)
+    if return_q_star:
+        return (out, q_edge) if shape else (float(out), float(q_edge))
     return out if shape else float(out)
 
 
@@ -911,10 +1324,18 @@ class PhaseDiagram:
     correlation: np.ndarray
 
     def regime(self, tol: float = 1e-3) -> np.ndarray:
-        """-1 (ordered), 0 (critical, |chi1 - 1| <= tol), 1 (chaotic); NaN where
-        chi1 is NaN."""
-        r = np.sign(self.chi1 - 1.0)
-        return np.where(np.abs(self.chi1 - 1.0) <= tol, 0.0, r)
+        """:func:`regime` on the grid as codes: -1 (ordered), 0 (critical,
+        |chi1 - 1| <= tol), 1 (chaotic); NaN where it is unknown.  Where q* is
+        infinite the label is ordered whatever chi1 is (see :func:`regime`)."""
+        code = {"ordered": -1.0, "critical": 0.0, "chaotic": 1.0}
+        chi = np.where(np.isinf(self.q_star), 1.0, self.chi1)
+        return np.vectorize(
+            lambda c, q: code.get(
+                str(regime(c, q_star=q, activation=self.activation, tol=tol).label),
+                math.nan,
+            ),
+            otypes=[float],
+        )(chi, self.q_star)
 
 
 class _Fast:
@@ -1187,7 +1608,9 @@ def _pd_fixed_q(fast: _Fast, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     if fast.name in ("relu", "leaky_relu", "identity"):
         return _fixed_point_q(fast.act, w, b, np.ones_like(w), 0.0, 0)
     q = np.ones_like(w)
-    act_ = np.arange(w.size)
+    zero = _q_star_is_zero(fast.act, w, b)
+    q[zero] = 0.0
+    act_ = np.flatnonzero(~zero)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for it in range(300):
             qq, wa, ba = q[act_], w[act_], b[act_]

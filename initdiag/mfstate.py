@@ -65,18 +65,36 @@ def moments(g: Gauss) -> tuple[np.ndarray, np.ndarray]:
     return ex, K
 
 
+def param_law(init: Any, fi: int, fo: int, what: str) -> tuple:
+    """The law of one parameter entry, as :func:`initdiag.meanfield.law_nodes`
+    takes it (the initializer's closed-form distribution, or its truncated normal).
+    A bias or beta enters every unit directly, so its law matters, not only its
+    variance (docs/theory.md section 3)."""
+    from .initializers import TruncNormal, VarianceScaling
+
+    dist = init.distribution(fi, fo)
+    if dist is not None:
+        return dist
+    if isinstance(init, TruncNormal):
+        return ("truncated_normal", init.mean_, init.std, init.a, init.b)
+    if isinstance(init, VarianceScaling) and init.distribution_ == "truncated_normal":
+        s, bound = init._trunc(fi, fo)
+        return ("truncated_normal", 0.0, s, -bound, bound)
+    raise NotImplementedError(
+        f"{what} initializer {init} has no known distribution; its law enters every "
+        "unit directly (use normal, uniform, constant or trunc_normal)"
+    )
+
+
 def param_nodes(init: Any, nf: int, what: str, layer: str):
-    """Quadrature nodes and weights of a BatchNorm parameter's distribution."""
+    """Quadrature nodes and weights of a normalisation parameter's distribution."""
     mean = init.mean(nf, nf)
     var = init.variance(nf, nf)
     if var == 0:
         return np.array([mean]), np.ones(1)
-    dist = init.distribution(nf, nf)
-    if dist is None:
-        raise NotImplementedError(
-            f"{layer}: {what} initializer {init} has no closed-form distribution; the "
-            "activation after this BatchNorm needs it (use normal, uniform or constant)"
-        )
+    dist = param_law(init, nf, nf, f"{layer}: {what}")
+    if dist[0] == "truncated_normal":
+        return mf.law_nodes(dist)
     kind, p, q = dist
     if kind == "normal":
         x, w = special.roots_hermitenorm(NQ)
@@ -119,7 +137,8 @@ class Batch:
             else:
                 sq = K.mean()
                 B = K.shape[0]
-                cos = K / np.sqrt(np.outer(d, d))
+                sd = np.sqrt(d)
+                cos = K / np.outer(sd, sd)
                 corr = (cos.sum() - np.trace(cos)) / (B * (B - 1)) if B > 1 else np.nan
         second = float(d.mean())
         return {
@@ -199,7 +218,9 @@ def act_expect(act: Any, g: Gauss, batch: Batch):
     v = np.diagonal(g.S, axis1=1, axis2=2)  # (k, B)
     vi, vj = v[:, iu], v[:, ju]
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        rho = np.where(vi * vj > 0, g.S[:, iu, ju] / np.sqrt(vi * vj), 0.0)
+        # sqrt before the product: vi * vj overflows from q ~ 1e154 on
+        sij = np.sqrt(vi) * np.sqrt(vj)
+        rho = np.where(sij > 0, g.S[:, iu, ju] / sij, 0.0)
     mi, mj = g.m[:, iu], g.m[:, ju]
     pp = mf._expect_2d(
         act, False, mi.ravel(), mj.ravel(), vi.ravel(), vj.ravel(), rho.ravel()

@@ -233,7 +233,7 @@ def mlp(
     Parameters
     ----------
     depth : int
-        Number of hidden blocks (the "depth L" of docs/theory.md).
+        Number of hidden blocks (the "depth L" of docs/theory.md section 0).
     width : int
         Units per hidden layer.
     activation : str or Activation

@@ -46,6 +46,7 @@ __all__ = [
     "Verdict",
     "diagnose",
     "network_parameters",
+    "network_regime",
     "critical_point",
     "signal_rows",
     "signal_gradient_ratio",
@@ -112,6 +113,33 @@ class Verdict:
 # -- what the network is --------------------------------------------------------------
 
 
+def network_regime(network: Any, profile: Profile | None = None) -> dict[str, Any]:
+    """chi1, the regime and its reason for a network: the summary of
+    :func:`initdiag.analyze` (``profile``'s summary when it carries a regime), whose
+    label comes from :func:`initdiag.meanfield.regime`, the one classification
+    every command uses.
+
+    Returns
+    -------
+    dict
+        ``chi1`` (float, NaN when unknown), ``regime`` (str or None), ``reason``.
+    """
+    summ = profile.summary if profile is not None else {}
+    if not summ.get("regime"):
+        from .analytic import analyze
+
+        try:
+            summ = analyze(network).summary
+        except NotImplementedError as exc:
+            return {"chi1": math.nan, "regime": None, "reason": str(exc)}
+    chi = summ.get("chi1")
+    return {
+        "chi1": float(chi) if isinstance(chi, (int, float)) else math.nan,
+        "regime": summ.get("regime"),
+        "reason": str(summ.get("regime_reason") or ""),
+    }
+
+
 @functools.lru_cache(maxsize=256)
 def critical_point(activation: str, sigma_b2: float) -> float | None:
     """The critical ``sigma_w2`` for ``sigma_b2`` (None where there is no edge of
@@ -153,10 +181,19 @@ def _fix_weights(p: Mapping[str, Any]) -> str:
     act, sb2, sw2 = p["activation"], p["sigma_b2"], p["sigma_w2"]
     if act in ("relu", "leaky_relu") and sb2 > 0:
         crit0 = critical_point(act, 0.0)
-        tail = f" and keep sigma_w2 = {_g(crit0)} (Kaiming)" if crit0 else ""
+        tail = ""
+        if crit0 and math.isfinite(sw2) and abs(sw2 / crit0 - 1) < CRITICAL_TOLERANCE:
+            tail = f" and keep sigma_w2 = {_g(crit0)} (Kaiming)"
+        elif crit0:
+            tail = f" and use sigma_w2 = {_g(crit0)} (Kaiming) instead of {_g(sw2)}"
+        here = (
+            f"here a constant bias of {_g(p['bias_mean'])}"
+            if p.get("bias_var", sb2) == 0 and p.get("bias_mean", 0.0) != 0
+            else f"here sigma_b2 = {_g(sb2)}"
+        )
         return (
-            f"set the bias to zero: {act} has no edge of chaos with sigma_b2 > 0 "
-            f"(here sigma_b2 = {_g(sb2)}){tail}"
+            f"set the bias to zero: {act} has no edge of chaos with a bias "
+            f"({here}){tail}"
         )
     crit = critical_point(act, sb2)
     if crit is None:
@@ -405,10 +442,20 @@ def _dead(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
             if depth is not None
             else f"they are at correlation {c_worst:.3f} there"
         )
+        # infinite-width theory predicts this: with every pair of inputs at
+        # correlation c, P(a unit is <= 0 for all B inputs) stays finite at finite
+        # B; neither width nor a zero-mean bias is the cause
         sug = (
-            f"units die because unrelated inputs become aligned ({at}), so a unit's "
-            f"pre-activations share one sign across the batch; "
-            + (_fix_weights(p) if not p["batchnorm"] else "check gamma and beta")
+            f"units die because unrelated inputs become aligned ({at}): a unit's "
+            f"pre-activations then share one sign across the batch{batch_txt}, "
+            "which infinite-width theory predicts at this correlation and batch "
+            "size (it is not a finite-width effect); "
+            + (
+                "BatchNorm would hold the batch's centred correlation at -1/(B-1); "
+                "or use fewer blocks or residual connections"
+                if not p["batchnorm"]
+                else "check gamma and beta"
+            )
         )
     else:
         sug = _fix_weights(p)

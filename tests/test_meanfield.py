@@ -277,3 +277,171 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert mf.critical_sigma_w2("erf", 0.0) == pytest.approx(math.pi / 4)
+
+
+# -- the edge of chaos of every smooth activation -------------------------------------
+
+_SELU_A, _SELU_L = 1.6732632423543772, 1.0507009873554805
+
+
+def _ncdf(x):
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x)) if x > -700 else 0.0
+
+
+# phi and phi' written here from their textbook definitions
+_SMOOTH = {
+    "tanh": (math.tanh, lambda x: 1 - math.tanh(x) ** 2),
+    "erf": (math.erf, lambda x: 2 / math.sqrt(math.pi) * math.exp(-x * x)),
+    "sigmoid": (_sig, lambda x: _sig(x) * (1 - _sig(x))),
+    "selu": (
+        lambda x: _SELU_L * (x if x > 0 else _SELU_A * math.expm1(x)),
+        lambda x: _SELU_L * (1.0 if x > 0 else _SELU_A * math.exp(x)),
+    ),
+    "gelu": (
+        lambda x: x * _ncdf(x),
+        lambda x: _ncdf(x) + x * math.exp(-0.5 * x * x) / SQ2PI,
+    ),
+    "silu": (
+        lambda x: x * _sig(x),
+        lambda x: _sig(x) + x * _sig(x) * (1 - _sig(x)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SMOOTH))
+def test_edge_of_chaos_of_every_smooth_activation(name):
+    phi, dphi = _SMOOTH[name]
+    # GELU and SiLU have a stable edge only above sigma_b2 ~ 0.17 (GELU) and ~ 0.57
+    # (SiLU): below, chi1 = 1 only at a repelling fixed point (docstring)
+    bs = [1.0, 2.0] if name in ("gelu", "silu") else [0.01, 0.1, 0.5, 2.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w, q = mf.critical_sigma_w2(name, bs, return_q_star=True)
+    for wi, qi, bi in zip(w, q, bs, strict=True):
+        # the edge's fixed point attracts inputs on both sides of it
+        for q0 in (0.8 * qi, 1.25 * qi):
+            qr = mf.fixed_point_q(name, wi, bi, q0=q0)
+            assert qr == pytest.approx(qi, rel=1e-10)
+            assert abs(mf.chi1(name, wi, bi, q=qr) - 1.0) <= 1e-9
+        # independent quadrature: chi1 = 1 and q* is the fixed point of the length map
+        assert abs(wi * _quad1(lambda x: dphi(x) ** 2, 0.0, qi) - 1.0) <= 1e-9
+        assert wi * _quad1(lambda x: phi(x) ** 2, 0.0, qi) + bi == pytest.approx(
+            qi, rel=1e-9
+        )
+
+
+def test_edge_without_bias_is_exact():
+    # tanh, erf, SELU: q* = 0 exactly, chi1 = sigma_w2 lim E[phi'^2] = 1 exactly
+    for name, w0 in (
+        ("tanh", 1.0),
+        ("erf", math.pi / 4),
+        ("selu", 2 / (_SELU_L**2 * (1 + _SELU_A**2))),
+    ):
+        assert mf.critical_sigma_w2(name, 0.0) == pytest.approx(w0, rel=1e-15)
+        assert mf.fixed_point_q(name, w0, 0.0) == 0.0
+        assert abs(mf.chi1(name, w0, 0.0) - 1.0) <= 1e-12
+        # just below the edge the network is ordered and q* is still 0
+        assert mf.chi1(name, 0.9 * w0, 0.0) == pytest.approx(0.9, rel=1e-14)
+    # sigmoid (phi(0) != 0) has an edge at sigma_b2 = 0 with q* > 0
+    w, q = mf.critical_sigma_w2("sigmoid", 0.0, return_q_star=True)
+    assert q > 1 and abs(mf.chi1("sigmoid", w, 0.0) - 1.0) <= 1e-9
+
+
+def test_gelu_edge_at_small_bias_is_refused_because_it_repels():
+    with pytest.warns(mf.NoEdgeOfChaosWarning, match="stable fixed point"):
+        w = mf.critical_sigma_w2("gelu", [0.0, 0.1])
+    assert np.all(np.isnan(w))
+    # the chi1 = 1 point at sigma_b2 = 0.1 exists but the length map leaves it
+    q = np.geomspace(0.05, 5.0, 400)
+    wq, bq = mf._edge_parts(mf._act("gelu"), q)
+    k = int(np.argmin(np.abs(bq - 0.1)))
+    qn = mf.qmap("gelu", 1.01 * q[k], wq[k], bq[k])
+    assert qn - q[k] > 1.01 * (1.01 * q[k] - q[k])
+
+
+# -- a bias of a given law ------------------------------------------------------------
+
+
+def _draw(law, n, rng):
+    kind = law[0]
+    if kind == "uniform":
+        return rng.uniform(law[1], law[2], n)
+    if kind == "constant":
+        return np.full(n, law[1])
+    mean, std, a, b = law[1:]
+    out = np.empty(0)
+    while out.size < n:  # rejection sampling, written independently of the package
+        x = rng.normal(mean, std, 2 * n)
+        out = np.concatenate([out, x[(x >= a) & (x <= b)]])
+    return out[:n]
+
+
+@pytest.mark.parametrize(
+    "law",
+    [
+        ("uniform", -0.3, 0.3),
+        ("uniform", 0.0, 2.0),
+        ("constant", -0.4, 0.0),
+        ("truncated_normal", 0.1, 0.5, -0.2, 0.6),
+    ],
+)
+@pytest.mark.parametrize("name", ["relu", "tanh"])
+def test_expectations_with_a_bias_law_vs_monte_carlo(law, name):
+    rng = np.random.default_rng(7)
+    n = 2_000_000
+    mean, var, var2, rho = 0.05, 0.04, 0.09, 0.6
+    f = (lambda x: np.maximum(x, 0)) if name == "relu" else np.tanh
+    b = _draw(law, n, rng)
+    z1, z2 = rng.standard_normal((2, n))
+    u = mean + math.sqrt(var) * z1 + b
+    v = -mean + math.sqrt(var2) * (rho * z1 + math.sqrt(1 - rho * rho) * z2) + b
+    for which, vals in (("phi", f(u)), ("phi2", f(u) ** 2)):
+        got = mf.expect_with_bias(name, law, which, mean, var)
+        se = vals.std() / math.sqrt(n)
+        assert abs(got - vals.mean()) <= 4 * se, (which, got, vals.mean(), se)
+    pp = f(u) * f(v)
+    got = mf.expect_phi_phi_with_bias(name, law, var, var2, rho, mean, -mean)
+    assert abs(got - pp.mean()) <= 4 * pp.std() / math.sqrt(n)
+
+
+def test_uniform_bias_relu_mean_against_nested_quadrature():
+    # E[relu(g + b)], b ~ U(lo, hi): scipy quad over b of the closed-form Gaussian
+    # ReLU mean, at a resolution where the kink matters (sd 0.01, width 0.2)
+    lo, hi, m, s = -0.1, 0.1, 0.003, 0.01
+
+    def relu_mean(mu):
+        return mu * _ncdf(mu / s) + s * math.exp(-0.5 * (mu / s) ** 2) / SQ2PI
+
+    ref = integrate.quad(lambda b: relu_mean(m + b), lo, hi, points=[-m])[0] / (hi - lo)
+    got = mf.expect_with_bias("relu", ("uniform", lo, hi), "phi", m, s * s)
+    assert got == pytest.approx(ref, rel=1e-12)
+    x, w = mf.law_nodes(("truncated_normal", 0.0, 1.0, -2.0, 2.0))
+    # the variance of N(0, 1) truncated to +-2 (jax's truncated_normal constant)
+    assert w @ x**2 == pytest.approx(0.87962566103423978**2, rel=1e-12)
+    with pytest.raises(ValueError, match="law must be"):
+        mf.law_nodes(("laplace", 0.0, 1.0))
+
+
+def test_regime_labels_and_reasons():
+    assert mf.regime(0.5).label == "ordered"
+    assert mf.regime(1.0 + 1e-7).label == "critical"
+    assert mf.regime(1.2).label == "chaotic"
+    assert mf.regime(math.nan).label is None
+    # no fixed point: correlations still go to 1, whatever chi1 says
+    for chi in (1.0, 1.5):
+        r = mf.regime(chi, q_star=math.inf, activation="relu")
+        assert r.label == "ordered" and "no fixed point" in r.reason
+    # a linear network keeps its correlations: chi1 decides
+    assert mf.regime(1.5, q_star=math.inf, activation="identity").label == "chaotic"
+    # ReLU with a bias at sigma_w2 = 2: q* infinite, the rounding of 2 not "chaotic"
+    assert mf.fixed_point_q("relu", 2.0 + 4e-16, 0.0, q0=0.7) == 0.7
+    assert math.isinf(mf.fixed_point_q("relu", 2.0, 0.1))
+    # the length map with a constant bias: no fixed point at Kaiming, one below it
+    act = mf._act("relu")
+    assert math.isinf(mf._fixed_point_v_mean(act, 2.0, 0.1, 0.0, 1.0))
+    v = mf._fixed_point_v_mean(act, 1.0, 0.1, 0.0, 1.0)
+    assert v == pytest.approx(mf.expect_phi2("relu", 0.1, v), rel=1e-10)

@@ -22,6 +22,7 @@ from initdiag.report.default_study import DEFAULT_STUDY_TOML, default_study_dict
 from initdiag.report.progress import Progress
 from initdiag.report.study import Entry, explain, run_study, summarize
 from initdiag.report.writers import study_to_csv, study_to_dict
+from initdiag.analytic import bn_gradient_gain
 from initdiag.verdicts import signal_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,10 @@ def _with_measured(summaries):
         # arbitrary but distinct values: the test only needs them to be shown
         s["q_last_meas"] = s["q_last"] * (1.01 + 0.001 * k)
         s["q_last_se_meas"] = 0.02
+        s["corr_last_se_meas"] = 1e-4 * (1 + k)
+        s["bn_rate_meas"] = (
+            s["bn_rate"] * 1.02 if s["bn_rate"] == s["bn_rate"] else math.nan
+        )
         s["dead_last_meas"] = (
             s["dead_last"] * 0.97 if s["dead_last"] == s["dead_last"] else math.nan
         )
@@ -316,3 +321,68 @@ def test_progress_only_on_a_tty():
     n = len(s.getvalue())
     p.update("x")
     assert len(s.getvalue()) == n
+
+
+# -- the report says only what is true, and answers first -----------------------------
+
+
+def test_explanation_answers_first_and_names_what_each_number_is(default_analytic):
+    _, result = default_analytic
+    sents = result.explanation()
+    ids = [s.id for s in sents]
+    # the short answer leads: biases, the constant bias, BatchNorm
+    assert ids[0] == "answer:bias" and ids[1].startswith("answer:constant")
+    assert ids[2] == "answer:batchnorm" and ids[3] == "reference"
+    by = {s.id: s.text for s in sents}
+    const = by["variant:bias = 0.1"]
+    # a constant bias is a mean: no "sigma_b2 = 0.01" (its square) in its sentence
+    assert "constant bias 0.100" in const and "sigma_b2" not in const
+    # its growth is quadratic (sqrt(q) linear), not exponential
+    assert "quadratically" in const and "exponential" not in const
+    s = {e.name: summarize(e) for e in result.entries}
+    q = np.sqrt(
+        result.entries[4].analytic.columns["second_moment"][
+            signal_rows(result.entries[4].analytic)
+        ]
+    )
+    assert s["bias = 0.1"]["q_rate"] == pytest.approx(np.mean(np.diff(q)), rel=0.05)
+    # no fixed point with a bias at Kaiming ReLU weights: ordered, never critical
+    for name in ("bias ~ N(0, 0.1^2)", "bias ~ Kaiming", "bias = 0.1"):
+        assert s[name]["regime"] == "ordered", name
+    assert s["bias = 0"]["regime"] == "critical"
+
+
+def test_batchnorm_sentences_compare_like_with_like(default_analytic):
+    _, result = default_analytic
+    by = {s.id: s.text for s in result.explanation()}
+    bn = by["batchnorm"]
+    ref = result.entries[0].analytic
+    bnp = result.entries[5].analytic
+    dense = [i for i, k in enumerate(bnp.kind) if k == "dense"]
+    # the uncentred dense-row cosines on both sides, and -1/(B-1) named as forced
+    c_bn = bnp.columns["correlation"][dense[-1]]
+    c_ref = ref.columns["correlation"][signal_rows(ref)[-1]]
+    assert f"{c_bn:.3f} against {c_ref:.3f}" in bn
+    assert "-1/(B-1) = -3.92e-03" in bn and "forces" in bn
+    gb = by["batchnorm_gamma_beta"]
+    assert "does not depend on gamma" in gb
+    assert "+0.5 lowers" in gb and "-0.5 raises" in gb and "kills units" in gb
+    lo = bn_gradient_gain("relu", 1.0, 0.5)
+    assert f"{lo:.2f}" in gb
+    assert "cancelled" in by["batchnorm_dense_bias"]
+    # beta ~ N(0, 0.1^2): its output correlation is explained, not called forced
+    v = by["variant:BN beta ~ N(0, 0.1^2)"]
+    assert "beta adds E[beta^2] = 0.01" in v
+
+
+def test_dead_units_cause_is_alignment_not_width_or_bias(default_analytic):
+    _, result = default_analytic
+    by = {s.id: s.text for s in result.explanation()}
+    assert "not a finite-width effect" in by["dead"]
+    assert "the bias is not what kills them" in by["dead"]
+    # the verdict on the zero-mean-bias network does not offer "set the bias to zero"
+    e = result.entries[3]
+    vs = idg.diagnose(e.analytic, e.network)
+    dead = [v for v in vs if v.kind == "dying_units"]
+    assert dead and "bias to zero" not in dead[0].suggestion
+    assert "infinite-width theory" in dead[0].suggestion

@@ -204,3 +204,49 @@ def test_nan_columns_are_ignored():
     p = Profile.empty(net, "analytic")
     assert diagnose(p, net) == []
     np.testing.assert_equal(signal_gradient_ratio(p), math.nan)
+
+
+def test_one_regime_for_every_command(tmp_path, capsys):
+    import json
+
+    from initdiag.cli import main
+    from initdiag.configfile import load_study
+    from initdiag.report.study import Entry, summarize
+    from initdiag.verdicts import network_regime
+
+    toml = tmp_path / "regimes.toml"
+    toml.write_text(
+        '[network]\ndepth = 6\nwidth = 64\nactivation = "relu"\n'
+        "[init]\nweight = \"kaiming_normal(nonlinearity='relu')\"\nbias = \"zeros\"\n"
+        '[[variants]]\nname = "zero bias"\n'
+        '[[variants]]\nname = "random bias"\ninit = { bias = "normal(0, 0.1)" }\n'
+        '[[variants]]\nname = "bn"\nnetwork = { batchnorm = true }\n',
+        encoding="utf-8",
+    )
+    code = main(
+        ["phase", str(toml), "--sigma-w2", "1:3:3", "--sigma-b2", "0:0.1:2"]
+        + ["--format", "json"]
+    )
+    assert code == 0
+    marks = json.loads(capsys.readouterr().out)["networks"]
+    nets = load_study(str(toml)).networks
+    got = []
+    for net, mark in zip(nets, marks, strict=True):
+        a = idg.analyze(net)
+        reg = a.summary["regime"]
+        assert mark["regime"] == reg == network_regime(net)["regime"]
+        assert summarize(Entry(net, a, None))["regime"] == reg
+        assert mark["chi1"] == pytest.approx(a.summary["chi1"])
+        got.append(reg)
+    # Kaiming without bias is critical; a bias leaves no fixed point (ordered, not
+    # "critical (1.000)"); BatchNorm's gain pi/(pi-1) is chaotic, not "critical"
+    assert got == ["critical", "ordered", "chaotic"]
+    assert "no fixed point" in marks[1]["regime_reason"]
+
+
+def test_xavier_tanh_without_bias_is_critical_everywhere():
+    net = idg.mlp(8, 64, "tanh", init=idg.InitScheme("xavier_normal", "zeros"))
+    s = idg.analyze(net).summary
+    assert s["regime"] == "critical" and abs(s["chi1"] - 1) < 1e-12
+    p = network_parameters(net)
+    assert abs(idg.meanfield.chi1("tanh", p["sigma_w2"], 0.0) - 1) < 1e-12

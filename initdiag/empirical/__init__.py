@@ -305,6 +305,10 @@ def simulate(
     else:
         x_user = None
         B = _check_int(batch_size, "batch_size", 2)
+    if B <= 3 and any(info.kind == "batchnorm" for info in network.infos):
+        from ..meanfield import batchnorm_small_batch
+
+        raise ValueError(f"{batchnorm_small_batch(B)}; use a batch of at least 4")
     g_spec: Any = None
     if output_grad is not None:
         if callable(output_grad):

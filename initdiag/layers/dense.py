@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .. import meanfield as mf
 from .. import mfstate
 from .base import Layer, Slot, check_bool, check_positive_int, register
 
@@ -31,6 +33,33 @@ def is_zero_init(init: Any, fan_in: int, fan_out: int) -> bool:
         return True
     dist = init.distribution(fan_in, fan_out)
     return dist is not None and dist[0] == "constant" and dist[1] == 0.0
+
+
+def _refuse_weight_mean(layer: str, init: Any, mw: float, fi: int) -> None:
+    """A weight mean mu_w makes h_i = mu_w sum_j x_j + (zero-mean part) + b_i: every
+    unit of the layer shares the scalar mu_w sum_j x_j per input.  Over random
+    networks that sum fluctuates by mu_w sqrt(fan_in) std(x), the same order as the
+    Gaussian part sqrt(fan_in Var[w] E[x^2]) at every width, so the law of large
+    numbers the Gaussian state rests on does not remove it; the rules carry no such
+    shared component, and refuse rather than answer wrongly."""
+    raise NotImplementedError(
+        f"{layer}: the weight initializer {init} has mean {mw:.4g} (not 0); a weight "
+        f"mean gives every unit of {layer} one shared rank-one component of the "
+        f"signal (fan_in * mean = {fi * mw:.4g} times the input's average over "
+        "units), whose fluctuation over networks is as large as the Gaussian part "
+        "at any width; the mean-field rules do not treat it: use simulate() for "
+        "this network, or a zero-mean weight initializer"
+    )
+
+
+def _bias_law(init: Any, fi: int, fo: int, layer: str) -> tuple | None:
+    """The law of a Dense bias when it is neither normal nor constant (those fold
+    into the Gaussian state exactly): ``("uniform", lo, hi)`` or
+    ``("truncated_normal", mean, std, a, b)``; None otherwise."""
+    if init.variance(fi, fo) == 0:
+        return None
+    law = mfstate.param_law(init, fi, fo, f"{layer}: the bias")
+    return law if law[0] in ("uniform", "truncated_normal") else None
 
 
 @register
@@ -110,12 +139,32 @@ class Dense(Layer):
         gives ``sigma_w2 <x_a, x_b>/d_in + sigma_b2`` as in neural-tangents).  The
         weight mean enters through the law of large numbers; orthogonal weights are
         treated as Gaussian of the same variance (exact for these second moments).
-        docs/theory.md, section 1."""
+        A weight mean is refused (:func:`_refuse_weight_mean`); a uniform or
+        truncated-normal bias enters through its law.  docs/theory.md, section 1."""
         fi, fo = ctx.info.fan_in, ctx.info.width
         w, b = ctx.params["weight"], ctx.params.get("bias")
         mw, vw = w.mean(fi, fo), w.variance(fi, fo)
+        if mw != 0.0:
+            _refuse_weight_mean(ctx.info.name, w, mw, fi)
         mb, vb = (b.mean(fi, fo), b.variance(fi, fo)) if b is not None else (0.0, 0.0)
-        g = mfstate.single(fi * mw * state.ex + mb, fi * vw * state.K + vb)
+        # a uniform or truncated-normal bias is one draw per unit shared by the whole
+        # batch, so it enters as a mixture over its nodes (meanfield.law_nodes), not
+        # as a Gaussian of its variance; normal and constant biases fold in exactly
+        law = _bias_law(b, fi, fo, ctx.info.name) if b is not None else None
+        if law is None:
+            g = mfstate.single(fi * mw * state.ex + mb, fi * vw * state.K + vb)
+        else:
+            S = fi * vw * state.K
+            sd = math.sqrt(max(float(np.min(np.diag(S))), 0.0))
+            nodes, wts = mf.law_nodes(law, sd)
+            k = nodes.size
+            g = mfstate.Gauss(
+                wts,
+                (fi * mw * state.ex)[None, :] + nodes[:, None],
+                np.broadcast_to(S, (k, *S.shape)).copy(),
+                np.ones(k),
+                np.zeros(k),
+            )
         ex, K = mfstate.moments(g)
         ctx.extra.update(w2=vw + mw * mw, has_bias=b is not None)
         return mfstate.State(ex, K, g)

@@ -16,6 +16,20 @@ from .dense import is_zero_init
 __all__ = ["BatchNorm", "LayerNorm"]
 
 
+def _collapse(comps: list) -> list:
+    """Components that differ only by a shift the centring removed (a Dense bias
+    law's nodes) stand as one."""
+    w0, m0, S0 = comps[0]
+    scale = max(float(np.max(np.abs(S0))), 1e-300)
+    if len(comps) > 1 and all(
+        np.max(np.abs(mk - m0)) <= 1e-12 * math.sqrt(scale)
+        and np.max(np.abs(Sk - S0)) <= 1e-12 * scale
+        for _, mk, Sk in comps
+    ):
+        return [(float(sum(c[0] for c in comps)), m0, S0)]
+    return comps
+
+
 class _Norm(Layer):
     """What BatchNorm and LayerNorm share: gamma / beta slots, the fans
     ``(n, n)``, the zero-by-design rules and the parameter-node mixture."""
@@ -232,7 +246,7 @@ class BatchNorm(_Norm):
                 Cm = batch.centre_vec(mk)
                 CSC = batch.centre(Sk + np.outer(mk, mk)) - np.outer(Cm, Cm)
                 comps.append((wk, Cm / math.sqrt(den), CSC / den))
-            g = self._mixture(ctx, comps)
+            g = self._mixture(ctx, _collapse(comps))
         except NotImplementedError as exc:
             return mfstate.State(ex, K, None, str(exc))
         return mfstate.State(ex, K, g)

@@ -249,9 +249,12 @@ def progress_steps(
 
 
 def _shape(q: np.ndarray) -> tuple[str, float]:
-    """Classify a sequence of second moments: ("flat", 0), ("linear", increment per
-    block) or ("exponential", factor per block), by the better of a straight-line fit
-    of q and of log q."""
+    """Classify a sequence of second moments: ("flat", 0), ("linear", increment of q
+    per block), ("quadratic", increment of sqrt(q) per block) or ("exponential",
+    factor per block), by the best of straight-line fits of q, sqrt(q) and log q
+    (relative residuals of q; ties go to the simpler law, in that order).  A
+    zero-mean bias at the ReLU edge of chaos adds sigma_b2 to q per block (linear);
+    a constant bias adds to sqrt(q) (quadratic)."""
     q = np.asarray(q, dtype=float)
     ok = np.isfinite(q) & (q > 0)
     q = q[ok]
@@ -265,10 +268,15 @@ def _shape(q: np.ndarray) -> tuple[str, float]:
         return "exponential", float((q[-1] / q[0]) ** (1.0 / (q.size - 1)))
     lin = np.polyfit(x, q, 1)
     r_lin = np.sqrt(np.mean(((np.polyval(lin, x) - q) / q) ** 2))
+    sq = np.polyfit(x, np.sqrt(q), 1)
+    r_sq = np.sqrt(np.mean((np.polyval(sq, x) ** 2 / q - 1.0) ** 2))
     lg = np.polyfit(x, np.log(q), 1)
     r_exp = np.sqrt(np.mean((np.exp(np.polyval(lg, x)) / q - 1.0) ** 2))
-    if r_lin <= r_exp:
+    # a relative margin keeps rounding from preferring the more flexible law
+    if r_lin <= 1.05 * min(r_sq, r_exp) + 1e-12:
         return "linear", float(lin[0])
+    if r_sq <= r_exp:
+        return "quadratic", float(sq[0])
     # the rate quoted is the endpoints' geometric mean, as in the verdicts
     return "exponential", float((q[-1] / q[0]) ** (1.0 / (q.size - 1)))
 
@@ -312,14 +320,23 @@ def summarize(entry: Entry) -> dict[str, Any]:
         "sigma_w2": p["sigma_w2"],
         "sigma_b2": p["sigma_b2"],
         "bias_mean": p["bias_mean"],
+        "bias_var": p["bias_var"],
         "batchnorm": p["batchnorm"],
         "gamma2": p["gamma2"],
+        "gamma_mean": p["gamma_mean"],
+        "gamma_var": p["gamma_var"],
         "beta_mean": p["beta_mean"],
         "beta2": p["beta2"],
+        "beta_var": p["beta_var"],
+        "dense_bias_before_bn": p["dense_bias_before_bn"],
         "n_blocks": p["n_blocks"],
+        "n_batchnorm": p["n_batchnorm"],
         "width": p["width"],
         "verdicts": [v.kind for v in entry.verdicts],
+        "analytic_error": entry.errors.get("analytic", ""),
     }
+    if p["batchnorm"]:
+        s.update(_bn_gains(p))
     for prof, suffix in ((entry.primary, ""), (entry.empirical, "_meas")):
         if prof is None:
             continue
@@ -332,6 +349,12 @@ def summarize(entry: Entry) -> dict[str, Any]:
         q_last, q_last_se, _ = _last(prof, "second_moment", sig)
         dead, dead_se, dead_layer = _last(prof, "dead_fraction", act_rows)
         corr, corr_se, _ = _last(prof, "correlation", sig)
+        dense_rows = np.asarray([i for i, k in enumerate(prof.kind) if k == "dense"])
+        cd, cd_se, _ = (
+            _last(prof, "correlation", dense_rows)
+            if dense_rows.size
+            else (math.nan, math.nan, "")
+        )
         g = prof.columns["dead_fraction"]
         if p["activation"] not in DYING_ACTIVATIONS:
             # a unit of a smooth or odd activation with negative output still passes
@@ -345,6 +368,9 @@ def summarize(entry: Entry) -> dict[str, Any]:
                 f"q_last_se{suffix}": q_last_se,
                 f"corr_depth{suffix}": prof.correlation_depth(),
                 f"corr_last{suffix}": corr,
+                f"corr_last_se{suffix}": corr_se,
+                f"corr_dense_last{suffix}": cd,
+                f"corr_dense_last_se{suffix}": cd_se,
                 f"dead_last{suffix}": dead,
                 f"dead_last_se{suffix}": dead_se,
                 f"dead_layer{suffix}": dead_layer,
@@ -367,10 +393,44 @@ def summarize(entry: Entry) -> dict[str, Any]:
             s["q_shape"] = kind
             s["q_rate"] = rate
             s["chi1"] = _num(prof.summary.get("chi1"))
+            s["chi1_source"] = str(prof.summary.get("chi1_source") or "")
             s["regime"] = prof.summary.get("regime") or ""
             s["xi_c"] = _num(prof.summary.get("xi_c"))
             s["source"] = prof.source
+        # per BatchNorm layer, between BatchNorm outputs (the signal rows)
+        gr = s[f"grad_ratio{suffix}"]
+        nbn = p["n_batchnorm"]
+        s[f"bn_rate{suffix}"] = (
+            float(gr ** (1.0 / (nbn - 1))) if nbn > 1 and gr > 0 else math.nan
+        )
     return s
+
+
+def _bn_gains(p: Mapping[str, Any]) -> dict[str, float]:
+    """Large-batch BatchNorm gradient gains (initdiag.analytic.bn_gradient_gain)
+    at this network's gamma and beta and at the probes the explanation quotes:
+    gamma halved, beta = +-0.5; and the active fraction Phi(-0.5/gamma) at beta =
+    -0.5 (the fraction of a unit's inputs above 0, for ReLU)."""
+    from scipy import special
+
+    from ..analytic import bn_gradient_gain
+
+    act = p["activation"]
+    g = p["gamma_mean"] if p["gamma_var"] == 0 else math.sqrt(p["gamma2"])
+    b = p["beta_mean"]
+    out = {"bn_probe_gamma": float(g)}
+    try:
+        out["bn_gain_large"] = bn_gradient_gain(act, g, b)
+        out["bn_gain_gamma_half"] = bn_gradient_gain(act, 0.5 * g, b)
+        out["bn_gain_beta_pos"] = bn_gradient_gain(act, g, 0.5)
+        out["bn_gain_beta_neg"] = bn_gradient_gain(act, g, -0.5)
+    except (NotImplementedError, ValueError):
+        out = {k: math.nan for k in ("bn_gain_large", "bn_gain_gamma_half")}
+        out.update(bn_gain_beta_pos=math.nan, bn_gain_beta_neg=math.nan)
+    out["active_beta_neg"] = (
+        float(special.ndtr(-0.5 / g)) if act == "relu" and g > 0 else math.nan
+    )
+    return out
 
 
 def _num(v: Any) -> float:
@@ -439,7 +499,28 @@ def _factor(x: float) -> str:
     return "x" + fmt(x)
 
 
-def _corr_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
+def _batch(settings: Mapping[str, Any]) -> int | None:
+    """The batch size the study measured (else the analytic one)."""
+    b = (settings.get("simulate") or {}).get("batch_size") or (
+        settings.get("analyze") or {}
+    ).get("batch_size")
+    return int(b) if b else None
+
+
+def _corr_clause(
+    s: Mapping[str, Any], settings: Mapping[str, Any] | None = None
+) -> tuple[str, list[str]]:
+    """The clause on correlation.  A BatchNorm network's pre-activations are its
+    BatchNorm outputs, centred over the batch, so their correlation is -1/(B-1)
+    by construction; the clause quotes the uncentred cosine of the dense rows
+    (before BatchNorm), the quantity a plain network's clause quotes."""
+    if s.get("batchnorm"):
+        own, own_keys = _bn_output_corr(s, settings or {})
+        return (
+            f"unrelated inputs are at correlation {fmt_corr(s.get('corr_dense_last'))} "
+            f"at the last dense layer, before BatchNorm ({own})",
+            ["corr_dense_last", *own_keys],
+        )
     d = s.get("corr_depth")
     if d is None:
         return (
@@ -453,24 +534,59 @@ def _corr_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
     )
 
 
+def _bn_output_corr(
+    s: Mapping[str, Any], settings: Mapping[str, Any]
+) -> tuple[str, list[str]]:
+    """BatchNorm's own output correlation and what forces it: centring a batch of
+    B gives gamma's part the cosine -1/(B-1) whatever the input; beta adds the
+    shared E[beta^2], so the uncentred cosine is
+    (E[gamma^2] (-1/(B-1)) + E[beta^2]) / (E[gamma^2] + E[beta^2])."""
+    c = fmt_corr(s.get("corr_last"))
+    B = _batch(settings)
+    if not (B and B > 1):
+        return f"BatchNorm's own output sits at {c}, set by its centring", [
+            "corr_last"
+        ]
+    f = -1.0 / (B - 1)
+    g2, b2 = s.get("gamma2", 1.0), s.get("beta2", 0.0)
+    if not b2:
+        return (
+            f"BatchNorm's own output sits at {c}, the -1/(B-1) = {fmt(f)} that "
+            f"centring a batch of {B} forces",
+            ["corr_last", "beta2"],
+        )
+    pred = (g2 * f + b2) / (g2 + b2)
+    return (
+        f"BatchNorm's own output sits at {c}: centring a batch of {B} forces "
+        f"-1/(B-1) = {fmt(f)} on gamma's part and beta adds E[beta^2] = {fmt(b2)}, "
+        f"(E[gamma^2] (-1/(B-1)) + E[beta^2])/(E[gamma^2] + E[beta^2]) = {fmt(pred)}",
+        ["corr_last", "beta2", "gamma2"],
+    )
+
+
 def _forward_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
     """The clause on the second moment, and the summary keys it shows."""
     n = s["n_blocks"]
     q0, q1 = s.get("q_first", math.nan), s.get("q_last", math.nan)
     kind, rate = s.get("q_shape", "flat"), s.get("q_rate", 0.0)
     keys = ["q_last"]
+    verb = "grows" if q1 > q0 else "shrinks"
     if kind == "flat":
         text = f"the pre-activation second moment stays at {fmt(q1)} over {n} blocks"
     elif kind == "linear":
         keys += ["q_first", "q_rate"]
-        verb = "grows" if q1 > q0 else "shrinks"
         text = (
             f"the pre-activation second moment {verb} linearly from {fmt(q0)} to "
             f"{fmt(q1)} over {n} blocks ({'+' if rate > 0 else ''}{fmt(rate)} per "
             f"block"
         )
         sb2 = s.get("sigma_b2", 0.0)
-        if sb2 > 0 and not s.get("batchnorm") and s.get("activation") == "relu":
+        if (
+            sb2 > 0
+            and s.get("bias_mean", 0.0) == 0
+            and not s.get("batchnorm")
+            and s.get("activation") == "relu"
+        ):
             keys.append("sigma_b2")
             near = abs(rate / sb2 - 1) <= CLOSE_TOLERANCE
             text += (
@@ -478,9 +594,15 @@ def _forward_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
                 f"of a critical ReLU net with sigma_b2 = {fmt(sb2)}"
             )
         text += ")"
+    elif kind == "quadratic":
+        keys += ["q_first", "q_rate"]
+        text = (
+            f"the pre-activation second moment {verb} quadratically from {fmt(q0)} "
+            f"to {fmt(q1)} over {n} blocks (sqrt(q) changes linearly, "
+            f"{'+' if rate > 0 else ''}{fmt(rate)} per block)"
+        )
     else:
         keys += ["q_first", "q_rate"]
-        verb = "grows" if q1 > q0 else "shrinks"
         text = (
             f"the pre-activation second moment {verb} exponentially from {fmt(q0)} "
             f"to {fmt(q1)} over {n} blocks ({_factor(rate)} per block)"
@@ -496,19 +618,40 @@ def _forward_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
 
 def _describe_init(s: Mapping[str, Any]) -> tuple[str, list[str]]:
     if s["batchnorm"]:
+        if s.get("gamma_var", 0.0) == 0 and s.get("beta_var", 0.0) == 0:
+            return (
+                f"gamma = {fmt(s['gamma_mean'])}, beta = {fmt(s['beta_mean'])}",
+                ["gamma_mean", "beta_mean", "gamma_var", "beta_var"],
+            )
         return (
-            f"E[gamma^2] = {fmt(s['gamma2'])}, E[beta] = {fmt(s['beta_mean'])}, "
-            f"E[beta^2] = {fmt(s['beta2'])}"
-        ), ["gamma2", "beta_mean", "beta2"]
-    return (
-        f"sigma_b2 = {fmt(s['sigma_b2'])}, bias mean {fmt(s['bias_mean'])}",
-        ["sigma_b2", "bias_mean"],
-    )
+            f"E[gamma] = {fmt(s['gamma_mean'])}, Var[gamma] = "
+            f"{fmt(s['gamma_var'])}, E[beta] = {fmt(s['beta_mean'])}, Var[beta] = "
+            f"{fmt(s['beta_var'])}"
+        ), ["gamma_mean", "gamma_var", "beta_mean", "beta_var"]
+    m, v = s.get("bias_mean", 0.0), s.get("bias_var", 0.0)
+    if m == 0:
+        return f"zero-mean bias, sigma_b2 = {fmt(v)}", ["bias_mean", "bias_var"]
+    if v == 0:
+        # a constant: its value, not a variance
+        return f"constant bias {fmt(m)}", ["bias_mean", "bias_var"]
+    return f"bias mean {fmt(m)}, variance {fmt(v)}", ["bias_mean", "bias_var"]
+
+
+def _like_corr(s: Mapping[str, Any]) -> float:
+    """The correlation compared across variants: the dense rows' uncentred cosine
+    (a BatchNorm output's centred one is forced by the centring)."""
+    return s.get("corr_dense_last" if s.get("batchnorm") else "corr_last", math.nan)
 
 
 def _compare_depth(
     s: Mapping[str, Any], ref: Mapping[str, Any]
 ) -> tuple[str, list[str]]:
+    if s.get("batchnorm") or ref.get("batchnorm"):
+        ks = "corr_dense_last" if ref.get("batchnorm") else "corr_last"
+        return (
+            f", against {fmt_corr(_like_corr(ref))} with {ref['name']} (dense rows)",
+            [ks],
+        )
     d, r = s.get("corr_depth"), ref.get("corr_depth")
     if d is None and r is None:
         return (
@@ -518,6 +661,161 @@ def _compare_depth(
     if r is None:
         return f", while with {ref['name']} they never do", ["corr_depth"]
     return f", against block {r} with {ref['name']}", ["corr_depth"]
+
+
+def _z(delta: float, se: float) -> str:
+    """How far a change is from the measurement's noise, as a clause."""
+    if not (se == se and se > 0 and delta == delta):
+        return ""
+    return f" ({fmt(abs(delta) / se)} standard errors of the measurement)"
+
+
+def _pct(x: float) -> str:
+    return f"{'+' if x > 0 else ''}{fmt(100 * x)}%"
+
+
+def _answer(
+    summaries: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]
+) -> list[Sentence]:
+    """The short direct answer the report opens with, from the numbers: what the
+    zero-mean random biases change against zero bias, what a constant bias does,
+    what BatchNorm with its gamma and beta variants changes and what it does
+    not."""
+    out: list[Sentence] = []
+    idx = range(len(summaries))
+    plain = [i for i in idx if not summaries[i]["batchnorm"]]
+    zero = [i for i in plain if summaries[i]["sigma_b2"] == 0]
+    if zero:
+        z0 = zero[0]
+        r = summaries[z0]
+        rand = [
+            i
+            for i in plain
+            if summaries[i]["bias_mean"] == 0 and summaries[i]["bias_var"] > 0
+        ]
+        if rand:
+            parts, keys = [], [(z0, "q_last"), (z0, "corr_last")]
+            big = False
+            for i in rand:
+                s = summaries[i]
+                dq = s["q_last"] / r["q_last"] - 1 if r["q_last"] else math.nan
+                dc = s["corr_last"] - r["corr_last"]
+                zq = _z(s["q_last"] - r["q_last"], s.get("q_last_se_meas", math.nan))
+                zc = _z(dc, s.get("corr_last_se_meas", math.nan))
+                se_c = s.get("corr_last_se_meas", math.nan)
+                se_q = s.get("q_last_se_meas", math.nan)
+                # against the noise where it was measured, else a plain size rule
+                big |= (
+                    abs(s["q_last"] - r["q_last"]) > 3 * se_q
+                    if se_q == se_q
+                    else abs(dq) > CLOSE_TOLERANCE
+                )
+                big |= abs(dc) > 3 * se_c if se_c == se_c else abs(dc) > 0.01
+                parts.append(
+                    f"{s['name']} (sigma_b2 = {fmt(s['bias_var'])}) moves the "
+                    f"last-block second moment {_pct(dq)}{zq} and the correlation "
+                    f"of unrelated inputs by {'+' if dc > 0 else ''}{fmt(dc)}{zc}"
+                )
+                keys += [(i, "q_last"), (i, "corr_last"), (i, "bias_var")]
+                keys += [(i, k) for k in ("q_last_se_meas", "corr_last_se_meas")
+                         if s.get(k, math.nan) == s.get(k, math.nan)]
+            measured = any(
+                summaries[i].get(k, math.nan) > 0
+                for i in rand
+                for k in ("q_last_se_meas", "corr_last_se_meas")
+            )
+            if measured:
+                verdict = (
+                    "change the step-0 signal beyond the measurement's noise (more "
+                    "than 3 standard errors)"
+                    if big
+                    else "change the step-0 signal only within the measurement's "
+                    "noise (under 3 standard errors)"
+                )
+            else:
+                verdict = (
+                    "change the step-0 signal by more than 5% of q or 0.01 in "
+                    "correlation"
+                    if big
+                    else "change the step-0 signal by under 5% of q and 0.01 in "
+                    "correlation"
+                )
+            out.append(
+                Sentence(
+                    "answer:bias",
+                    f"Against zero bias ({r['name']}), zero-mean random biases "
+                    f"{verdict}: " + "; ".join(parts) + ".",
+                    keys,
+                )
+            )
+        const = [
+            i
+            for i in plain
+            if summaries[i]["bias_mean"] != 0 and summaries[i]["bias_var"] == 0
+        ]
+        for i in const:
+            s = summaries[i]
+            fwd, fk = _forward_clause(s)
+            dd = s.get("dead_last", math.nan)
+            d0 = r.get("dead_last", math.nan)
+            tail = ""
+            keys = [(i, "bias_mean"), (i, "corr_last"), (z0, "corr_last")]
+            keys += [(i, k) for k in fk]
+            if dd == dd and d0 == d0:
+                tail = (
+                    f", and the last layer's dead fraction "
+                    f"{'rises' if dd > d0 else 'falls'} from {fmt(100 * d0)}% to "
+                    f"{fmt(100 * dd)}%"
+                )
+                keys += [(i, "dead_last"), (z0, "dead_last")]
+            out.append(
+                Sentence(
+                    f"answer:constant:{s['name']}",
+                    f"A constant bias of {fmt(s['bias_mean'])} (a mean shared by "
+                    f"every unit, not a variance) is carried forward by every block: "
+                    f"{fwd}; the last-block correlation is "
+                    f"{fmt_corr(s['corr_last'])} against {fmt_corr(r['corr_last'])}"
+                    f"{tail}.",
+                    keys,
+                )
+            )
+    bn = [i for i in idx if summaries[i]["batchnorm"]]
+    if bn:
+        b0 = bn[0]
+        sb = summaries[b0]
+        keys = [(b0, "q_last"), (b0, "corr_dense_last"), (b0, "bn_rate")]
+        text = (
+            f"BatchNorm ({sb['name']}) holds the pre-activation second moment at "
+            f"{fmt(sb['q_last'])} and the dense rows' correlation at "
+            f"{fmt_corr(sb.get('corr_dense_last'))}"
+        )
+        if plain:
+            text += f" (against {fmt_corr(summaries[plain[0]]['corr_last'])} without)"
+            keys.append((plain[0], "corr_last"))
+        text += (
+            f"; the price is a gradient growing {_factor(sb['bn_rate'])} per "
+            f"BatchNorm layer"
+        )
+        m = sb.get("bn_rate_meas", math.nan)
+        if m == m:
+            text += f" (measured {_factor(m)})"
+            keys.append((b0, "bn_rate_meas"))
+        for i in bn[1:]:
+            s = summaries[i]
+            what, wk = _describe_init(s)
+            same = abs(s["bn_rate"] / sb["bn_rate"] - 1) <= 0.01
+            text += (
+                f"; {s['name']} ({what}) "
+                + (
+                    f"leaves the rate at {_factor(s['bn_rate'])}"
+                    if same
+                    else f"changes the rate to {_factor(s['bn_rate'])}"
+                )
+                + f", with the second moment at {fmt(s['q_last'])}"
+            )
+            keys += [(i, "bn_rate"), (i, "q_last")] + [(i, k) for k in wk]
+        out.append(Sentence("answer:batchnorm", text + ".", keys))
+    return out
 
 
 def explain(
@@ -539,18 +837,22 @@ def explain(
     Returns
     -------
     list of Sentence
+        First the short answer (ids ``answer:*``), then one sentence per variant,
+        then the synthesis (ranking, BatchNorm, dead units).
     """
     if not summaries:
         return []
-    out: list[Sentence] = []
     settings = settings or {}
+    out: list[Sentence] = _answer(summaries, settings)
     ref = summaries[0]
     text_init, init_keys = _describe_init(ref)
     chi = ref.get("chi1", math.nan)
     reg = ref.get("regime") or "unknown"
     fwd, fwd_keys = _forward_clause(ref)
-    corr, corr_keys = _corr_clause(ref)
+    corr, corr_keys = _corr_clause(ref, settings)
     who = f"The reference, {ref['name']}," if len(summaries) > 1 else f"{ref['name']}"
+    if ref.get("analytic_error"):
+        who += f" (measured only, no prediction: {ref['analytic_error']})"
     text = (
         f"{who} is a {ref['n_blocks']}-block, width-"
         f"{ref['width']} {ref['activation']} network with sigma_w2 = "
@@ -572,6 +874,7 @@ def explain(
                     *init_keys,
                     *fwd_keys,
                     *corr_keys,
+                    "analytic_error",
                 )
             ],
         )
@@ -585,11 +888,17 @@ def explain(
         cmp = summaries[j]
         text_init, init_keys = _describe_init(s)
         fwd, fwd_keys = _forward_clause(s)
-        corr, corr_keys = _corr_clause(s)
+        corr, corr_keys = _corr_clause(s, settings)
         cmp_text, cmp_keys = _compare_depth(s, cmp)
         text = f"{s['name']} ({text_init}): {fwd}, and {corr}{cmp_text}"
         keys = [(i, k) for k in (*init_keys, *fwd_keys, *corr_keys)]
         keys += [(j, k) for k in cmp_keys]
+        if s.get("analytic_error"):
+            text = (
+                f"{s['name']} (measured only, no prediction: "
+                f"{s['analytic_error']}): {fwd}"
+            )
+            keys = [(i, "analytic_error")] + [(i, k) for k in fwd_keys]
         g, gc = s.get("grad_ratio", math.nan), cmp.get("grad_ratio", math.nan)
         if s["batchnorm"] or (g == g and not 0.5 <= g <= 2.0):
             per = g ** (1.0 / max(s["n_blocks"] - 1, 1)) if g > 0 else math.nan
@@ -641,89 +950,196 @@ def _synthesis(
                 if sb.get("corr_depth") is None
                 else f"only at block {sb['corr_depth']}"
             )
+            ib, kb = _describe_init(sb)
+            iw, kw = _describe_init(sw)
             text = (
-                f"Without BatchNorm, {sb['name']} (sigma_b2 = {fmt(sb['sigma_b2'])}) "
+                f"Without BatchNorm, {sb['name']} ({ib}) "
                 f"keeps unrelated inputs apart longest (correlation "
-                f"{CORRELATION_THRESHOLD} {db}) and {sw['name']} (sigma_b2 = "
-                f"{fmt(sw['sigma_b2'])}) shortest (block {sw['corr_depth']})."
+                f"{CORRELATION_THRESHOLD} {db}) and {sw['name']} ({iw}) "
+                f"shortest (block {sw['corr_depth']})."
             )
-            keys = [
-                (best, "corr_depth"),
-                (worst, "corr_depth"),
-                (best, "sigma_b2"),
-                (worst, "sigma_b2"),
-            ]
+            keys = [(best, "corr_depth"), (worst, "corr_depth")]
+            keys += [(best, k) for k in kb] + [(worst, k) for k in kw]
         out.append(Sentence("plain_ranking", text, keys))
-    # BatchNorm: correlation kept vs gradient explosion
     if bn:
-        b = bn[0]
-        sbn = summaries[b]
-        per = (
-            sbn["grad_ratio"] ** (1.0 / max(sbn["n_blocks"] - 1, 1))
-            if sbn.get("grad_ratio", math.nan) > 0
-            else math.nan
+        out += _batchnorm_sentences(summaries, plain, bn, settings)
+    out += _dead_sentence(summaries, settings)
+    return out
+
+
+def _batchnorm_sentences(
+    summaries: Sequence[Mapping[str, Any]],
+    plain: list[int],
+    bn: list[int],
+    settings: Mapping[str, Any],
+) -> list[Sentence]:
+    out: list[Sentence] = []
+    b = bn[0]
+    sbn = summaries[b]
+    B = _batch(settings)
+    per = (
+        sbn["grad_ratio"] ** (1.0 / max(sbn["n_blocks"] - 1, 1))
+        if sbn.get("grad_ratio", math.nan) > 0
+        else math.nan
+    )
+    keys: list[tuple[int | None, str]] = [
+        (b, "corr_dense_last"),
+        (b, "corr_last"),
+        (b, "grad_ratio"),
+    ]
+    if plain:
+        p0 = plain[0]
+        sp = summaries[p0]
+        c_bn, c_p = sbn.get("corr_dense_last", 1), sp.get("corr_last", 1)
+        verb = (
+            "keeps unrelated inputs further apart than"
+            if c_bn < c_p
+            else "does not keep unrelated inputs further apart than"
         )
-        keys: list[tuple[int | None, str]] = [(b, "corr_last"), (b, "grad_ratio")]
-        if plain:
-            p0 = plain[0]
-            sp = summaries[p0]
-            verb = (
-                "keeps unrelated inputs further apart than"
-                if sbn.get("corr_last", 1) < sp.get("corr_last", 1)
-                else "does not keep unrelated inputs further apart than"
-            )
-            text = (
-                f"BatchNorm ({sbn['name']}) {verb} {sp['name']} (correlation "
-                f"{fmt_corr(sbn.get('corr_last'))} against "
-                f"{fmt_corr(sp.get('corr_last'))} at "
-                f"the last block)"
-            )
-            keys.append((p0, "corr_last"))
-        else:
-            text = (
-                f"BatchNorm ({sbn['name']}) ends with correlation "
-                f"{fmt_corr(sbn.get('corr_last'))} at the last block"
-            )
+        text = (
+            f"BatchNorm ({sbn['name']}) {verb} {sp['name']}: at the last dense layer "
+            f"(uncentred cosines on both sides) the correlation is "
+            f"{fmt_corr(c_bn)} against {fmt_corr(c_p)}"
+        )
+        keys.append((p0, "corr_last"))
+    else:
+        text = (
+            f"BatchNorm ({sbn['name']}) ends with correlation "
+            f"{fmt_corr(sbn.get('corr_dense_last'))} at the last dense layer"
+        )
+    own, own_keys = _bn_output_corr(sbn, settings)
+    text += f"; {own}"
+    keys += [(b, k) for k in own_keys]
+    text += (
+        f". Its gradient second moment grows {_factor(per)} per block "
+        f"({_factor(sbn.get('grad_ratio'))} over {sbn['n_blocks']} blocks)"
+    )
+    large = sbn.get("bn_gain_large", math.nan)
+    meas = sbn.get("bn_rate_meas", math.nan)
+    src = sbn.get("chi1_source", "")
+    keys += [(b, "bn_gain_large"), (b, "chi1"), (b, "chi1_source")]
+    text += (
+        f"; analyze gives chi1 = {fmt(sbn.get('chi1'))} per block ({src}), and "
+        f"the large-batch limit is {fmt(large)} (bn_gradient_gain"
+        + (", Yang et al.'s pi/(pi-1) for ReLU" if sbn["activation"] == "relu" else "")
+        + ")"
+    )
+    if meas == meas and large == large:
+        keys.append((b, "bn_rate_meas"))
+        cmp = "above" if meas > large * (1 + 0.01) else (
+            "below" if meas < large * (1 - 0.01) else "at"
+        )
         text += (
-            f", and its gradient second moment grows {_factor(per)} per block "
-            f"({_factor(sbn.get('grad_ratio'))} over {sbn['n_blocks']} blocks)"
+            f"; measured at B = {B}: {_factor(meas)} per BatchNorm layer, {cmp} the "
+            f"large-batch rate"
+            + (" (smaller batches explode faster)" if cmp == "above" else "")
         )
-        if sbn["activation"] == "relu":
-            theory = math.pi / (math.pi - 1)
-            close = abs(per / theory - 1) <= CLOSE_TOLERANCE
+    out.append(Sentence("batchnorm", text + ".", keys))
+    # gamma and beta: what they change and what they do not (large-batch gains)
+    gh, g1 = sbn.get("bn_gain_gamma_half", math.nan), large
+    bp = sbn.get("bn_gain_beta_pos", math.nan)
+    bm = sbn.get("bn_gain_beta_neg", math.nan)
+    if gh == gh and g1 == g1:
+        dep = abs(gh / g1 - 1) <= 1e-9
+        gam = sbn.get("bn_probe_gamma", math.nan)
+        text = (
+            f"For {sbn['activation']} the rate "
+            + ("does not depend on gamma" if dep else "depends on gamma")
+            + f" (large-batch {fmt(g1)} at gamma = {fmt(gam)}, {fmt(gh)} at gamma = "
+            f"{fmt(0.5 * gam)}); beta = +0.5 "
+            + ("lowers" if bp < g1 else "raises")
+            + f" it to {fmt(bp)} and beta = -0.5 "
+            + ("raises" if bm > g1 else "lowers")
+            + f" it to {fmt(bm)}"
+        )
+        keys = [
+            (b, "bn_gain_gamma_half"),
+            (b, "bn_gain_large"),
+            (b, "bn_gain_beta_pos"),
+            (b, "bn_gain_beta_neg"),
+            (b, "bn_probe_gamma"),
+        ]
+        act_neg = sbn.get("active_beta_neg", math.nan)
+        if act_neg == act_neg:
             text += (
-                f", {'close to' if close else 'away from'} Yang et al.'s "
-                f"large-batch rate pi/(pi-1) = {fmt(theory)}"
+                f", while only {fmt(100 * act_neg)}% of a unit's inputs stay "
+                f"positive there (beta < 0 kills units)"
             )
-        out.append(Sentence("batchnorm", text + ".", keys))
-    # dead units
+            keys.append((b, "active_beta_neg"))
+        out.append(Sentence("batchnorm_gamma_beta", text + ".", keys))
+    dense_bias = sbn.get("dense_bias_before_bn")
+    out.append(
+        Sentence(
+            "batchnorm_dense_bias",
+            (
+                "The dense bias before each BatchNorm is cancelled exactly by the "
+                "centring (its gradient is 0): the bias question does not arise "
+                "there, beta takes its place."
+                if dense_bias
+                else "No dense bias feeds a BatchNorm here; beta plays the bias's "
+                "role."
+            ),
+            [(b, "dense_bias_before_bn")],
+        )
+    )
+    return out
+
+
+def _dead_sentence(
+    summaries: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]
+) -> list[Sentence]:
     dmax = [
         (summaries[i].get("dead_last", math.nan), i)
-        for i in idx
+        for i in range(len(summaries))
         if summaries[i].get("activation") in DYING_ACTIVATIONS
     ]
     dmax = [(d, i) for d, i in dmax if d == d]
-    if dmax:
-        d, i = max(dmax)
-        s = summaries[i]
-        batch = settings.get("simulate", {}).get("batch_size") or settings.get(
-            "analyze", {}
-        ).get("batch_size")
-        btxt = f" of {batch} inputs" if batch else ""
-        if d <= 0:
-            text = f"No variant has dead units at its last layer for a batch{btxt}."
-            keys = [(i, "dead_last")]
-        else:
-            text = (
-                f"The most dead units at the last layer are with {s['name']}: "
-                f"{fmt(100 * d)}% of {s['dead_layer']} is zero for a whole "
-                f"batch{btxt}"
+    if not dmax:
+        return []
+    d, i = max(dmax)
+    s = summaries[i]
+    batch = _batch(settings)
+    btxt = f" of {batch} inputs" if batch else ""
+    if d <= 0:
+        return [
+            Sentence(
+                "dead",
+                f"No variant has dead units at its last layer for a batch{btxt}.",
+                [(i, "dead_last")],
             )
-            keys = [(i, "dead_last")]
-            m = s.get("dead_last_meas", math.nan)
-            if m == m:
-                text += f" (measured {fmt(100 * m)}%)"
-                keys.append((i, "dead_last_meas"))
-            text += "."
-        out.append(Sentence("dead", text, keys))
-    return out
+        ]
+    text = (
+        f"The most dead units at the last layer are with {s['name']}: "
+        f"{fmt(100 * d)}% of {s['dead_layer']} is zero for a whole batch{btxt}"
+    )
+    keys: list[tuple[int | None, str]] = [(i, "dead_last")]
+    m = s.get("dead_last_meas", math.nan)
+    if m == m:
+        text += f" (measured {fmt(100 * m)}%)"
+        keys.append((i, "dead_last_meas"))
+    zero = [
+        j
+        for j in range(len(summaries))
+        if not summaries[j]["batchnorm"] and summaries[j]["sigma_b2"] == 0
+    ]
+    if zero and zero[0] != i and summaries[zero[0]].get("dead_last") == summaries[
+        zero[0]
+    ].get("dead_last"):
+        z = summaries[zero[0]]
+        d0 = z["dead_last"]
+        keys += [(zero[0], "dead_last")]
+        text += f", against {fmt(100 * d0)}% with {z['name']}"
+        if d0 >= 0.5 * d:
+            text += (
+                ": the bias is not what kills them"
+            )
+    c = s.get("corr_last", math.nan)
+    if c == c and c > 0.5:
+        keys.append((i, "corr_last"))
+        text += (
+            f". The cause is alignment: at correlation {fmt_corr(c)} between "
+            f"unrelated inputs a unit's pre-activations share one sign across the "
+            f"batch, which infinite-width theory predicts for a batch of this size "
+            f"(not a finite-width effect)"
+        )
+    return [Sentence("dead", text + ".", keys)]
