@@ -487,3 +487,11 @@ def test_huge_finite_inits_are_findings_not_errors(opts):
         rc, out, err = run_main(*argv, "--batch-size", "8", *opts, "-q")
     assert rc == 0, err
     assert "overflow" in out
+
+
+def test_bad_backend_environment_variable_is_named_by_the_api(monkeypatch):
+    import initdiag.kernels as K
+
+    monkeypatch.setenv("INITDIAG_BACKEND", "nosuch")
+    with pytest.raises(ValueError, match="INITDIAG_BACKEND.*'nosuch'"):
+        K.activation_forward(np.ones((2, 2)), "relu")

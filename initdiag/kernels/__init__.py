@@ -218,7 +218,10 @@ def _resolve(backend: str | None, arrays: tuple) -> str:
         name = _default_backend
     else:
         env = os.environ.get("INITDIAG_BACKEND", "").strip()
-        name = _check_name(env) if env else "auto"
+        try:
+            name = _check_name(env) if env else "auto"
+        except ValueError as exc:
+            raise ValueError(f"environment variable INITDIAG_BACKEND: {exc}") from None
     if name == "auto":
         if any(_is_device(a) for a in arrays):
             name = "cuda"
