@@ -4,13 +4,12 @@ a killed worker), Ctrl-C and resume through the command line, exports, reports."
 
 from __future__ import annotations
 
-import re
-
 import contextlib
 import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sqlite3
 import subprocess
