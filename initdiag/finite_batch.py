@@ -77,7 +77,16 @@ _MAX_TABLE_WORK = 1 << 21
 #: total (samples x batch^2) of a Monte Carlo backward through a full kernel
 _MC_WORK = 1 << 24
 #: activations with phi(x) <= 0 exactly when x <= 0 (dead = pre-activation <= 0)
-_SIGN_PRESERVING = ("relu", "leaky_relu", "identity", "tanh", "gelu", "silu", "selu", "erf")
+_SIGN_PRESERVING = (
+    "relu",
+    "leaky_relu",
+    "identity",
+    "tanh",
+    "gelu",
+    "silu",
+    "selu",
+    "erf",
+)
 #: activations that are linear on each side of 0 (no grading needed at the kink)
 _PIECEWISE_LINEAR = ("relu", "leaky_relu", "identity")
 
@@ -141,26 +150,26 @@ class Law:
         lo, hi = self.p - 12.0 * self.q, self.p + 12.0 * self.q
         return max(lo, self.lo), min(hi, self.hi)
 
-    def nodes(self, breaks: tuple[float, ...] | None = None):
+    def nodes(self, breaks: tuple[float, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
         """Quadrature nodes and weights (summing to 1) of the law.
 
-        Without ``breaks``: Gauss-Hermite (normal) or Gauss-Legendre (uniform,
-        truncated normal) with ``LAW_NODES`` nodes, for integrands smooth in the
-        parameter (the sphere integrals are).  With ``breaks``: composite
-        Gauss-Legendre with panel edges there and at every standard deviation,
-        for an integrand with a kink (|gamma| in the dead fraction)."""
+        Without ``breaks`` inside the support: Gauss-Hermite (normal) or
+        Gauss-Legendre (uniform, truncated normal) with ``LAW_NODES`` nodes, for
+        an integrand smooth in the parameter.  Otherwise composite Gauss-Legendre
+        with panel edges at ``breaks`` (where the integrand has a kink or a
+        singular derivative) and in the density's bulk."""
         if self.kind == "constant":
             return np.array([self.p]), np.ones(1)
-        if breaks is None and self.kind == "normal":
+        lo, hi = self.support()
+        inside = sorted({float(x) for x in breaks if lo < x < hi})
+        if not inside and self.kind == "normal":
             x, w = special.roots_hermitenorm(LAW_NODES)
             return self.p + self.q * x, w / w.sum()
-        lo, hi = self.support()
-        edges = [lo, hi]
-        if breaks is not None:
-            edges += list(breaks)
+        edges = [lo, hi, *inside]
+        if inside:
             if self.kind != "uniform":
-                edges += [self.p + k * self.q for k in range(-6, 7)]
-            x, w = _gl(8)
+                edges += [self.p + k * self.q for k in (-5, -3, -1.5, 0, 1.5, 3, 5)]
+            x, w = _gl(6)
         else:
             x, w = _gl(LAW_NODES if self.kind == "uniform" else 2 * LAW_NODES)
         e = np.unique(np.clip(np.array(edges, dtype=float), lo, hi))
@@ -193,7 +202,11 @@ class Law:
     @property
     def mean(self) -> float:
         x, w = self.nodes()
-        return float(np.dot(w, x)) if self.kind == "trunc_normal" else _MEANS[self.kind](self)
+        return (
+            float(np.dot(w, x))
+            if self.kind == "trunc_normal"
+            else _MEANS[self.kind](self)
+        )
 
     @property
     def second(self) -> float:
@@ -577,7 +590,10 @@ class BNPreStats:
         alpha = (g1 * self.t1 + g2 * self.t2) / (B - 1)
         gin = ExchKernel(B, alpha, 0.0)
         gam = self.rho * (g1 * self.ddn + g2 * (self.ddn + (B - 1) * self.qn))
-        beta = (G.cen * (B - 1) * (self.dd - self.qq) + G.mean * (self.dd + (B - 1) * self.qq)) / B
+        beta = (
+            G.cen * (B - 1) * (self.dd - self.qq)
+            + G.mean * (self.dd + (B - 1) * self.qq)
+        ) / B
         return bn, gin, gam, beta
 
 
@@ -603,47 +619,21 @@ def bn_pre_exchangeable(
     if B < 2:
         raise ValueError(f"batch size must be >= 2, got {B}")
     mom = batch_variance_moments(B, a, eps)
-    key = (act, B, gamma, beta, _round(mom.r), _round(mom.rho), _round(mom.e0),
-           _round(mom.kappa))
-    return _bn_pre_cached(*key, mom.rel_error, float(eps) * mom.e0)
-
-
-def _round(x: float) -> float:
-    return float(f"{x:.12g}") if math.isfinite(x) else x
-
-
-@functools.lru_cache(maxsize=512)
-def _bn_pre_cached(act, B, gamma, beta, r, rho, e0, kappa, mom_err, eps_e0):
-    fine = _bn_pre_integrals(act, B, gamma, beta, r, NODES_PER_PANEL)
-    # the quadrature error, from a coarser rule at the heaviest (gamma, beta) node
-    # (every node uses the same construction)
-    single = gamma.kind == "constant" and beta.kind == "constant"
-    ref = (
-        fine
-        if single
-        else _bn_pre_integrals(act, B, gamma, beta, r, NODES_PER_PANEL, heaviest=True)
-    )
-    coarse = _bn_pre_integrals(
-        act, B, gamma, beta, r, NODES_PER_PANEL - 3, heaviest=True
-    )
-    errs = [
-        abs(ref[k] - coarse[k]) / max(abs(ref[k]), 1e-300)
-        for k in ref
-        if abs(ref[k]) > 1e-12
-    ]
-    I = fine
+    I, qerr = _bn_pre_cached(act, B, gamma, beta, float(f"{mom.r:.13g}"))
+    e0, kappa, rho = mom.e0, mom.kappa, mom.rho
     t1 = e0 * (B - 1) * I["g2dd"] - kappa * I["g2ddn"]
     t2 = e0 * (B - 1) * (I["g2dd"] - I["g2qq"]) - kappa * (
         I["g2ddn"] + (B - 1) * I["g2qn"]
     )
-    bn_kd = gamma.second * rho + beta.second
-    bn_ko = -gamma.second * rho / (B - 1) + beta.second
-    dead, dead_se = dead_bn_sphere(B, gamma, beta, r, act)
+    dead, dead_se = dead_bn_sphere(B, gamma, beta, mom.r, act)
+    # the activation's argument uses the mean radius E[r]; the neglected
+    # covariance of r with the rest is O(eps E[1/s]) relative (docs/theory.md)
+    eps_term = float(eps) * e0
     return BNPreStats(
         B=B,
         bn_mean=beta.mean,
-        bn_kd=bn_kd,
-        bn_ko=bn_ko,
+        bn_kd=gamma.second * rho + beta.second,
+        bn_ko=-gamma.second * rho / (B - 1) + beta.second,
         bn_active=I["pos"],
         y_mean=I["m1"],
         y_kd=I["m2"],
@@ -658,8 +648,33 @@ def _bn_pre_cached(act, B, gamma, beta, r, rho, e0, kappa, mom_err, eps_e0):
         t1=t1,
         t2=t2,
         rho=rho,
-        error=max([*errs, mom_err, 0.0]) + eps_e0 * eps_e0 + 1e-14,
+        error=qerr
+        + mom.rel_error
+        + (eps_term if act is not None and act.name != "identity" else 0.0),
     )
+
+
+@functools.lru_cache(maxsize=512)
+def _bn_pre_cached(act, B, gamma, beta, r) -> tuple[dict, float]:
+    """The sphere integrals (network-independent given the mean radius r) and
+    their relative error, estimated from a coarser rule at the heaviest
+    (gamma, beta) node (every node uses the same construction)."""
+    fine = _bn_pre_integrals(act, B, gamma, beta, r, NODES_PER_PANEL)
+    single = gamma.kind == "constant" and beta.kind == "constant"
+    ref = (
+        fine
+        if single
+        else _bn_pre_integrals(act, B, gamma, beta, r, NODES_PER_PANEL, heaviest=True)
+    )
+    coarse = _bn_pre_integrals(
+        act, B, gamma, beta, r, NODES_PER_PANEL - 3, heaviest=True
+    )
+    errs = [
+        abs(ref[k] - coarse[k]) / max(abs(ref[k]), 1e-300)
+        for k in ref
+        if abs(ref[k]) > 1e-12
+    ]
+    return fine, max([*errs, 1e-14])
 
 
 def _bn_pre_integrals(
@@ -667,11 +682,10 @@ def _bn_pre_integrals(
 ) -> dict:
     """Sphere integrals of the BN-then-activation unit, averaged over gamma, beta
     (``heaviest``: at the node of largest weight only)."""
-    gn, gw = gamma.nodes()
     bn_, bw = beta.nodes()
     if heaviest:
-        gn, gw = gn[[np.argmax(gw)]], np.ones(1)
         bn_, bw = bn_[[np.argmax(bw)]], np.ones(1)
+    R = math.sqrt(B - 1)
     funcs = _act_funcs(act)
     acc: dict[str, float] = {}
 
@@ -680,9 +694,15 @@ def _bn_pre_integrals(
 
     sign_y = act is None or act.name in _SIGN_PRESERVING
     steep = act is not None and act.name not in _PIECEWISE_LINEAR
-    for g, wg in zip(gn, gw, strict=True):
-        gr = g * r
-        for b, wb in zip(bn_, bw, strict=True):
+    for b, wb in zip(bn_, bw, strict=True):
+        # the kink -b/(g r) enters the sphere's support |n| <= sqrt(B-1) at
+        # |g| = |b|/(r sqrt(B-1)): the integrand is not smooth in g there
+        gb = abs(b) / (r * R)
+        gn, gw = gamma.nodes(breaks=(0.0, gb, -gb))
+        if heaviest:
+            gn, gw = gn[[np.argmax(gw)]], np.ones(1)
+        for g, wg in zip(gn, gw, strict=True):
+            gr = g * r
             w = wg * wb
             if gr != 0:
                 kink = -b / gr
@@ -874,14 +894,14 @@ def dead_gaussian(
         shift = Z[:, :j] @ lij if j else np.zeros(samples)
         bound = -mean[i] - shift
         piv = L[j, j]
-        if piv > 1e-10 * max(sd[i], 1e-300):
+        if piv > 0:
             c = special.ndtr(bound / piv)
             with np.errstate(divide="ignore"):
                 lp += np.log(c)
             u = rng.random(samples)
             Z[:, j] = special.ndtri(np.clip(u * c, 1e-300, 1.0 - 1e-16))
         else:
-            alive &= bound >= -1e-12 * max(sd[i], 1.0)
+            alive &= bound >= -1e-5 * max(sd[i], 1e-300)
     vals = np.where(alive, np.exp(lp), 0.0)
     return float(vals.mean()), float(vals.std() / math.sqrt(samples))
 
@@ -890,8 +910,8 @@ def _pivoted_cholesky(S: np.ndarray, mean: np.ndarray, sd: np.ndarray):
     """S = L L^T in a reordered basis (row j of L belongs to variable order[j]):
     outer-product Cholesky on the Schur complement, choosing next the variable
     with the smallest probability Phi(-mean_i / sqrt(conditional variance_i))
-    (Genz & Bretz 2009's ordering with the prior means); pivots below 1e-12 of
-    the variable's scale are zero (a singular S, e.g. a centred batch)."""
+    (Genz & Bretz 2009's ordering with the prior means); pivots below 1e-10 of
+    the variable's variance are zero (a singular S, e.g. a centred batch)."""
     B = S.shape[0]
     A = S.astype(float).copy()
     L = np.zeros((B, B))
@@ -900,13 +920,17 @@ def _pivoted_cholesky(S: np.ndarray, mean: np.ndarray, sd: np.ndarray):
     for j in range(B):
         v = np.maximum(np.diag(A), 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(v > 0, -mean / np.sqrt(v), np.where(mean <= 0, np.inf, -np.inf))
-        z = np.where(rest, z, np.inf)
-        i = int(np.argmin(z))
+            z = np.where(
+                v > 0, -mean / np.sqrt(v), np.where(mean <= 0, np.inf, -np.inf)
+            )
+        idx = np.flatnonzero(rest)
+        i = int(idx[np.argmin(z[idx])])
         rest[i] = False
         order.append(i)
         piv = A[i, i]
-        if piv > (1e-12 * max(sd[i], 1e-300)) ** 2:
+        # a conditional variance below 1e-10 of the variable's own is rounding
+        # (a singular S): the variable is then fixed by the earlier ones
+        if piv > 1e-10 * max(S[i, i], 1e-300):
             col = A[:, i] / math.sqrt(piv)
         else:
             col = np.zeros(B)
@@ -1099,9 +1123,8 @@ class BNMonteCarlo:
             t1=float((inv * tr).mean()),
             t2=float((inv * pd2).mean()),
             rho=self.rho,
-            error=float((inv * tr).std() / math.sqrt(self.M)) / max(
-                abs(float((inv * tr).mean())), 1e-300
-            ),
+            error=float((inv * tr).std() / math.sqrt(self.M))
+            / max(abs(float((inv * tr).mean())), 1e-300),
         )
 
     def backward(self, G):
@@ -1135,7 +1158,7 @@ class BNMonteCarlo:
         g2 = self._g2 * G.cen
         alpha = g2 * float((inv * ((B - 1) - kap)).mean()) / (B - 1)
         d2 = d * d
-        diag = (d2.sum(axis=1) * (1 - 1 / B) - kap * np.einsum("ma,ma->m", d2, ut * ut))
+        diag = d2.sum(axis=1) * (1 - 1 / B) - kap * np.einsum("ma,ma->m", d2, ut * ut)
         cd = d - d.mean(axis=1, keepdims=True)
         ud = np.einsum("ma,ma->m", ut, d)
         tot = np.einsum("ma,ma->m", cd, cd) - kap * ud * ud
@@ -1185,14 +1208,20 @@ class BNMonteCarlo:
         g2 = self._g2
         t = np.einsum("m,ma,mb->ab", inv, v, n) / (B * M)
         mid = g2 * (
-            inv.mean() * CGC - t - t.T + np.einsum("m,ma,mb->ab", inv * w, n, n) / (B * B * M)
+            inv.mean() * CGC
+            - t
+            - t.T
+            + np.einsum("m,ma,mb->ab", inv * w, n, n) / (B * B * M)
         )
         dn = d * n
         dv = d * v
         Edd = np.einsum("m,ma,mb->ab", inv, d, d) / M
         t2 = np.einsum("m,ma,mb->ab", inv, dv, dn) / (B * M)
         gin = g2 * (
-            CGC * Edd - t2 - t2.T + np.einsum("m,ma,mb->ab", inv * w, dn, dn) / (B * B * M)
+            CGC * Edd
+            - t2
+            - t2.T
+            + np.einsum("m,ma,mb->ab", inv * w, dn, dn) / (B * B * M)
         )
         Enn = n.T @ n / M
         return {
