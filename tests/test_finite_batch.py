@@ -208,7 +208,7 @@ def _check_unit(act, B, gamma, beta, M, seed):
     r = unit_mc(act, B, gamma, beta, M, seed)
     lam = gain(s, B)
     # growth: ratio of means; its se by the delta method on the two sample means
-    num, den = r["gin2"], None
+    num = r["gin2"]
     kd_ko = r["kd"] - r["ko"]
     lam_mc = num.mean() / ((B - 1) * kd_ko)
     y = r["y"]
@@ -216,9 +216,9 @@ def _check_unit(act, B, gamma, beta, M, seed):
     per = (y * y).mean(1) - (ysum * ysum - (y * y).sum(1)) / (B * (B - 1))
     rel_se = math.hypot(_se(num) / num.mean(), _se(per) / kd_ko)
     assert abs(lam - lam_mc) <= 4.5 * rel_se * lam_mc + 1e-12, (lam, lam_mc, rel_se)
-    assert abs(lam / lam_mc - 1) < 0.01
+    if rel_se < 0.002:  # the 1% acceptance, where the reference resolves it
+        assert abs(lam / lam_mc - 1) < 0.01
     assert abs(s.y_mean - y.mean()) <= 4.5 * _se(y.mean(1)) + 1e-12
-    del den
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -439,3 +439,99 @@ def test_general_kernel_matches_exchangeable_quadrature():
     assert out["gamma"] == pytest.approx(gam, rel=0.02)
     assert out["beta"] == pytest.approx(bet, rel=0.02)
     assert np.abs(out["in"].sum(0)).max() < 1e-10  # centred exactly
+
+
+# -- a width-1024 network Monte Carlo -------------------------------------------------
+
+
+def network_mc(act, B, gamma, beta, depth=5, width=1024, seeds=3, seed=0):
+    """Dense(no bias, N(0, 2/N)) -> BN(gamma, beta) -> act blocks on i.i.d. N(0, 1)
+    inputs; L = sum <g_out, y_last>, g_out ~ N(0, 1).  Returns per block the mean
+    squared gradient at the dense output and the per-unit (1/B) dL/dgamma^2,
+    (1/B) dL/dbeta^2, each averaged over units and seeds, with standard errors
+    over seeds."""
+    rng = np.random.default_rng(seed)
+    N = width
+    rows = []
+    for _ in range(seeds):
+        x = rng.standard_normal((B, N))
+        saved = []
+        for _ in range(depth):
+            W = rng.standard_normal((N, N)) * math.sqrt(2.0 / N)
+            h = x @ W.T
+            c = h - h.mean(0)
+            var = (c * c).mean(0)
+            inv = 1 / np.sqrt(var)
+            n = c * inv
+            g = _sample_law(gamma, N, rng)
+            b = _sample_law(beta, N, rng)
+            z = g * n + b
+            saved.append((W, n, inv, g, z))
+            x = _phi(act, z)
+        gy = rng.standard_normal((B, N))
+        per = []
+        for W, n, inv, g, z in reversed(saved):
+            gz = _dphi(act, z) * gy
+            dgam = (gz * n).sum(0)
+            dbet = gz.sum(0)
+            gn = gz * g
+            gh = inv * (gn - gn.mean(0) - n * (gn * n).mean(0))
+            per.append(((gh * gh).mean(), (dgam**2).mean() / B, (dbet**2).mean() / B))
+            gy = gh @ W
+        rows.append(per[::-1])
+    a = np.array(rows)  # (seeds, depth, 3)
+    return a.mean(0), a.std(0, ddof=1) / math.sqrt(seeds)
+
+
+def network_theory(act, B, gamma, beta, depth=5):
+    """The same network from the unit statistics (gradient independence)."""
+    first = fb.bn_pre_exchangeable(act, B, gamma, beta, 2.0, 1e-12)
+    a = 2.0 * (first.y_kd - first.y_ko)
+    bulk = fb.bn_pre_exchangeable(act, B, gamma, beta, a, 1e-12)
+    G = fb.ExchKernel.from_diag_off(B, 1.0, 0.0)
+    out = []
+    for k in range(depth - 1, -1, -1):
+        s = first if k == 0 else bulk
+        _, gin, gam, bet = s.backward(G)
+        out.append((gin.diag, gam, bet))
+        G = gin.scaled(2.0)
+    return np.array(out[::-1])
+
+
+@pytest.mark.parametrize(
+    "act,B,gamma,beta",
+    [
+        ("relu", 8, ONE, ZERO),
+        ("tanh", 16, L("uniform", 0.0, 1.0), L("constant", 0.5)),
+        ("identity", 8, ONE, L("normal", 0.0, 0.5)),
+    ],
+)
+def test_network_mc_gradients(act, B, gamma, beta):
+    depth, seeds = 5, 6
+    rows = np.array(
+        [
+            network_mc(act, B, gamma, beta, depth, seeds=1, seed=k)[0]
+            for k in range(seeds)
+        ]
+    )  # (seeds, depth, 3)
+    th = network_theory(act, B, gamma, beta, depth)
+
+    def stats(a):
+        # bulk growth per block (blocks 2..depth-1), gamma and beta norms relative
+        # to the gradient at the same BatchNorm input, per block
+        grow = (a[..., 1:-1, 0] / a[..., 2:, 0]).mean(-1)
+        return np.concatenate(
+            [[grow], (a[..., 1] / a[..., 0]), (a[..., 2] / a[..., 0])]
+        )
+
+    per_seed = np.array([stats(r) for r in rows])
+    mc, se = per_seed.mean(0), per_seed.std(0, ddof=1) / math.sqrt(seeds)
+    want = stats(th)
+    # sampling error (heavy-tailed at small B: 1/sigma) plus finite width 1/N
+    assert np.all(np.abs(mc - want) <= 5 * se + 2e-3 * np.abs(want) + 1e-12), (
+        mc,
+        want,
+        se,
+    )
+    if act == "identity":
+        assert np.all(th[:-1, 2] == 0.0)  # beta of a linear BN net, below the top
