@@ -1164,6 +1164,9 @@ class BNMonteCarlo:
         tot = np.einsum("ma,ma->m", cd, cd) - kap * ud * ud
         dg = g2 * float((inv * diag).mean()) / B
         of = g2 * float((inv * (tot - diag)).mean()) / (B * (B - 1))
+        self.rel_se = max(
+            _rel_se(inv * ((B - 1) - kap)), _rel_se(inv * diag), _rel_se(inv * tot)
+        )
         return {
             "mid": ExchKernel(B, alpha, 0.0),
             "in": ExchKernel.from_diag_off(B, dg, of),
@@ -1232,6 +1235,11 @@ class BNMonteCarlo:
         }
 
 
+def _rel_se(v: np.ndarray) -> float:
+    m = abs(float(v.mean()))
+    return float(v.std() / math.sqrt(v.size)) / m if m > 0 else 0.0
+
+
 def _normalise(v: np.ndarray, eps: float):
     """Rows of v -> BN(v) = C v / sqrt(s + eps), 1/(s + eps), s/(s + eps)."""
     c = v - v.mean(axis=1, keepdims=True)
@@ -1248,3 +1256,51 @@ def _centre2(A: np.ndarray) -> np.ndarray:
         - A.mean(axis=2, keepdims=True)
         + A.mean(axis=(1, 2), keepdims=True)
     )
+
+
+# -- per-block gradient growth -------------------------------------------------------
+
+
+def bn_block_gain(
+    act: Activation | str | None,
+    B: int,
+    gamma: Law,
+    beta: Law,
+    *,
+    position: str = "pre",
+    eps: float = 0.0,
+    sigma_w2: float = 1.0,
+    sigma_b2: float = 0.0,
+) -> tuple[float, float]:
+    """Per-block growth of the gradient second moment in a deep BatchNorm network
+    at batch size B, and its numerical error (relative).
+
+    ``position="pre"``: ``Dense -> BN -> act``,
+    ``lambda(B) = (t1 - t2/B) / ((B - 1)(K_d - K_o))`` at unit input variance
+    (docs/theory.md; identity: (B-2)/(B-3); ReLU at gamma = 1, beta = 0: 1.788 at
+    B = 8, 1.522 at 32, -> pi/(pi - 1) = 1.4669 as B -> infinity; independent of
+    sigma_w2 when eps = 0).  ``position="post"``: ``Dense -> act -> BN``, the
+    ratio of the centred gradient kernel from one BatchNorm output to the next
+    (Monte Carlo over the Gaussian, :class:`BNMonteCarlo`); the dense layer has
+    weight variance sigma_w2 / fan_in and bias variance sigma_b2.
+    """
+    if isinstance(act, str):
+        act = mf._act(act)
+    if position == "pre":
+        s = bn_pre_exchangeable(act, B, gamma, beta, 1.0, 0.0)
+        if eps > 0:
+            a = sigma_w2 * (s.y_kd - s.y_ko)
+            s = bn_pre_exchangeable(act, B, gamma, beta, a, eps)
+            return (s.t1 - s.t2 / B) * a / ((B - 1) * (s.y_kd - s.y_ko)), s.error
+        return (s.t1 - s.t2 / B) / ((B - 1) * (s.y_kd - s.y_ko)), s.error
+    if position != "post":
+        raise ValueError(f"position must be 'pre' or 'post', got {position!r}")
+    rho = 1.0
+    kd = gamma.second * rho + beta.second
+    ko = -gamma.second * rho / (B - 1) + beta.second
+    S = np.full((B, B), sigma_w2 * ko + sigma_b2)
+    np.fill_diagonal(S, sigma_w2 * kd + sigma_b2)
+    u = BNMonteCarlo(act, "post", np.zeros(B), S, gamma, beta, eps, exchangeable=True)
+    out = u.backward(ExchKernel(B, 1.0, 0.0))
+    g = sigma_w2 * out["in"].cen
+    return float(g), 2.0 * u.rel_se  # the centred part mixes two sample means

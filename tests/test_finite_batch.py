@@ -444,7 +444,9 @@ def test_general_kernel_matches_exchangeable_quadrature():
 # -- a width-1024 network Monte Carlo -------------------------------------------------
 
 
-def network_mc(act, B, gamma, beta, depth=5, width=1024, seeds=3, seed=0):
+def network_mc(
+    act, B, gamma, beta, depth=5, width=1024, seeds=3, seed=0, position="pre"
+):
     """Dense(no bias, N(0, 2/N)) -> BN(gamma, beta) -> act blocks on i.i.d. N(0, 1)
     inputs; L = sum <g_out, y_last>, g_out ~ N(0, 1).  Returns per block the mean
     squared gradient at the dense output and the per-unit (1/B) dL/dgamma^2,
@@ -465,22 +467,34 @@ def network_mc(act, B, gamma, beta, depth=5, width=1024, seeds=3, seed=0):
             n = c * inv
             g = _sample_law(gamma, N, rng)
             b = _sample_law(beta, N, rng)
+            if position == "post":  # Dense -> act -> BN
+                c = _phi(act, h)
+                c = c - c.mean(0)
+                inv = 1 / np.sqrt((c * c).mean(0) + 1e-5)
+                n = c * inv
             z = g * n + b
-            saved.append((W, n, inv, g, z))
-            x = _phi(act, z)
+            saved.append((W, n, inv, g, z, h))
+            x = _phi(act, z) if position == "pre" else z
         gy = rng.standard_normal((B, N))
         per = []
-        for W, n, inv, g, z in reversed(saved):
-            gz = _dphi(act, z) * gy
+        for W, n, inv, g, z, h in reversed(saved):
+            gz = _dphi(act, z) * gy if position == "pre" else gy
             dgam = (gz * n).sum(0)
             dbet = gz.sum(0)
             gn = gz * g
             gh = inv * (gn - gn.mean(0) - n * (gn * n).mean(0))
+            if position == "post":
+                gh = _dphi(act, h) * gh
             per.append(((gh * gh).mean(), (dgam**2).mean() / B, (dbet**2).mean() / B))
             gy = gh @ W
         rows.append(per[::-1])
     a = np.array(rows)  # (seeds, depth, 3)
-    return a.mean(0), a.std(0, ddof=1) / math.sqrt(seeds)
+    se = (
+        a.std(0, ddof=1) / math.sqrt(seeds)
+        if seeds > 1
+        else np.full(a.shape[1:], np.nan)
+    )
+    return a.mean(0), se
 
 
 def network_theory(act, B, gamma, beta, depth=5):
@@ -535,3 +549,20 @@ def test_network_mc_gradients(act, B, gamma, beta):
     )
     if act == "identity":
         assert np.all(th[:-1, 2] == 0.0)  # beta of a linear BN net, below the top
+
+
+@pytest.mark.parametrize("act,B", [("relu", 32), ("tanh", 16)])
+def test_post_activation_block_gain_against_network_mc(act, B):
+    depth, seeds = 5, 6
+    rows = np.array(
+        [
+            network_mc(act, B, ONE, ZERO, depth, seeds=1, seed=k, position="post")[0]
+            for k in range(seeds)
+        ]
+    )
+    grow = (rows[:, 1:-1, 0] / rows[:, 2:, 0]).mean(1)
+    lam, err = fb.bn_block_gain(
+        act, B, ONE, ZERO, position="post", eps=1e-5, sigma_w2=2.0
+    )
+    se = grow.std(ddof=1) / math.sqrt(seeds)
+    assert abs(grow.mean() - lam) <= 5 * se + 2e-3 * lam + 4 * err * lam, (grow, lam)
