@@ -22,6 +22,7 @@ from .network import (
     Erf,
     Identity,
     Layer,
+    LayerNorm,
     LeakyReLU,
     Network,
     ReLU,
@@ -45,6 +46,9 @@ _LAZY = {
     "available_backends": ("kernels", "available_backends"),
     "BackendUnavailableError": ("kernels", "BackendUnavailableError"),
     "diagnose": ("verdicts", "diagnose"),
+    "Comparison": ("profile", "Comparison"),
+    "Verdict": ("verdicts", "Verdict"),
+    "network_parameters": ("analytic", "network_parameters"),
 }
 _SUBMODULES = {
     "meanfield",
@@ -57,6 +61,8 @@ _SUBMODULES = {
     "report",
     "cli",
     "network",
+    "layers",
+    "mfstate",
 }
 
 __all__ = [
@@ -74,6 +80,7 @@ __all__ = [
     "Erf",
     "Identity",
     "BatchNorm",
+    "LayerNorm",
     "Network",
     "mlp",
     "InitScheme",

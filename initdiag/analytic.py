@@ -1,315 +1,119 @@
 """``analyze(network) -> Profile``: infinite-width (mean-field) predictions.
 
-A fold of per-layer pure rules over ``network.infos`` (the neural-tangents pattern):
-the forward pass carries, for a batch of inputs, the per-unit moments of the
-layer output over random networks, and a Gaussian description of pre-activations;
-the backward pass carries the gradient second moment from the output down.
-
-State
------
-Every unit of a layer sees its batch values ``h[a]`` (a = 1..B).  The state keeps
-
-- ``ex[a] = E[h[a]]`` and the second-moment kernel ``K[a, b] = E[h[a] h[b]]``
-  (the NNGP kernel of Lee et al. 2018 / neural-tangents, uncentred);
-- when the values are Gaussian (dense outputs; BatchNorm outputs of a Gaussian
-  input) a mixture of Gaussians ``(weight, mean vector, covariance)``: one
-  component, or one per quadrature node of BatchNorm's random gamma / beta.
+A fold of the layers' pure rules over ``network.infos`` (the neural-tangents
+``stax.serial`` pattern): forward, each layer's :meth:`~initdiag.layers.Layer.mf_forward`
+maps the mean-field state of its input (:mod:`initdiag.mfstate`: per-unit batch
+moments and, where Gaussian, a mixture of Gaussians) to its output's; backward,
+:meth:`~initdiag.layers.Layer.mf_backward` maps the gradient state from the output
+down, writing the parameter-gradient columns.  The rules and their citations live
+with the layer kinds (:mod:`initdiag.layers`); docs/theory.md collects the formulas.
 
 Without ``inputs`` the batch is exchangeable: every input has second moment
 ``input_second_moment`` and every pair correlation ``input_correlation``; the state
 is then the 2 x 2 kernel of one pair, and batch statistics use ``batch_size``
 (``None``: the large-batch limit).
-
-Rules (forward)
----------------
-Dense, weight entries of mean ``mu_w`` and variance ``v_w``, bias ``mu_b, v_b``,
-from ``init.mean(fan_in, fan_out)`` / ``init.variance(fan_in, fan_out)`` only:
-``m[a] = fan_in mu_w ex_x[a] + mu_b``, ``S = fan_in v_w K_x + v_b``, K = S + m m^T
-(Poole et al. 2016 eq. 3-5 with means; first layer
-K = sigma_w2 <x_a, x_b>/d_in + sigma_b2 as in neural-tangents).  The weight mean
-enters through the law of large numbers (fan_in mu_w times the average input);
-orthogonal weights are treated as Gaussian of the same variance (exact for these
-second moments, Pennington et al. 2017 differ only in higher moments).
-
-Activation: ``ex[a] = E[phi(h_a)]``, ``K[a, b] = E[phi(h_a) phi(h_b)]`` under the
-Gaussian state (:mod:`initdiag.meanfield`).  An activation whose input is not
-Gaussian (an activation after an activation, or after a BatchNorm fed by an
-activation) has no rule: NotImplementedError.
-
-BatchNorm (large-batch limit, THEORY.md section 4; Yang et al. 2019): with the
-centring C = I - 11^T/B and s2 = mean(diag(C K C)) the per-unit batch variance,
-``n = C h / sqrt(s2 + eps)`` and
-``K_BN = E[gamma^2] C K C/(s2 + eps) + mu_g mu_b (C ex 1^T + 1 (C ex)^T)/sqrt(s2 + eps)
-+ E[beta^2] 11^T``, ``ex_BN = mu_g C ex / sqrt(s2 + eps) + mu_b``.  A Dense bias
-directly before a BatchNorm is cancelled exactly by the centring, which the rule
-does automatically.  For the activation after it, gamma and beta are integrated
-by quadrature over their distribution (``initializer.distribution()``; Gauss-
-Legendre for uniform, Gauss-Hermite for normal); an initializer without a
-closed-form distribution and non-zero variance raises NotImplementedError there.
-
-Rules (backward; gradient independence, Schoenholz et al. 2017 section 5)
-------------------------------------------------------------------------
-Output gradient second moment 1.  Dense: ``q~_in = fan_out E[W^2] q~_out``
-(cross-unit gradient correlations neglected, exact for zero-mean weights).
-Activation: ``q~_in = E[phi'(h)^2] q~_out``, per mixture component.  BatchNorm:
-``q~_in = E[gamma^2 q~_out | gamma] / (s2 + eps)`` (Yang et al. 2019; per block this
-gives the gain gamma^2 E[phi'^2]/Var[phi], pi/(pi - 1) for ReLU), times
-(B - 2)/(B - 3) for a finite ``batch_size`` when the BatchNorm output feeds a
-linear layer directly and its input is an exchangeable Gaussian batch (the exact
-finite-batch result for linear BN networks, THEORY.md section 4); otherwise the
-large-batch limit.  Parameter gradients, normalised as in :mod:`initdiag.profile`
-(independent examples): dense ``||dW||^2 = fan_out fan_in q~ E[x^2]`` (with a
-following BatchNorm the gradient is centred over the batch, so E[x^2] becomes the
-input's per-unit batch variance), ``||db||^2 = fan_out q~`` (0 before a
-BatchNorm); BatchNorm ``||dgamma||^2 = N E[g^2 n^2]`` and ``||dbeta||^2 = N q~``.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special, stats
 
 from . import meanfield as mf
-from .network import Activation, BatchNorm, Dense, Network
+from . import mfstate
+from .network import LayerInfo, Network
 from .profile import Profile
 
-__all__ = ["analyze", "bn_gradient_gain", "REGIME_TOL"]
+__all__ = ["analyze", "bn_gradient_gain", "network_parameters", "REGIME_TOL"]
 
 #: |chi1 - 1| below which the summary calls the network critical
 REGIME_TOL = 1e-6
 # a gain read off a profile (not a fixed point) is a finite-depth average: call it
 # critical within 0.1 % per layer (30 layers at 1.001 change the gradient by 3 %)
 REGIME_TOL_GAIN = 1e-3
-_NQ = 20  # quadrature nodes per random BatchNorm parameter
-#: largest full batch whose dead fraction is computed (Genz's algorithm, scipy)
-_MVN_MAX = 12
 
 
 @dataclass
-class _Gauss:
-    """Mixture of Gaussians over the batch: weights (k,), means (k, B), covs
-    (k, B, B); ``gamma2`` (k,) the squared BN gain of each component (1 when the
-    mixture does not come from a BatchNorm), ``n_mean``/``n_var`` of the
-    normalised variable for BN gamma gradients."""
+class RuleContext:
+    """What a layer's rule sees: its place in the network, its initializers, the
+    batch bookkeeping, the state at its input (and, backward, at its output), a
+    scratch dict the forward rule leaves for the backward one, and ``row``: the
+    Profile cells it sets (written by the fold after its checks)."""
 
-    w: np.ndarray
-    m: np.ndarray
-    S: np.ndarray
-    gamma: np.ndarray
-    beta: np.ndarray
-
-
-@dataclass
-class _State:
-    ex: np.ndarray
-    K: np.ndarray
-    gauss: _Gauss | None
-    why_not_gauss: str = ""
+    info: LayerInfo
+    params: dict[str, Any]
+    batch: mfstate.Batch
+    input_state: mfstate.State
+    state: mfstate.State | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    row: dict[str, float] = field(default_factory=dict)
 
 
-def _single(m: np.ndarray, S: np.ndarray) -> _Gauss:
-    return _Gauss(np.ones(1), m[None], S[None], np.ones(1), np.zeros(1))
+def network_parameters(network: Network) -> dict[str, Any]:
+    """The mean-field parameters of a network, read from its layers and init scheme
+    (the one place they are computed; verdicts and reports read them from here).
 
+    Dense parameters are the median over the dense layers of each layer's
+    ``sigma_w2 = fan_in E[W^2]``, ``sigma_b2 = E[b^2]`` and the means (the bulk of
+    the network; docs/theory.md section 0); normalisation parameters are those of
+    the first normalisation layer.
 
-def _moments(g: _Gauss) -> tuple[np.ndarray, np.ndarray]:
-    ex = np.einsum("k,ka->a", g.w, g.m)
-    K = np.einsum("k,kab->ab", g.w, g.S + g.m[:, :, None] * g.m[:, None, :])
-    return ex, K
-
-
-def _param_nodes(init: Any, nf: int, what: str, layer: str):
-    """Quadrature nodes and weights of a BatchNorm parameter's distribution."""
-    mean = init.mean(nf, nf)
-    var = init.variance(nf, nf)
-    if var == 0:
-        return np.array([mean]), np.ones(1)
-    dist = init.distribution(nf, nf)
-    if dist is None:
-        raise NotImplementedError(
-            f"{layer}: {what} initializer {init} has no closed-form distribution; the "
-            "activation after this BatchNorm needs it (use normal, uniform or constant)"
-        )
-    kind, p, q = dist
-    if kind == "normal":
-        x, w = special.roots_hermitenorm(_NQ)
-        return p + q * x, w / w.sum()
-    if kind == "uniform":
-        x, w = np.polynomial.legendre.leggauss(_NQ)
-        return 0.5 * (p + q) + 0.5 * (q - p) * x, w / w.sum()
-    return np.array([p]), np.ones(1)
-
-
-class _Batch:
-    """Batch bookkeeping: exchangeable pair (``equi``) or a full batch."""
-
-    def __init__(self, equi: bool, B: int | None) -> None:
-        self.equi = equi
-        self.B = B  # None: infinite
-
-    def centre(self, K: np.ndarray) -> np.ndarray:
-        if self.equi:
-            d, o = K[0, 0], K[0, 1]
-            if self.B is None:
-                cd, co = d - o, 0.0
-            else:
-                cd, co = (d - o) * (self.B - 1) / self.B, -(d - o) / self.B
-            return np.array([[cd, co], [co, cd]])
-        C = np.eye(K.shape[0]) - 1.0 / K.shape[0]
-        return C @ K @ C
-
-    def centre_vec(self, ex: np.ndarray) -> np.ndarray:
-        return np.zeros_like(ex) if self.equi else ex - ex.mean()
-
-    def stats(self, ex: np.ndarray, K: np.ndarray) -> dict[str, float]:
-        d = np.diag(K)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if self.equi:
-                o = K[0, 1]
-                B = self.B
-                sq = o if B is None else (K[0, 0] + (B - 1) * o) / B
-                corr = o / K[0, 0]
-            else:
-                sq = K.mean()
-                B = K.shape[0]
-                cos = K / np.sqrt(np.outer(d, d))
-                corr = (cos.sum() - np.trace(cos)) / (B * (B - 1)) if B > 1 else np.nan
-        second = float(d.mean())
-        return {
-            "mean": float(ex.mean()),
-            "second_moment": second,
-            "variance": second - float(sq),
-            "squared_mean": float(sq),
-            "correlation": float(corr),
-        }
-
-
-def _orthant(g: _Gauss, batch: _Batch) -> float:
-    """P(h[a] <= 0 for every a of the batch) under the mixture."""
-    total = 0.0
-    for wk, m, S in zip(g.w, g.m, g.S, strict=True):
-        total += wk * _orthant_one(m, S, batch)
-    return float(total)
-
-
-def _orthant_one(m: np.ndarray, S: np.ndarray, batch: _Batch) -> float:
-    if batch.equi:
-        mu, d, o = m[0], S[0, 0], S[0, 1]
-        if d <= 0:
-            return float(mu <= 0)
-        B = batch.B
-        r2 = d - o  # independent part of each input
-        if r2 <= 1e-15 * d:
-            return float(special.ndtr(-mu / math.sqrt(d)))
-        if B is None:
-            # large batch: some input is positive unless ... (probability 0)
-            return 0.0
-        if o < 0:
-            # A negatively correlated batch (BatchNorm centring) has no 1-D reduction
-            # of the orthant probability, but by Slepian's inequality it is at most
-            # the independent one, Phi(-mu/sqrt(d))^B; report 0 when that bound is
-            # below 1e-12 (e.g. 2^-B at mu = 0), NaN otherwise (no guess).
-            with np.errstate(divide="ignore"):
-                bound = math.exp(B * float(special.log_ndtr(-mu / math.sqrt(d))))
-            return 0.0 if bound < 1e-12 else math.nan
-        # h_a = mu + sqrt(o) Z + sqrt(r2) e_a, so
-        # P = E_Z[Phi(-(mu + sqrt(o) Z) / sqrt(r2))^B]
-        sr = math.sqrt(r2)
-        so = math.sqrt(o)
-        xs = -sr * special.ndtri(2.0 ** (-1.0 / B))  # where Phi(-x/sr)^B = 1/2
-        if so == 0:
-            return float(special.ndtr(-mu / sr) ** B)
-        t, w = mf._offsets(
-            mf._n_fine(so / sr * (1 + math.sqrt(2 * math.log(B + 1)))), 16
-        )
-        z = (xs - mu) / so + t
-        wz = w * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-        x = mu + so * z
-        with np.errstate(divide="ignore"):
-            lp = B * special.log_ndtr(-x / sr)
-        return float(np.sum(wz * np.exp(lp)))
-    B = m.size
-    if B > _MVN_MAX:
-        return math.nan
-    sd = np.sqrt(np.diag(S))
-    if np.any(sd == 0):
-        keep = sd > 0
-        if np.any(m[~keep] > 0):
-            return 0.0
-        m, S = m[keep], S[np.ix_(keep, keep)]
-        if m.size == 0:
-            return 1.0
-    dist = stats.multivariate_normal(
-        mean=m, cov=S, allow_singular=True, abseps=1e-8, releps=1e-8, maxpts=20000 * B
+    Returns
+    -------
+    dict
+        ``activation`` (name of the most frequent activation, ``"identity"`` if
+        none) and ``activation_layer`` (that layer), ``sigma_w2``, ``weight_var``,
+        ``weight_mean``, ``sigma_b2``, ``bias_var``, ``bias_mean``, ``norm`` (the
+        first normalisation's kind or None), ``batchnorm`` (bool), ``gamma_mean``,
+        ``gamma_var``, ``gamma2``, ``beta_mean``, ``beta_var``, ``beta2`` (NaN
+        without a normalisation), ``n_blocks``, ``n_batchnorm``, ``n_norm``,
+        ``width``.
+    """
+    infos = network.infos
+    inits = network.param_inits()
+    dense, norms = [], []
+    for info, p in zip(infos, inits, strict=True):
+        d = info.layer.mf_parameters(p, info.fan_in, info.width)
+        if "sigma_w2" in d:
+            dense.append((info, d))
+        elif "norm" in d:
+            norms.append((info, d))
+    acts = [info.layer for info in infos if info.kind == "activation"]
+    act = Counter(acts).most_common(1)[0][0] if acts else None
+    out: dict[str, Any] = {
+        "activation": act.name if act is not None else "identity",
+        "activation_layer": act,
+        "norm": norms[0][1]["norm"] if norms else None,
+        "batchnorm": any(d["norm"] == "batchnorm" for _, d in norms),
+        "n_blocks": len(dense),
+        "n_batchnorm": sum(d["norm"] == "batchnorm" for _, d in norms),
+        "n_norm": len(norms),
+        "width": int(dense[0][0].width if dense else infos[0].width),
+    }
+    for key in (
+        "sigma_w2",
+        "weight_var",
+        "weight_mean",
+        "sigma_b2",
+        "bias_var",
+        "bias_mean",
+    ):
+        out[key] = float(np.median([d[key] for _, d in dense])) if dense else math.nan
+    out["any_mean"] = any(
+        d["weight_mean"] != 0.0 or d["bias_mean"] != 0.0 for _, d in dense
     )
-    return float(dist.cdf(np.zeros(m.size)))
-
-
-def _act_expect(act: Activation, g: _Gauss, batch: _Batch):
-    """ex, K, E[phi'^2] per component (mean over inputs), P(h > 0) mean."""
-    k, B = g.m.shape
-    iu, ju = np.triu_indices(B)
-    v = np.diagonal(g.S, axis1=1, axis2=2)  # (k, B)
-    vi, vj = v[:, iu], v[:, ju]
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        rho = np.where(vi * vj > 0, g.S[:, iu, ju] / np.sqrt(vi * vj), 0.0)
-    mi, mj = g.m[:, iu], g.m[:, ju]
-    pp = mf._expect_2d(
-        act, False, mi.ravel(), mj.ravel(), vi.ravel(), vj.ravel(), rho.ravel()
-    ).reshape(k, -1)
-    # diagonal entries from the 1-D rule (more accurate than 2-D at rho = 1)
-    diag = iu == ju
-    e2 = mf._expect_1d(act, "phi2", g.m.ravel(), v.ravel()).reshape(k, B)
-    pp[:, diag] = e2
-    Kc = np.zeros((k, B, B))
-    Kc[:, iu, ju] = pp
-    Kc[:, ju, iu] = pp
-    e1 = mf._expect_1d(act, "phi", g.m.ravel(), v.ravel()).reshape(k, B)
-    d2 = mf._expect_1d(act, "dphi2", g.m.ravel(), v.ravel()).reshape(k, B)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sd = np.sqrt(v)
-        ppos = np.where(
-            sd > 0, special.ndtr(g.m / np.where(sd > 0, sd, 1)), (g.m > 0).astype(float)
-        )
-    ex = np.einsum("k,ka->a", g.w, e1)
-    K = np.einsum("k,kab->ab", g.w, Kc)
-    return ex, K, d2.mean(axis=1), float(g.w @ ppos.mean(axis=1))
-
-
-def _gamma_moment(act: Activation | None, g: _Gauss) -> np.ndarray:
-    """Per component: E[phi'(h)^2 n^2] (mean over inputs), n = (h - beta)/gamma the
-    normalised BatchNorm output; E[n^2] when no activation follows."""
-    k, B = g.m.shape
-    v = np.diagonal(g.S, axis1=1, axis2=2)
-    gam = np.where(g.gamma != 0, g.gamma, 1.0)[:, None]
-    nm = (g.m - g.beta[:, None]) / gam
-    nv = v / gam**2
-    if act is None:
-        return (nm**2 + nv).mean(axis=1)
-    out = np.empty((k, B))
-    mu, s = g.m.ravel(), np.sqrt(v).ravel()
-    bet = np.repeat(g.beta, B)
-    gg = np.repeat(gam[:, 0], B)
-
-    # E[phi'(h)^2 ((h - beta)/gamma)^2], h ~ N(mu, s^2): kink-centred quadrature
-    vals = np.empty(mu.size)
-    for i in range(mu.size):
-
-        def f(x, i=i):
-            return mf._dphi(act, x) ** 2 * ((x - bet[i]) / gg[i]) ** 2
-
-        vals[i] = mf._gauss_1d(f, mu[i : i + 1], s[i : i + 1])[0]
-    out[:] = vals.reshape(k, B)
-    return out.mean(axis=1)
+    for key in ("gamma_mean", "gamma_var", "gamma2", "beta_mean", "beta_var", "beta2"):
+        out[key] = float(norms[0][1][key]) if norms else math.nan
+    return out
 
 
 def bn_gradient_gain(
-    activation: str | Activation = "relu",
+    activation: Any = "relu",
     gamma: float = 1.0,
     beta: float = 0.0,
     batch_size: int | None = None,
@@ -415,17 +219,17 @@ def analyze(
     x, B = _check_batch(
         inputs, batch_size, input_second_moment, input_correlation, network.input_dim
     )
-    batch = _Batch(x is None, B)
+    batch = mfstate.Batch(x is None, B)
     if x is None:
         q0, c0 = float(input_second_moment), float(input_correlation)
-        state = _State(
+        state = mfstate.State(
             np.zeros(2),
             np.array([[q0, q0 * c0], [q0 * c0, q0]]),
             None,
             "the network input is not Gaussian",
         )
     else:
-        state = _State(
+        state = mfstate.State(
             x.mean(axis=1),
             x @ x.T / x.shape[1],
             None,
@@ -435,111 +239,17 @@ def analyze(
     inits = network.param_inits()
     prof = Profile.empty(network, "analytic")
     cols = prof.columns
-    n = len(infos)
-    states: list[_State] = []
-    pre_states: list[_State] = [state]  # input state of each row
-    row_extra: list[dict[str, Any]] = []
-    overflow_at = None
+    ctxs: list[RuleContext] = []
+    overflow = False
     for i, info in enumerate(infos):
-        layer = info.layer
-        extra: dict[str, Any] = {}
-        if isinstance(layer, Dense):
-            init = inits[i]
-            fi, fo = info.fan_in, info.width
-            mw, vw = init["weight"].mean(fi, fo), init["weight"].variance(fi, fo)
-            b = init.get("bias")
-            mb, vb = (
-                (b.mean(fi, fo), b.variance(fi, fo)) if b is not None else (0.0, 0.0)
-            )
-            m = fi * mw * state.ex + mb
-            S = fi * vw * state.K + vb
-            g = _single(m, S)
-            ex, K = _moments(g)
-            new = _State(ex, K, g)
-            extra = {
-                "fan_in": fi,
-                "fan_out": fo,
-                "w2": vw + mw * mw,
-                "has_bias": b is not None,
-            }
-        elif isinstance(layer, BatchNorm):
-            init = inits[i]
-            nf = info.width
-            gi, bi = init["weight"], init["bias"]
-            mg, vg = gi.mean(nf, nf), gi.variance(nf, nf)
-            mb, vb = bi.mean(nf, nf), bi.variance(nf, nf)
-            CKC = batch.centre(state.K)
-            s2 = float(np.mean(np.diag(CKC)))
-            den = s2 + layer.eps
-            cex = batch.centre_vec(state.ex)
-            one = np.ones_like(state.ex)
-            K = (
-                (vg + mg * mg) * CKC / den
-                + mg * mb * (np.outer(cex, one) + np.outer(one, cex)) / math.sqrt(den)
-                + (vb + mb * mb) * np.outer(one, one)
-            )
-            ex = mg * cex / math.sqrt(den) + mb
-            g = None
-            why = ""
-            if state.gauss is None:
-                why = (
-                    f"the input of {info.name} is not Gaussian ({state.why_not_gauss})"
-                )
-            else:
-                try:
-                    gn, gw = _param_nodes(gi, nf, "gamma", info.name)
-                    bn_, bw = _param_nodes(bi, nf, "beta", info.name)
-                except NotImplementedError as exc:
-                    why = str(exc)
-                else:
-                    # the centred input is Gaussian (mixture): recentre each component
-                    ms, Ss, ws = [], [], []
-                    sg = state.gauss
-                    for wk, mk, Sk in zip(sg.w, sg.m, sg.S, strict=True):
-                        Cm = batch.centre_vec(mk)
-                        CSC = batch.centre(Sk + np.outer(mk, mk)) - np.outer(Cm, Cm)
-                        ms.append(Cm / math.sqrt(den))
-                        Ss.append(CSC / den)
-                        ws.append(wk)
-                    GG, BB = np.meshgrid(gn, bn_, indexing="ij")
-                    WW = np.outer(gw, bw)
-                    comp_w, comp_m, comp_S, comp_g, comp_b = [], [], [], [], []
-                    for wk, mk, Sk in zip(ws, ms, Ss, strict=True):
-                        nodes = zip(GG.ravel(), BB.ravel(), WW.ravel(), strict=True)
-                        for gam, bet, wgb in nodes:
-                            comp_w.append(wk * wgb)
-                            comp_m.append(gam * mk + bet)
-                            comp_S.append(gam * gam * Sk)
-                            comp_g.append(gam)
-                            comp_b.append(bet)
-                    g = _Gauss(
-                        np.array(comp_w),
-                        np.array(comp_m),
-                        np.array(comp_S),
-                        np.array(comp_g),
-                        np.array(comp_b),
-                    )
-            new = _State(ex, K, g, why)
-            extra = {"s2": s2, "den": den, "g2": vg + mg * mg, "nf": nf}
-        elif isinstance(layer, Activation):
-            if state.gauss is None:
-                raise NotImplementedError(
-                    f"layer {info.name} ({layer.name}): no mean-field rule, "
-                    f"{state.why_not_gauss}"
-                )
-            ex, K, d2, ppos = _act_expect(layer, state.gauss, batch)
-            new = _State(ex, K, None, f"{info.name} output is not Gaussian")
-            extra = {"dphi2": d2, "ppos": ppos, "gauss_in": state.gauss}
-        else:
-            raise NotImplementedError(
-                f"layer {info.name} ({type(layer).__name__}): no mean-field rule"
-            )
+        ctx = RuleContext(info, inits[i], batch, state)
+        new = info.layer.mf_forward(ctx, state)
         if not (
             np.all(np.isfinite(new.K))
             and np.all(np.isfinite(new.ex))
             and np.max(np.abs(np.diag(new.K))) < mf.Q_OVERFLOW
         ):
-            overflow_at = i
+            overflow = True
             prof.findings.append(
                 {
                     "kind": "overflow",
@@ -548,32 +258,25 @@ def analyze(
                     "block": info.block,
                     "pass": "forward",
                     "seed": None,
-                    "message": f"the signal overflowed at layer {i} ({info.name})",
+                    "message": f"the signal overflowed at layer {i + 1} ({info.name})",
                 }
             )
             break
-        st = batch.stats(new.ex, new.K)
-        for kcol, v in st.items():
-            cols[kcol][i] = v
+        ctx.row.update(batch.stats(new.ex, new.K))
         if new.gauss is not None:
-            cols["active_fraction"][i] = _pfrac(new.gauss)
-            cols["dead_fraction"][i] = _orthant(new.gauss, batch)
-        elif isinstance(layer, Activation):
-            if layer.name == "sigmoid":
-                cols["active_fraction"][i], cols["dead_fraction"][i] = 1.0, 0.0
-            else:
-                cols["active_fraction"][i] = extra["ppos"]
-                cols["dead_fraction"][i] = _orthant(state.gauss, batch)
-        states.append(new)
-        row_extra.append(extra)
+            ctx.row["active_fraction"] = mfstate.pfrac(new.gauss)
+            ctx.row["dead_fraction"] = mfstate.orthant(new.gauss, batch)
+        _flush(cols, i, ctx)
+        ctx.state = new
+        ctxs.append(ctx)
         state = new
-        pre_states.append(state)
-    kernels = [s.K.copy() for s in states] + [None] * (n - len(states))
     if x is not None:
-        prof.kernels = kernels
-    if overflow_at is None:
-        _backward(infos, states, pre_states, row_extra, cols, batch, B)
-    prof.summary = _summary(network, inits, prof)
+        prof.kernels = [c.state.K.copy() for c in ctxs] + [None] * (
+            len(infos) - len(ctxs)
+        )
+    if not overflow:
+        _backward(ctxs, cols)
+    prof.summary = _summary(network, prof)
     prof.meta = {
         "engine": "meanfield",
         "batch_size": B,
@@ -585,135 +288,48 @@ def analyze(
     return prof
 
 
-def _pfrac(g: _Gauss) -> float:
-    v = np.diagonal(g.S, axis1=1, axis2=2)
-    sd = np.sqrt(v)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.where(
-            sd > 0, special.ndtr(g.m / np.where(sd > 0, sd, 1)), (g.m > 0).astype(float)
-        )
-    return float(g.w @ p.mean(axis=1))
+def _flush(cols: dict[str, np.ndarray], i: int, ctx: RuleContext) -> None:
+    for k, v in ctx.row.items():
+        cols[k][i] = v
+    ctx.row = {}
 
 
-def _backward(infos, states, pre_states, row_extra, cols, batch, B) -> None:
-    n = len(infos)
-    # gradient second moment at each row's output, per mixture component of the
-    # row's output state when it is Gaussian (BN -> activation correlations)
-    gt = np.ones(1)
-    for i in range(n - 1, -1, -1):
-        layer, extra = infos[i].layer, row_extra[i]
-        st = states[i]
-        if st.gauss is not None and gt.size == st.gauss.w.size:
-            w, gcomp = st.gauss.w, gt
-        else:
-            w, gcomp = np.ones(1), np.array([float(np.mean(gt))])
-        qt = float(w @ gcomp)
-        cols["grad_second_moment"][i] = qt
-        nxt = infos[i + 1].layer if i + 1 < n else None
-        if isinstance(layer, Dense):
-            xin = pre_states[i]
-            stin = batch.stats(xin.ex, xin.K)
-            if isinstance(nxt, BatchNorm):
-                cols["weight_grad_norm2"][i] = (
-                    extra["fan_in"] * extra["fan_out"] * qt * stin["variance"]
-                )
-                if extra["has_bias"]:
-                    cols["bias_grad_norm2"][i] = 0.0
-            else:
-                cols["weight_grad_norm2"][i] = (
-                    extra["fan_in"] * extra["fan_out"] * qt * stin["second_moment"]
-                )
-                if extra["has_bias"]:
-                    cols["bias_grad_norm2"][i] = extra["fan_out"] * qt
-            gt = np.array([extra["fan_out"] * extra["w2"] * qt])
-        elif isinstance(layer, Activation):
-            # gradient at the input, per component of the (Gaussian) input state
-            gt = extra["dphi2"] * qt
-        elif isinstance(layer, BatchNorm):
-            g = st.gauss
-            nf = extra["nf"]
-            cols["beta_grad_norm2"][i] = nf * qt
-            act = nxt if isinstance(nxt, Activation) else None
-            if g is not None and gcomp.size == g.w.size and act is not None:
-                # E[g^2 n^2] = q~_u E[phi'(h)^2 n^2]: gcomp = q~_u E[phi'^2] per comp
-                qu = cols["grad_second_moment"][i + 1]
-                en = _gamma_moment(act, g)
-                cols["gamma_grad_norm2"][i] = nf * qu * float(g.w @ en)
-                num = float(g.w @ (g.gamma**2 * gcomp))
-            else:
-                cols["gamma_grad_norm2"][i] = nf * qt * extra["s2"] / extra["den"]
-                num = extra["g2"] * qt
-            gain = num / extra["den"]
-            if (
-                B is not None
-                and batch.equi
-                and (
-                    nxt is None
-                    or isinstance(nxt, Dense)
-                    or (isinstance(nxt, Activation) and nxt.name == "identity")
-                )
-                and pre_states[i].gauss is not None
-                and B > 3
-            ):
-                gain *= (B - 2) / (B - 3)
-            gt = np.array([gain])
+def _backward(ctxs: list[RuleContext], cols: dict[str, np.ndarray]) -> None:
+    """The backward fold: output gradient second moment 1, then each layer's
+    ``mf_backward`` from the top (gradient independence, Schoenholz et al. 2017)."""
+    grad = mfstate.GradState(np.ones(1))
+    for i in range(len(ctxs) - 1, -1, -1):
+        ctx = ctxs[i]
+        cols["grad_second_moment"][i] = grad.total(ctx.state)
+        grad = ctx.info.layer.mf_backward(ctx, grad)
+        _flush(cols, i, ctx)
 
 
-def _summary(network: Network, inits, prof: Profile) -> dict[str, Any]:
-    infos = network.infos
-    acts = [info.layer for info in infos if isinstance(info.layer, Activation)]
+def _summary(network: Network, prof: Profile) -> dict[str, Any]:
+    p = network_parameters(network)
     out: dict[str, Any] = {
         k: math.nan for k in ("chi1", "q_star", "c_star", "xi_q", "xi_c")
     }
     out["regime"] = None
     out["correlation_depth"] = prof.correlation_depth()
     out["gradient_ratio"] = prof.gradient_ratio()
-    if not acts:
+    act = p["activation_layer"]
+    if act is None:
         return out
-    act = Counter(acts).most_common(1)[0][0]
-    has_bn = any(isinstance(info.layer, BatchNorm) for info in infos)
-    sw, sb = [], []
-    bn_gb = []
-    for i, info in enumerate(infos):
-        if isinstance(info.layer, Dense):
-            fi, fo = info.fan_in, info.width
-            wi, bi = inits[i]["weight"], inits[i].get("bias")
-            sw.append(fi * wi.variance(fi, fo))
-            sb.append(bi.variance(fi, fo) if bi is not None else 0.0)
-        if isinstance(info.layer, BatchNorm):
-            nf = info.width
-            gi, bi = inits[i]["weight"], inits[i]["bias"]
-            bn_gb.append(
-                (
-                    gi.mean(nf, nf),
-                    gi.variance(nf, nf),
-                    bi.mean(nf, nf),
-                    bi.variance(nf, nf),
-                )
-            )
-    if has_bn:
-        mg, vg, mb, vb = bn_gb[0]
-        if vg == 0 and vb == 0:
-            chi = bn_gradient_gain(act, mg, mb)
-            out["chi1"] = chi
+    if p["norm"] is not None:
+        if p["norm"] == "batchnorm" and p["gamma_var"] == 0 and p["beta_var"] == 0:
+            chi = bn_gradient_gain(act, p["gamma_mean"], p["beta_mean"])
             out["chi1_source"] = "batchnorm gradient gain (large batch)"
         else:
-            # random gamma / beta: no closed form; use the per-block gradient gain of
-            # this profile (the backward rule already integrates over gamma and beta)
+            # random gamma / beta or another normalisation: no closed form; use the
+            # per-block gradient gain of this profile (the backward rules already
+            # integrate over gamma and beta)
             chi = _bulk_gradient_gain(prof)
-            out["chi1"] = chi
             out["chi1_source"] = "per-block gradient gain of the profile"
+        out["chi1"] = chi
         out["regime"] = _regime(chi)
         return out
-    if any(
-        (
-            inits[i].get("bias") is not None
-            and inits[i]["bias"].mean(info.fan_in, info.width) != 0.0
-        )
-        or inits[i]["weight"].mean(info.fan_in, info.width) != 0.0
-        for i, info in enumerate(infos)
-        if isinstance(info.layer, Dense)
-    ):
+    if p["any_mean"]:
         # non-zero parameter means (e.g. a constant bias) shift the pre-activations;
         # the centred fixed-point maps do not apply, so report the gradient gain per
         # block, which equals chi1 layer by layer (Schoenholz et al. 2017, sec. 5)
@@ -722,8 +338,7 @@ def _summary(network: Network, inits, prof: Profile) -> dict[str, Any]:
         out["chi1_source"] = "per-block gradient gain of the profile"
         out["regime"] = _regime(chi, tol=REGIME_TOL_GAIN)
         return out
-    w2 = float(np.median(sw))
-    b2 = float(np.median(sb))
+    w2, b2 = p["weight_var"], p["bias_var"]
     q = float(
         mf._fixed_point_q(act, np.array([w2]), np.array([b2]), np.ones(1), 1e-14, 5000)[
             0

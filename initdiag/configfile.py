@@ -52,6 +52,7 @@ _MLP_KEYS = {
     "input_dim",
     "output_dim",
     "bias",
+    "norm",
 }
 _LAYER_KEYS = {"input_dim", "layers"}
 _TOP_KEYS = {"study", "network", "init", "simulate", "analyze", "variants"}

@@ -807,14 +807,35 @@ def parse(spec: Any) -> Initializer:
 # -- a scheme for a whole network -----------------------------------------------------
 
 _SLOTS = ("weight", "bias", "bn_weight", "bn_bias")
-_OVERRIDE_KEYS = {
-    "weight": "weight",
-    "bias": "bias",
-    "gamma": "weight",
-    "beta": "bias",
-    "bn_weight": "weight",
-    "bn_bias": "bias",
-}
+
+
+def _layer_scheme_keys() -> dict[str, str]:
+    """Scheme keys the registered layer kinds declare beyond the four fields
+    (e.g. LayerNorm's ``ln_weight`` / ``ln_bias``), with their default specs."""
+    from .layers import LAYER_TYPES
+
+    keys: dict[str, str] = {}
+    for cls in set(LAYER_TYPES.values()):
+        for slot in getattr(cls, "slot_table", ()):
+            if slot.scheme not in _SLOTS:
+                keys.setdefault(slot.scheme, slot.default)
+    return keys
+
+
+def _override_keys() -> dict[str, str]:
+    """Override table keys -> slot names: the slot names of every registered layer
+    kind and their aliases (BatchNorm's ``gamma`` / ``beta``), and the scheme keys
+    (``bn_weight`` -> ``weight``)."""
+    from .layers import LAYER_TYPES
+
+    keys = {"weight": "weight", "bias": "bias"}
+    for cls in set(LAYER_TYPES.values()):
+        for slot in getattr(cls, "slot_table", ()):
+            keys[slot.name] = slot.name
+            keys[slot.scheme] = slot.name
+            for a in slot.aliases:
+                keys[a] = slot.name
+    return keys
 
 
 def _default_weight() -> Initializer:
@@ -847,6 +868,7 @@ class InitScheme:
     bn_weight: Any = field(default_factory=ones)
     bn_bias: Any = field(default_factory=zeros)
     overrides: Any = field(default_factory=dict)
+    extra: Any = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for slot in _SLOTS:
@@ -854,6 +876,25 @@ class InitScheme:
                 object.__setattr__(self, slot, parse(getattr(self, slot)))
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"InitScheme {slot}: {exc}") from None
+        if not isinstance(self.extra, Mapping):
+            raise TypeError(
+                f"InitScheme extra must be a mapping {{key: spec}}, got "
+                f"{type(self.extra).__name__}"
+            )
+        known = _layer_scheme_keys()
+        extra = {}
+        for k, v in self.extra.items():
+            if k not in known:
+                raise ValueError(
+                    f"InitScheme: unknown key {k!r}; valid keys: "
+                    f"{', '.join((*_SLOTS, *sorted(known), 'overrides'))}"
+                )
+            try:
+                extra[k] = parse(v)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"InitScheme {k}: {exc}") from None
+        object.__setattr__(self, "extra", extra)
+        override_keys = _override_keys()
         if not isinstance(self.overrides, Mapping):
             raise TypeError(
                 f"InitScheme overrides must be a mapping {{selector: {{'weight': "
@@ -868,13 +909,13 @@ class InitScheme:
                 )
             entry = {}
             for k, v in table.items():
-                if k not in _OVERRIDE_KEYS:
+                if k not in override_keys:
                     raise ValueError(
                         f"InitScheme override {sel!r}: unknown key {k!r}; valid keys: "
-                        f"{', '.join(_OVERRIDE_KEYS)}"
+                        f"{', '.join(override_keys)}"
                     )
                 try:
-                    entry[_OVERRIDE_KEYS[k]] = parse(v)
+                    entry[override_keys[k]] = parse(v)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"InitScheme override {sel!r} {k}: {exc}") from None
             clean[str(sel)] = entry
@@ -892,6 +933,7 @@ class InitScheme:
                         (k, tuple(sorted(v.items()))) for k, v in self.overrides.items()
                     )
                 ),
+                tuple(sorted(self.extra.items())),
             )
         )
 
@@ -903,19 +945,24 @@ class InitScheme:
         if isinstance(spec, InitScheme):
             return spec
         if isinstance(spec, Mapping):
+            spec = dict(spec)
+            known = _layer_scheme_keys()
+            extra = dict(spec.pop("extra", {}) or {})
+            extra.update({k: spec.pop(k) for k in list(spec) if k in known})
             unknown = set(spec) - set(_SLOTS) - {"overrides"}
             if unknown:
                 raise ValueError(
                     f"unknown InitScheme keys {sorted(unknown)}; valid keys: "
-                    f"{', '.join((*_SLOTS, 'overrides'))}"
+                    f"{', '.join((*_SLOTS, *sorted(known), 'overrides'))}"
                 )
-            return cls(**dict(spec))
+            return cls(**spec, extra=extra)
         raise TypeError(
             f"init must be an InitScheme or a table, got {type(spec).__name__}"
         )
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {slot: str(getattr(self, slot)) for slot in _SLOTS}
+        d.update({k: str(v) for k, v in self.extra.items()})
         if self.overrides:
             d["overrides"] = {
                 sel: {k: str(v) for k, v in table.items()}
@@ -924,65 +971,71 @@ class InitScheme:
         return d
 
     # -- resolution against a network --------------------------------------------
+    def get(self, key: str, default: Any) -> Initializer:
+        """The initializer of scheme key ``key`` (a field, an ``extra`` key, or the
+        layer's ``default`` spec)."""
+        if key in _SLOTS:
+            return getattr(self, key)
+        if key in self.extra:
+            return self.extra[key]
+        return parse(default)
+
     def _selector_targets(self, network: Any, sel: str) -> list[int]:
         infos = network.infos
         by_name = [i for i, info in enumerate(infos) if info.name == sel]
         if by_name:
             return by_name
         if sel.endswith("]") and "[" in sel:
-            kind, _, idx = sel[:-1].partition("[")
-            kind = {"bn": "batchnorm", "batchnorm": "batchnorm", "dense": "dense"}.get(
-                kind.strip().lower(), ""
-            )
+            family, _, idx = sel[:-1].partition("[")
+            family = family.strip().lower()
             try:
                 k = int(idx)
             except ValueError:
-                k = None
-            if kind and k is not None:
-                of_kind = [i for i, info in enumerate(infos) if info.kind == kind]
-                if -len(of_kind) <= k < len(of_kind):
-                    return [of_kind[k]]
+                return []
+            of_kind = [
+                i
+                for i, info in enumerate(infos)
+                if family in (info.layer.prefix, *info.layer.selector_aliases)
+            ]
+            if -len(of_kind) <= k < len(of_kind):
+                return [of_kind[k]]
         return []
 
     def check_overrides(self, network: Any) -> None:
-        """Raise ValueError for a selector that matches no dense/BatchNorm layer."""
+        """Raise ValueError for a selector that matches no layer with parameters."""
         for sel in self.overrides:
             targets = self._selector_targets(network, sel)
-            ok = [i for i in targets if network.infos[i].kind in ("dense", "batchnorm")]
+            ok = [i for i in targets if network.infos[i].layer.slots()]
             if not ok:
-                names = [
-                    i.name for i in network.infos if i.kind in ("dense", "batchnorm")
-                ]
+                names = [i.name for i in network.infos if i.layer.slots()]
                 shown = ", ".join(names[:4] + (["..."] if len(names) > 4 else []))
                 raise ValueError(
-                    f"InitScheme override {sel!r} matches no dense or BatchNorm layer; "
+                    f"InitScheme override {sel!r} matches no layer with parameters; "
                     f"use a layer name ({shown}) or 'dense[-1]' / 'bn[0]'"
                 )
 
     def resolve(self, network: Any) -> list[dict[str, Any]]:
+        """Per layer, ``{slot name: initializer}`` (overrides applied); a slot the
+        layer kind has but this layer does not use (a bias-free Dense, a
+        normalisation without ``affine``) maps to None."""
         out: list[dict[str, Any]] = []
         for info in network.infos:
-            if info.kind == "dense":
-                out.append(
-                    {
-                        "weight": self.weight,
-                        "bias": self.bias if info.layer.bias else None,
-                    }
-                )
-            elif info.kind == "batchnorm":
-                out.append({"weight": self.bn_weight, "bias": self.bn_bias})
-            else:
-                out.append({})
+            used = info.layer.slots()
+            out.append(
+                {
+                    s.name: self.get(s.scheme, s.default) if s in used else None
+                    for s in info.layer.slot_table
+                }
+            )
         for sel, table in self.overrides.items():
             for i in self._selector_targets(network, sel):
-                if not out[i]:
-                    continue
                 for k, v in table.items():
-                    if k == "bias" and out[i].get("bias", 0) is None:
-                        continue
-                    out[i][k] = v
+                    if out[i].get(k) is not None:
+                        out[i][k] = v
         return out
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> InitScheme:
         merged = {**self.overrides, **dict(overrides)}
-        return InitScheme(self.weight, self.bias, self.bn_weight, self.bn_bias, merged)
+        return InitScheme(
+            self.weight, self.bias, self.bn_weight, self.bn_bias, merged, self.extra
+        )

@@ -54,7 +54,7 @@ Weights N(0, sigma_w2 / N), biases N(0, sigma_b2):
   xi_c^-1 = -log(sigma_w2 E[phi'(u) phi'(v)] at (q*, c*)) (:func:`depth_scales`).
 
 Activations are given by name ("relu", "leaky_relu", "tanh", "sigmoid", "gelu",
-"silu", "selu", "erf", "identity") or as :class:`initdiag.network.Activation`
+"silu", "selu", "erf", "identity") or as :class:`initdiag.layers.Activation`
 objects (needed for a leaky ReLU slope other than 0.01).
 """
 
@@ -64,14 +64,14 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from .network import Activation
-from .network import activation as _make_activation
+if TYPE_CHECKING:  # the layer modules import this one
+    from .layers.activation import Activation
 
 __all__ = [
     "NoEdgeOfChaosWarning",
@@ -108,10 +108,10 @@ class NoEdgeOfChaosWarning(RuntimeWarning):
 
 
 def _act(activation: str | Activation | Any) -> Activation:
-    if isinstance(activation, Activation):
-        return activation
-    if isinstance(activation, str):
-        return _make_activation(activation)
+    from .layers.activation import activation as make_activation
+
+    if isinstance(activation, str) or hasattr(activation, "name"):
+        return make_activation(activation)
     raise TypeError(
         "activation must be a name such as 'relu' or 'tanh' or an "
         f"initdiag Activation, got {type(activation).__name__}"

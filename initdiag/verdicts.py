@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .analytic import network_parameters
 from .profile import CORRELATION_THRESHOLD, Profile
 
 __all__ = [
@@ -109,57 +110,6 @@ class Verdict:
 
 
 # -- what the network is --------------------------------------------------------------
-
-
-def network_parameters(network: Any) -> dict[str, Any]:
-    """The mean-field parameters of a network, read from its init scheme.
-
-    Uses the second dense layer (hidden to hidden) when there is one, else the first.
-    ``sigma_w2 = fan_in * E[W^2]`` and ``sigma_b2 = E[b^2]`` (THEORY.md section 0).
-
-    Returns
-    -------
-    dict
-        ``activation`` (name of the most frequent activation, ``"identity"`` if none),
-        ``sigma_w2``, ``sigma_b2``, ``bias_mean``, ``batchnorm`` (bool),
-        ``gamma2`` / ``beta_mean`` / ``beta2`` (BatchNorm, NaN without),
-        ``n_blocks``, ``n_batchnorm``, ``width``.
-    """
-    infos = list(network.infos)
-    inits = network.param_inits()
-    dense = [i for i, info in enumerate(infos) if info.kind == "dense"]
-    bns = [i for i, info in enumerate(infos) if info.kind == "batchnorm"]
-    acts = [info.layer.name for info in infos if info.kind == "activation"]
-    act = max(set(acts), key=acts.count) if acts else "identity"
-    out: dict[str, Any] = {
-        "activation": act,
-        "sigma_w2": math.nan,
-        "sigma_b2": 0.0,
-        "bias_mean": 0.0,
-        "batchnorm": bool(bns),
-        "gamma2": math.nan,
-        "beta_mean": math.nan,
-        "beta2": math.nan,
-        "n_blocks": len(dense),
-        "n_batchnorm": len(bns),
-        "width": int(infos[dense[0]].width) if dense else int(infos[0].width),
-    }
-    if dense:
-        i = dense[1] if len(dense) > 1 else dense[0]
-        fi, fo = infos[i].fan_in, infos[i].width
-        w = inits[i]["weight"]
-        out["sigma_w2"] = float(fi * w.second_moment(fi, fo))
-        b = inits[i].get("bias")
-        if b is not None:
-            out["sigma_b2"] = float(b.second_moment(fi, fo))
-            out["bias_mean"] = float(b.mean(fi, fo))
-    if bns:
-        i = bns[0]
-        n = infos[i].width
-        out["gamma2"] = float(inits[i]["weight"].second_moment(n, n))
-        out["beta_mean"] = float(inits[i]["bias"].mean(n, n))
-        out["beta2"] = float(inits[i]["bias"].second_moment(n, n))
-    return out
 
 
 @functools.lru_cache(maxsize=256)

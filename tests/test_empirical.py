@@ -66,18 +66,18 @@ def test_float32_normals_follow_the_float64_ones():
 
 
 def test_kept_workspace_gives_identical_results():
-    # buffers kept between calls (empirical._POOL) must not leak state into a call
+    # buffers kept between calls (empirical.fused._POOL) must not leak state into a call
     net = idg.mlp(depth=3, width=24, activation="relu", batchnorm=True)
     other = idg.mlp(depth=2, width=16, activation="tanh")
     empirical.clear_workspace()
     a = _stats(idg.simulate(net, batch_size=10, seeds=3, rng=7, backend="numba"))
-    assert empirical._POOL  # kept
+    assert empirical.fused._POOL  # kept
     b = _stats(idg.simulate(net, batch_size=10, seeds=3, rng=7, backend="numba"))
     idg.simulate(other, batch_size=10, seeds=2, backend="numba")
-    assert list(empirical._POOL) == [empirical._plan_key(other, 10, np.dtype("f4"))]
+    assert list(empirical.fused._POOL) == [empirical.fused.plan_key(other, 10, np.dtype("f4"))]
     c = _stats(idg.simulate(net, batch_size=10, seeds=3, rng=7, backend="numba"))
     empirical.clear_workspace()
-    assert not empirical._POOL
+    assert not empirical.fused._POOL
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
 
@@ -183,8 +183,16 @@ def test_gram_identity_matches_forming_dw(monkeypatch):
         depth=2, width=32, output_dim=5, init=idg.InitScheme(bias="normal(0, 0.1)")
     )
     a = idg.simulate(net, batch_size=8, seeds=2, dtype="float64")
-    monkeypatch.setattr(empirical, "_use_gram", lambda *a: False)
+    from initdiag.layers import dense as dense_layer
+
+    for mod in (dense_layer, empirical.fused):
+        monkeypatch.setattr(mod, "use_gram", lambda *a: False)
     b = idg.simulate(net, batch_size=8, seeds=2, dtype="float64")
+    for be in ("numpy", "numba"):  # both executors formed dW
+        c = idg.simulate(net, batch_size=8, seeds=2, dtype="float64", backend=be)
+        np.testing.assert_allclose(
+            a["weight_grad_norm2"], c["weight_grad_norm2"], rtol=1e-10
+        )
     np.testing.assert_allclose(
         a["weight_grad_norm2"], b["weight_grad_norm2"], rtol=1e-12
     )
@@ -566,7 +574,7 @@ def test_fused_path_matches_numpy_backend(net):
     if not kernels.available_backends()["numba"]["available"]:
         pytest.skip("numba backend unavailable")
     net = idg.mlp(**net)
-    assert empirical._fused_ok(net, "numba") and not empirical._fused_ok(net, "numpy")
+    assert empirical.fused.fused_ok(net, "numba") and not empirical.fused.fused_ok(net, "numpy")
     got = _stats(idg.simulate(net, batch_size=12, seeds=2, backend="numba"))
     ref = _stats(idg.simulate(net, batch_size=12, seeds=2, backend="numpy"))
     eps = np.finfo(np.float32).eps
@@ -595,7 +603,7 @@ def test_blocked_gram_identity(B, syrk, monkeypatch):
     assert s == pytest.approx(np.sum((g.T @ x) ** 2), rel=1e-12)
     assert tr == pytest.approx(np.sum(g * g), rel=1e-12)
     # the float64 fallback's full matrix from the stored layout
-    np.testing.assert_allclose(empirical._full64(_fused, ga), g @ g.T, rtol=1e-12)
+    np.testing.assert_allclose(empirical.fused._full64(_fused, ga), g @ g.T, rtol=1e-12)
     # float32 (ssyrk / float32 GEMMs, row pieces summed in float32)
     g32, x32 = g.astype(np.float32), x.astype(np.float32)
     ga32, xa32 = (

@@ -256,7 +256,7 @@ def test_init_scheme_defaults_and_overrides():
     assert inits[net.names.index("dense1")]["weight"] == s.weight
     assert inits[net.names.index("bn1")]["weight"] == I.uniform(0, 1)
     assert inits[net.names.index("bn2")]["weight"] == I.ones()
-    with pytest.raises(ValueError, match="matches no dense"):
+    with pytest.raises(ValueError, match="matches no layer with parameters"):
         idg.mlp(2, 4, init=idg.InitScheme(overrides={"dense9": {"weight": "zeros"}}))
     with pytest.raises(ValueError, match="unknown key"):
         idg.InitScheme(overrides={"dense1": {"wieght": "zeros"}})

@@ -1,0 +1,431 @@
+"""``simulate``: Monte Carlo over random networks through the kernel backends.
+
+For every seed the engine samples all parameters with the network's
+:class:`~initdiag.initializers.InitScheme` (:mod:`.sampling`), pushes a batch forward
+and an output gradient backward through one interpreter (:mod:`.engine`) and an
+executor (:mod:`.generic`: each layer's own step through the kernel dispatchers of
+any backend; :mod:`.fused`: the same plan through fused numba passes, the default
+on the numba backend), and records every Profile column (see
+:mod:`initdiag.profile`) for every layer output.  Columns are averaged over seeds;
+``<col>_se`` is the standard error over seeds (sample standard deviation / sqrt(n)).
+
+- Backward keeps only what it needs (weights, inputs of activation and
+  normalisation layers with their saved statistics, and for dense layers the B x B
+  Gram ``X X^T`` instead of the input when cheaper): weight-gradient norms use
+  ``||G^T X||_F^2 = sum_ab (G G^T)_ab (X X^T)_ab``; ``dW`` itself is never needed.
+- Threads: on the fused path seeds run concurrently, one per thread (up to Numba's
+  thread count), each with single-threaded BLAS and Numba (:func:`_n_workers` says
+  why); a seed's results do not depend on which thread ran it.
+- Overflow: a non-finite layer output or gradient (or a signal that underflows to
+  all zeros through a layer that should not zero it) records a finding and stops
+  that seed; its later rows are missing for that seed, and every row is averaged
+  over the seeds that reached it (``meta["seeds_reached"]`` /
+  ``meta["seeds_reached_backward"]``).
+- Jacobian probes (``jacobian=True``) reuse the main forward pass's saved
+  linearisations (:mod:`.jacobian`), so that call runs the generic executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import _rng
+from ..network import Network
+from ..profile import STAT_COLUMNS, Profile
+from .engine import COL, SeedContext, run_seed
+from .fused import (
+    clear_workspace,
+    drop_other_plans,
+    fused_ok,
+    plan_key,
+    pooled_executor,
+)
+from .generic import GenericExecutor
+from .jacobian import summary as jacobian_summary
+from .memory import available_memory, estimate_memory, fmt_bytes, parse_bytes
+from .ops import Ops
+from .sampling import check_array, default_inputs
+
+__all__ = [
+    "simulate",
+    "estimate_memory",
+    "parse_bytes",
+    "available_memory",
+    "clear_workspace",
+]
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int):
+    """Numba's thread count of the calling thread set to ``n`` (restored after)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - the fused path needs numba
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, old)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def _n_workers(
+    seeds: int,
+    fused: bool,
+    user_callable: bool,
+    per_seed_bytes: int,
+    caps: list[int],
+) -> int:
+    """Seeds run concurrently on the fused path, one per thread.
+
+    Measured on the reference workload (bench/SIMULATE.md): alternating BLAS GEMMs
+    (2 OpenBLAS threads, whose workers spin ~50 ms after each call) with 2-thread
+    Numba passes ran ~3x slower than with 1-thread Numba passes, because the Numba
+    worker and the spinning BLAS worker share a core.  Running one seed per thread,
+    each with single-threaded BLAS and Numba, removes every pool hand-off: each core
+    alternates GEMMs and element-wise passes on its own.  Needs threadpoolctl (to
+    make BLAS single-threaded for the duration); not used for a
+    callable ``output_grad`` (user code need not be thread-safe), nor when the
+    concurrent seeds would not fit in memory.
+    """
+    if not fused or user_callable or seeds < 2:
+        return 1
+    try:
+        import numba
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return 1
+    w = min(seeds, numba.get_num_threads())
+    while w > 1 and any(w * per_seed_bytes > c for c in caps):
+        w -= 1
+    return w
+
+
+def _run_concurrent(
+    one_seed: Callable,
+    network: Network,
+    B: int,
+    dt: np.dtype,
+    seeds: int,
+    workers: int,
+    timing: dict[str, float],
+) -> None:
+    """Each worker thread takes the next seed not yet started (BLAS and Numba
+    single-threaded inside), so a core slowed by other work takes fewer seeds;
+    results do not depend on the assignment."""
+    import itertools
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    tms = [dict.fromkeys(timing, 0.0) for _ in range(workers)]
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        with _numba_threads(1), pooled_executor(network, B, dt) as plan:
+            while True:
+                with lock:
+                    s = next(counter)
+                if s >= seeds:
+                    return
+                one_seed(s, plan, tms[k])
+
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        ThreadPoolExecutor(max_workers=workers) as ex,
+    ):
+        for fut in [ex.submit(work, k) for k in range(workers)]:
+            fut.result()
+    for tm in tms:
+        for k, v in tm.items():
+            timing[k] += v
+
+
+def _check_int(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    value = int(value.__index__())
+    if value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(
+            f"dtype must be 'float32' or 'float64', got {dtype!r}"
+        ) from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return dt
+
+
+def simulate(
+    network: Network,
+    *,
+    batch_size: int = 256,
+    seeds: int = 8,
+    inputs: npt.ArrayLike | None = None,
+    input_correlation: float = 0.0,
+    output_grad: npt.ArrayLike | Callable[[np.ndarray], npt.ArrayLike] | None = None,
+    backend: str | None = None,
+    dtype: Any = "float32",
+    rng: int | np.random.Generator | None = 0,
+    jacobian: bool = False,
+    memory_limit: int | str | None = None,
+) -> Profile:
+    """Measure a network's step-0 statistics by Monte Carlo over random networks.
+
+    For each of ``seeds`` independent draws of the parameters (from the network's
+    :class:`~initdiag.initializers.InitScheme`, per-layer overrides included), a batch
+    is pushed forward and the gradient of ``L = sum_b <g_out[b], y[b]>`` backward
+    through the kernel backend, and every Profile column is recorded for every layer
+    output (definitions in :mod:`initdiag.profile`).
+
+    Parameters
+    ----------
+    network : Network
+        The network description.
+    batch_size : int
+        Examples per batch (>= 2); ignored when ``inputs`` is given.
+    seeds : int
+        Independent random networks (and input batches); >= 2 for standard errors.
+    inputs : array (B, input_dim), optional
+        The user's data, used for every seed.  Default: a fresh Gaussian batch per seed
+        with ``E[x^2] = 1`` and pairwise correlation ``input_correlation``:
+        ``x_b = sqrt(c) z_0 + sqrt(1 - c) z_b`` per feature (matches ``analyze``).
+    input_correlation : float in [0, 1]
+        The default inputs' correlation ``c``.
+    output_grad : array (B, output_dim) or callable, optional
+        ``g_out``; a callable receives the network output (B, output_dim) and returns
+        the gradient of the user's loss.  Default: standard Gaussian, fresh per seed.
+    backend : str, optional
+        Kernel backend (``"numba"``, ``"c"``, ``"numpy"``); default as
+        :func:`initdiag.kernels.dense_forward` resolves it.
+    dtype : {"float32", "float64"}
+        Working precision (statistics are accumulated in float64).
+    rng : int, numpy Generator or None
+        Seeds every stream; the same ``rng`` gives identical results (parameters
+        and inputs bit-identical whatever the thread count; statistics identical
+        for the same thread count and equal to float32 rounding across thread
+        counts, which change how BLAS splits its sums).
+    jacobian : bool
+        Also estimate ``m1, m2`` (first two moments of the eigenvalues of ``J J^T``, J
+        the input-output Jacobian of one example with the batch statistics of
+        BatchNorm held fixed) with one Gaussian probe per example through JVP / VJP
+        passes: ``m1 = E||J u||^2 / n_out``, ``m2 = E||J^T J u||^2 / n_out``
+        (Hutchinson's estimator, u ~ N(0, I)); with width <= 512 also the exact
+        singular values of J for a few examples (SVD).  Stored in
+        ``profile.extra["jacobian"]``.
+    memory_limit : int or str, optional
+        Refuse to start when the estimated peak (:func:`estimate_memory`) exceeds it
+        (bytes or ``"2GB"``); the machine's available memory is always checked.
+
+    Returns
+    -------
+    Profile
+        ``source="empirical"``; every column with ``<col>_se``; ``summary`` with the
+        measured ``gradient_ratio`` and ``correlation_depth`` and the analytic
+        ``chi1, regime, q_star, c_star, xi_q, xi_c`` (from :func:`initdiag.analyze`,
+        when it can describe the network); ``findings`` lists overflow / underflow
+        events; ``meta`` records batch, seeds, backend, dtype, ``workers`` (seeds run
+        at once), ``seconds`` (wall time) and ``timing`` (per phase, summed over
+        seeds; each seed runs on one thread, so with ``workers > 1`` the sum exceeds
+        the wall time).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For invalid arguments; ValueError also when the memory estimate exceeds the
+        available memory or ``memory_limit`` (nothing large is allocated before).
+
+    References
+    ----------
+    Poole et al. (2016), Schoenholz et al. (2017) for the quantities measured;
+    Pennington, Schoenholz & Ganguli (2017) for ``m1, m2`` of ``J J^T``.
+    """
+    if not isinstance(network, Network):
+        raise TypeError(
+            f"simulate() needs an initdiag.Network (e.g. initdiag.mlp(...)), got "
+            f"{type(network).__name__}"
+        )
+    dt = _check_dtype(dtype)
+    seeds = _check_int(seeds, "seeds", 1)
+    try:
+        c_in = float(input_correlation)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"input_correlation must be a number in [0, 1], got {input_correlation!r}"
+        ) from None
+    if not 0.0 <= c_in <= 1.0:
+        raise ValueError(
+            f"input_correlation must be in [0, 1], got {input_correlation!r}"
+        )
+    if inputs is not None:
+        x_user = check_array(inputs, (0, network.input_dim), "inputs", dt)
+        B = x_user.shape[0]
+        if B < 2:
+            raise ValueError(f"inputs need at least 2 rows (examples), got {B}")
+    else:
+        x_user = None
+        B = _check_int(batch_size, "batch_size", 2)
+    g_spec: Any = None
+    if output_grad is not None:
+        if callable(output_grad):
+            g_spec = output_grad
+        else:
+            g_spec = check_array(
+                output_grad, (B, network.output_dim), "output_grad", dt
+            )
+            if not np.any(g_spec):
+                raise ValueError("output_grad is all zeros; nothing to propagate")
+    if not isinstance(jacobian, bool):
+        raise TypeError(f"jacobian must be True or False, got {jacobian!r}")
+    entropy = _rng.entropy_of(rng)
+
+    # memory check before anything large exists (workspaces kept from calls on
+    # other networks are freed first)
+    drop_other_plans(plan_key(network, B, dt))
+    est = estimate_memory(network, B, dt, jacobian)
+    limit = parse_bytes(memory_limit) if memory_limit is not None else None
+    avail = available_memory()
+    for cap, what in ((limit, "memory_limit"), (avail, "available memory")):
+        if cap is not None and est["total"] > cap:
+            raise ValueError(
+                f"simulate() would need about {fmt_bytes(est['total'])} (parameters "
+                f"{fmt_bytes(est['parameters'])}, saved for backward "
+                f"{fmt_bytes(est['saved'])}, workspace "
+                f"{fmt_bytes(est['workspace'])}) "
+                f"but the {what} is {fmt_bytes(cap)}; use a smaller batch_size, a "
+                f"narrower or shallower network, or dtype='float32'"
+            )
+
+    ops = Ops(backend)
+    infos = network.infos
+    inits = network.param_inits()
+    stats = np.full((seeds, len(infos), len(STAT_COLUMNS)), np.nan)
+    timing = {"sample": 0.0, "forward": 0.0, "backward": 0.0, "jacobian": 0.0}
+    jac: dict[str, list[Any]] | None = (
+        {"m1": [], "m2": [], "singular_values": [], "m1_exact": [], "m2_exact": []}
+        if jacobian
+        else None
+    )
+    # the Jacobian probes read the generic executor's saved linearisations
+    fused = fused_ok(network, backend) and not jacobian
+    workers = _n_workers(
+        seeds,
+        fused,
+        callable(output_grad),
+        est["total"],
+        [c for c in (limit, avail) if c is not None],
+    )
+    seed_findings: list[list[dict[str, Any]]] = [[] for _ in range(seeds)]
+
+    def one_seed(s: int, ex: Any, tm: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        buf = ex.buf(("x",), (B, network.input_dim)) if fused else None
+        x = (
+            x_user
+            if x_user is not None
+            else default_inputs(B, network.input_dim, c_in, dt, entropy, s, buf)
+        )
+        tm["sample"] += time.perf_counter() - t0
+        sc = SeedContext(
+            network, inits, dt, entropy, s, B, g_spec, stats[s], seed_findings[s], tm
+        )
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            run_seed(ex, sc, x, jac)
+
+    t_start = time.perf_counter()
+    if workers > 1:
+        _run_concurrent(one_seed, network, B, dt, seeds, workers, timing)
+    elif fused:
+        with _numba_threads(1), pooled_executor(network, B, dt) as ex:
+            for s in range(seeds):
+                one_seed(s, ex, timing)
+    else:
+        for s in range(seeds):
+            one_seed(s, GenericExecutor(network, ops), timing)
+    findings = [f for fs in seed_findings for f in fs]
+    wall = time.perf_counter() - t_start
+
+    prof = _aggregate(network, stats)
+    prof.findings = findings
+    summary: dict[str, Any] = {
+        k: math.nan for k in ("chi1", "q_star", "c_star", "xi_q", "xi_c")
+    }
+    summary["regime"] = None
+    summary.update(_analytic_summary(network))
+    summary["correlation_depth"] = prof.correlation_depth()
+    summary["gradient_ratio"] = prof.gradient_ratio()
+    prof.summary = summary
+    if jac is not None:
+        prof.extra["jacobian"] = jacobian_summary(jac)
+    reached = np.sum(~np.isnan(stats[:, :, COL["second_moment"]]), axis=0)
+    reached_b = np.sum(~np.isnan(stats[:, :, COL["grad_second_moment"]]), axis=0)
+    prof.meta = {
+        "engine": "simulate",
+        "batch_size": B,
+        "seeds": seeds,
+        "inputs": "user" if x_user is not None else "gaussian",
+        "input_correlation": c_in if x_user is None else None,
+        "output_grad": "gaussian"
+        if output_grad is None
+        else ("callable" if callable(output_grad) else "user"),
+        "backend": ops.resolved(),
+        "executor": "fused" if fused else "generic",
+        "dtype": dt.name,
+        "rng": entropy,
+        "seeds_reached": reached.tolist(),
+        "seeds_reached_backward": reached_b.tolist(),
+        "memory_estimate": est["total"],
+        "workers": workers,
+        "seconds": wall,
+        "timing": dict(timing),
+    }
+    return prof
+
+
+def _aggregate(network: Network, stats: np.ndarray) -> Profile:
+    """Mean over the seeds that reached each row, and its standard error."""
+    prof = Profile.empty(network, "empirical", with_se=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for c, j in COL.items():
+            v = stats[:, :, j]
+            ok = ~np.isnan(v)
+            n = ok.sum(axis=0)
+            tot = np.where(ok, v, 0.0).sum(axis=0)
+            mean = np.where(n > 0, tot / np.maximum(n, 1), np.nan)
+            dev = np.where(ok, v - mean, 0.0)
+            var = (dev * dev).sum(axis=0) / np.maximum(n - 1, 1)
+            se = np.where(n >= 2, np.sqrt(var / np.maximum(n, 1)), np.nan)
+            prof.columns[c] = mean
+            prof.columns[f"{c}_se"] = se
+    return prof
+
+
+def _analytic_summary(network: Network) -> dict[str, Any]:
+    """chi1, regime, q*, c*, xi_q, xi_c from the analytic engine, when available."""
+    try:
+        from .analytic import analyze
+    except ImportError:
+        return {}
+    try:
+        a = analyze(network)
+    except (ValueError, NotImplementedError, TypeError):
+        return {}
+    keys = ("chi1", "regime", "q_star", "c_star", "xi_q", "xi_c")
+    return {k: a.summary[k] for k in keys if k in a.summary}

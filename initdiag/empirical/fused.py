@@ -1,0 +1,429 @@
+"""The fused executor: the same plan through the fused numba passes.
+
+Units come from each layer's :meth:`~initdiag.layers.Layer.fusion` primitive:
+``("gemm",)`` (a dense layer: BLAS GEMM into a kept buffer, then every statistic
+of its output in one pass), ``("batch_affine", eps)`` followed by
+``("elementwise", code, slope)`` (BatchNorm + activation and the statistics of
+both outputs in one pass; the BatchNorm output is never stored: backward
+recomputes it), a lone ``batch_affine`` (identity activation) or a lone
+``elementwise`` (no affine part); a layer without a primitive (``None``) runs its
+generic step (:mod:`initdiag.empirical.generic`) inside this plan.
+
+GEMMs go to BLAS into buffers allocated once per worker and kept between calls
+for the latest network structure (no page faults on repeated calls;
+:func:`clear_workspace` frees them).  Weight-gradient norms are exact and use
+``||G^T X||_F^2 = sum_ab (G G^T)_ab (X X^T)_ab`` (both B x B Grams by BLAS syrk)
+where cheaper (:func:`initdiag.layers.dense.use_gram`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from ..layers.dense import is_zero_init, use_gram
+from .engine import SeedContext, StepContext
+from .ops import Ops, sumsq64
+from .sampling import fill_param, layer_params, output_grad
+
+__all__ = [
+    "FusedExecutor",
+    "fused_ok",
+    "pooled_executor",
+    "clear_workspace",
+    "drop_other_plans",
+    "plan_key",
+]
+
+
+def _fused_module():
+    from .. import _fused
+
+    return _fused
+
+
+class FusedExecutor:
+    """Units of the fused numba path and their buffers (allocated once per plan,
+    reused across seeds).  A plan is used by one thread at a time."""
+
+    def __init__(self, net: Any, B: int, dt: np.dtype) -> None:
+        f = self.f = _fused_module()
+        self.net = net
+        infos = net.infos
+        units: list[tuple] = []
+        i = 0
+        while i < len(infos):
+            prim = infos[i].layer.fusion()
+            nxt = infos[i + 1].layer.fusion() if i + 1 < len(infos) else None
+            if prim is None:
+                units.append(("step", i))
+            elif prim[0] == "gemm":
+                units.append(("dense", i))
+            elif (
+                prim[0] == "batch_affine"
+                and nxt is not None
+                and nxt[0] == "elementwise"
+            ):
+                units.append(("elem", i, i + 1))
+                i += 1
+            elif prim[0] == "batch_affine":
+                units.append(("elem", i, None))
+            else:
+                units.append(("elem", None, i))
+            i += 1
+        self.units = units
+        self.B = B
+        self.dt = dt
+        self.ops = Ops("numba")
+        widths = [net.input_dim, *[info.width for info in infos]]
+        nmax = max(widths)
+        nch = f.row_chunks(B)
+        self.acc = [np.empty((nch, 4, nmax)) for _ in range(2)]
+        self.sc = [np.empty((nch, 4)) for _ in range(2)]
+        self.colmean = np.empty(nmax)
+        self.colvar = np.empty(nmax)
+        self.vec = {k: np.empty(nmax) for k in ("dgamma", "dbeta", "dxsum")}
+        self.sums = np.empty(3)
+        self.flat = [np.empty(B * nmax, dt) for _ in range(2)]  # ping-pong
+        self.gg = np.empty((B, B), dt)
+        self.bufs: dict[tuple, np.ndarray] = {}
+        self.saved: dict[int, Any] = {}
+        self.output: np.ndarray | None = None
+
+    # -- buffers ----------------------------------------------------------------
+    def buf(self, key: tuple, shape: tuple[int, ...], dtype: Any = None) -> np.ndarray:
+        a = self.bufs.get(key)
+        if a is None or a.shape != shape:
+            a = np.empty(shape, dtype or self.dt)
+            self.bufs[key] = a
+        return a
+
+    def nbytes(self) -> int:
+        arrs = [*self.acc, *self.sc, *self.flat, self.gg, *self.bufs.values()]
+        return sum(a.nbytes for a in arrs)
+
+    def pingpong(self, k: int, n: int) -> np.ndarray:
+        return self.flat[k % 2][: self.B * n].reshape(self.B, n)
+
+    def _u(self, unit: tuple) -> int:
+        return self.units.index(unit)
+
+    # -- sampling -----------------------------------------------------------------
+    def sample(self, unit: tuple, sc: SeedContext) -> None:
+        infos = self.net.infos
+        if unit[0] == "step":
+            i = unit[1]
+            params = layer_params(infos[i], sc.inits[i], sc.dt, sc.entropy, sc.seed)
+            self._step_ctx = StepContext(
+                infos[i], params, sc.inits[i], self.ops, sc.B, sc.dt
+            )
+            return
+        rows = (
+            [unit[1]] if unit[0] == "dense" else [r for r in unit[1:] if r is not None]
+        )
+        for i in rows:
+            info = infos[i]
+            fi, fo = info.fans
+            for k, slot in enumerate(info.layer.slot_table):
+                init = sc.inits[i].get(slot.name)
+                if init is None:
+                    continue
+                shape = info.layer.param_shape(slot, info.fan_in, info.width)
+                out = self.buf((slot.name, i), shape)
+                fill_param(out, init, fi, fo, sc.dt, sc.entropy, sc.seed, i, k)
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
+        if unit[0] == "dense":
+            return self._dense_forward(unit, cur, sc)
+        if unit[0] == "step":
+            return self._step_forward(unit, cur, sc)
+        return self._elem_forward(unit, cur, sc)
+
+    def _stats(self, x: np.ndarray, n: int, st: np.ndarray) -> np.ndarray:
+        self.f.col_stats(
+            x, self.acc[1], self.sc[1], st, self.colmean[:n], self.colvar[:n]
+        )
+        return st
+
+    def _dense_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
+        i = unit[1]
+        info = self.net.infos[i]
+        p = sc.inits[i]
+        n_in, n_out = info.fan_in, info.width
+        w = self.bufs[("weight", i)]
+        b = self.bufs[("bias", i)] if p.get("bias") is not None else None
+        gram = use_gram(self.B, n_in, n_out)
+        xs = (
+            _safe_gram(self.f, cur, self.buf(("gram", i), (self.B, self.B)))
+            if gram
+            else cur.copy()
+        )
+        self.saved[unit] = (w, b, xs, gram)
+        pre = self.buf(("pre", i), (self.B, n_out))
+        np.matmul(cur, w.T, out=pre)
+        if b is not None and not is_zero_init(p["bias"], n_in, n_out):
+            pre += b
+        st = self._stats(pre, n_out, np.empty(10))
+        self._has_colstats = True
+        return pre, [(i, st)]
+
+    def _step_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
+        i = unit[1]
+        ctx = self._step_ctx
+        y, saved = ctx.info.layer.forward(ctx, cur)
+        self.saved[unit] = (ctx, saved)
+        self._has_colstats = False
+        return y, [(i, self.ops.row_stats(y, np.empty(10)))]
+
+    def _elem_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
+        f = self.f
+        infos = self.net.infos
+        _, ib, ia = unit
+        u = self._u(unit)
+        n = cur.shape[1]
+        if ib is not None:
+            eps = infos[ib].layer.fusion()[1]
+            if sc.inits[ib].get("weight") is not None:
+                g64 = self.bufs[("weight", ib)].astype(np.float64)
+                b64 = self.bufs[("bias", ib)].astype(np.float64)
+            else:  # affine=False: gamma = 1, beta = 0
+                g64, b64 = np.ones(n), np.zeros(n)
+            if not self._has_colstats:
+                self._stats(cur, n, np.empty(10))
+            mean = self.buf(("mean", ib), (n,), np.float64)
+            invstd = self.buf(("invstd", ib), (n,), np.float64)
+            mean[:] = self.colmean[:n]
+            np.divide(1.0, np.sqrt(self.colvar[:n] + float(eps)), out=invstd)
+        else:
+            mean = np.zeros(n)
+            invstd = g64 = np.ones(n)
+            b64 = np.zeros(n)
+        code, slope = (
+            (infos[ia].layer.fusion()[1:]) if ia is not None else (f.IDENTITY, 0.0)
+        )
+        rec_y = ib is not None and ia is not None
+        nxt = self.units[u + 1] if u + 1 < len(self.units) else None
+        keep = not (
+            nxt is not None
+            and nxt[0] == "dense"
+            and use_gram(self.B, n, infos[nxt[1]].width)
+        )
+        h = self.buf(("h", u), (self.B, n)) if keep else self.pingpong(u, n)
+        st_y, st_h = np.empty(10), np.empty(10)
+        f.unit_forward(
+            cur,
+            mean,
+            invstd,
+            g64,
+            b64,
+            code,
+            slope,
+            rec_y,
+            h,
+            self.acc[0],
+            self.sc[0],
+            self.acc[1],
+            self.sc[1],
+            st_y,
+            st_h,
+        )
+        self.saved[unit] = (cur, mean, invstd, g64, b64, code, slope)
+        self._has_colstats = False
+        rows = []
+        if rec_y:
+            rows.append((ib, st_y))
+        rows.append((ia if ia is not None else ib, st_h))
+        return h, rows
+
+    # -- backward -----------------------------------------------------------------
+    def output_grad(self, y: np.ndarray, sc: SeedContext) -> np.ndarray:
+        self._colsum = None
+        return output_grad(
+            sc.g_spec, y, sc.dt, sc.entropy, sc.seed, self.buf(("gout",), y.shape)
+        )
+
+    def backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
+        if unit[0] == "dense":
+            return self._dense_backward(unit, g, sc)
+        if unit[0] == "step":
+            i = unit[1]
+            ctx, saved = self.saved.pop(unit)
+            ss = sumsq64(g)
+            gin, sums = ctx.info.layer.backward(ctx, g, saved, i > 0)
+            self._colsum = None
+            return gin, [(i, ss, sums)]
+        return self._elem_backward(unit, g, sc)
+
+    def _dense_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
+        f = self.f
+        i = unit[1]
+        info = self.net.infos[i]
+        w, b, xs, gram = self.saved[unit]
+        B = self.B
+        if gram:
+            gg = _safe_gram(f, g, self.gg)
+            if gg.dtype == xs.dtype:
+                wn, ss = f.gram_dot(gg, xs, f.gram_split(B))
+            else:  # a float64 fallback on one side: both full, float64
+                wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
+        else:
+            ss = float(np.einsum("ij,ij->", g, g, dtype=np.float64))
+            dw = g.T @ xs
+            wn = float(np.einsum("ij,ij->", dw, dw, dtype=np.float64))
+        sums = {"weight_grad_norm2": wn}
+        if b is not None:
+            db = (
+                self._colsum
+                if self._colsum is not None
+                else g.sum(axis=0, dtype=np.float64)
+            )
+            sums["bias_grad_norm2"] = float(db @ db)
+        self._colsum = None
+        gin = None
+        if i > 0:
+            gin = np.matmul(g, w, out=self.pingpong(self._u(unit), info.fan_in))
+        return gin, [(i, ss, sums)]
+
+    def _elem_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
+        f = self.f
+        _, ib, ia = unit
+        u = self._u(unit)
+        n = g.shape[1]
+        x, mean, invstd, g64, b64, code, slope = self.saved[unit]
+        first = ib if ib is not None else ia
+        out_row = ia if ia is not None else ib
+        dx = self.pingpong(u, n)
+        vec = self.vec
+        f.unit_backward(
+            g,
+            x,
+            mean,
+            invstd,
+            g64,
+            b64,
+            code,
+            slope,
+            ib is not None,
+            first > 0,
+            dx,
+            self.acc[0],
+            self.sums,
+            vec["dgamma"][:n],
+            vec["dbeta"][:n],
+            vec["dxsum"][:n],
+        )
+        s = self.sums
+        rows = [(out_row, float(s[0]), {})]
+        affine = ib is not None and sc.inits[ib].get("weight") is not None
+        norms = {}
+        if affine:
+            dg, dbt = vec["dgamma"][:n], vec["dbeta"][:n]
+            norms = {
+                "gamma_grad_norm2": float(dg @ dg),
+                "beta_grad_norm2": float(dbt @ dbt),
+            }
+        if ib is not None and ia is not None:
+            rows.append((ib, float(s[1]), norms))
+        elif ib is not None:
+            rows[0] = (ib, float(s[0]), norms)
+        if first == 0:
+            return None, rows
+        self._colsum = vec["dxsum"][:n].copy()
+        return dx, rows
+
+
+def _safe_gram(f: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``f.gram(a, out)``; where the working-precision Gram overflows (its trace,
+    the largest row norm^2 bound of every entry, is not finite) although ``a`` is
+    finite, the full Gram in float64 instead (rare: signals near the float32 range)."""
+    f.gram(a, out)
+    if math.isfinite(float(np.trace(out, dtype=np.float64))):
+        return out
+    a64 = a.astype(np.float64)
+    if not np.all(np.isfinite(a64)):
+        return out  # a itself overflowed: the caller reports it
+    return a64 @ a64.T
+
+
+def _full64(f: Any, g: np.ndarray) -> np.ndarray:
+    """A Gram stored as the fused ``gram`` leaves it, as a full float64 matrix."""
+    h = f.gram_split(g.shape[0])
+    if g.dtype == np.float64 and h == 0:
+        return g
+    full = g.astype(np.float64)
+    if h < 0:  # upper triangle by rows
+        up = np.triu(full)
+        return up + np.triu(full, 1).T
+    if h:
+        B = g.shape[0]
+        for s in range(h, B, h):  # mirror the blocks left of each diagonal block
+            e = min(s + h, B)
+            full[:s, s:e] = full[s:e, :s].T
+    return full
+
+
+def fused_ok(net: Any, backend: str | None) -> bool:
+    """The fused executor serves the numba backend (any network: layers without a
+    fused primitive run their generic step inside the plan)."""
+    try:
+        from .. import kernels
+
+        return kernels._resolve(backend, ()) == "numba"
+    except Exception:  # pragma: no cover - the generic path reports the problem
+        return False
+
+
+# Workspaces kept across calls: the buffers of a plan (weights, pre-activations,
+# Grams of every layer: ~140 MB per worker on the reference workload) are
+# page-faulted in on first touch, ~10 ms per seed-core when a call starts fresh.
+# Finished plans go back to this pool; a call with the same network structure,
+# batch and dtype takes them out again.  Only the latest structure is kept, at
+# most ``_POOL_MAX_PLANS`` plans of at most ``_POOL_MAX_BYTES`` each.
+_POOL_LOCK = threading.Lock()
+_POOL: dict[tuple, list[FusedExecutor]] = {}
+_POOL_MAX_PLANS = 4
+_POOL_MAX_BYTES = 1 << 30
+
+
+def plan_key(net: Any, B: int, dt: np.dtype) -> tuple:
+    return (
+        net.input_dim,
+        B,
+        dt.str,
+        tuple((i.layer, i.fan_in, i.width) for i in net.infos),
+    )
+
+
+def clear_workspace() -> None:
+    """Free the buffers ``simulate`` keeps between calls."""
+    with _POOL_LOCK:
+        _POOL.clear()
+
+
+def drop_other_plans(key: tuple) -> None:
+    with _POOL_LOCK:
+        for k in [k for k in _POOL if k != key]:
+            del _POOL[k]
+
+
+@contextlib.contextmanager
+def pooled_executor(net: Any, B: int, dt: np.dtype):
+    """A :class:`FusedExecutor` from the pool (or a new one), returned after use."""
+    key = plan_key(net, B, dt)
+    with _POOL_LOCK:
+        plans = _POOL.get(key)
+        plan = plans.pop() if plans else None
+    if plan is None:
+        plan = FusedExecutor(net, B, dt)
+    yield plan
+    if plan.nbytes() <= _POOL_MAX_BYTES:
+        drop_other_plans(key)
+        with _POOL_LOCK:
+            plans = _POOL.setdefault(key, [])
+            if len(plans) < _POOL_MAX_PLANS:
+                plans.append(plan)

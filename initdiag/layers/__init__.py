@@ -1,0 +1,48 @@
+"""Layer kinds, one module each: spec, analytic rule, empirical step.
+
+See :mod:`initdiag.layers.base` for what a layer kind provides and
+``docs/architecture.md`` for how to add one.
+"""
+
+from __future__ import annotations
+
+from .activation import (
+    ACTIVATIONS,
+    GELU,
+    SELU,
+    Activation,
+    Erf,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Tanh,
+    activation,
+)
+from .base import LAYER_TYPES, Layer, Slot, layer_from_dict, register
+from .dense import Dense
+from .norm import BatchNorm, LayerNorm
+
+__all__ = [
+    "ACTIVATIONS",
+    "LAYER_TYPES",
+    "Activation",
+    "BatchNorm",
+    "Dense",
+    "Erf",
+    "GELU",
+    "Identity",
+    "Layer",
+    "LayerNorm",
+    "LeakyReLU",
+    "ReLU",
+    "SELU",
+    "Sigmoid",
+    "SiLU",
+    "Slot",
+    "Tanh",
+    "activation",
+    "layer_from_dict",
+    "register",
+]

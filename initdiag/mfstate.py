@@ -1,0 +1,291 @@
+"""The mean-field state the analytic rules pass along (see :mod:`initdiag.analytic`).
+
+Forward, every unit of a layer sees its batch values ``h[a]`` (a = 1..B); the
+:class:`State` keeps ``ex[a] = E[h[a]]``, the second-moment kernel
+``K[a, b] = E[h[a] h[b]]`` (the NNGP kernel of Lee et al. 2018, uncentred) and, when
+the values are Gaussian, a mixture of Gaussians :class:`Gauss` (one component, or
+one per quadrature node of a normalisation layer's random gamma / beta).
+
+Backward, :class:`GradState` carries the gradient second moment at a row's output
+per mixture component of the forward state there, and two facts the parameter
+gradients need: whether a normalisation above has centred the gradient over the
+batch, and whether the gradient is independent of the row's values (no
+nonlinearity between them and the loss).
+
+:class:`Batch` holds the batch bookkeeping (an exchangeable pair or a full batch)
+and the Profile statistics of a state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import special, stats
+
+from . import meanfield as mf
+
+#: quadrature nodes per random normalisation parameter
+NQ = 20
+#: largest full batch whose dead fraction is computed (Genz's algorithm, scipy)
+MVN_MAX = 12
+
+
+@dataclass
+class Gauss:
+    """Mixture of Gaussians over the batch: weights (k,), means (k, B), covs
+    (k, B, B); ``gamma2`` (k,) the squared BN gain of each component (1 when the
+    mixture does not come from a BatchNorm), ``n_mean``/``n_var`` of the
+    normalised variable for BN gamma gradients."""
+
+    w: np.ndarray
+    m: np.ndarray
+    S: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+
+
+@dataclass
+class State:
+    ex: np.ndarray
+    K: np.ndarray
+    gauss: Gauss | None
+    why_not_gauss: str = ""
+
+
+def single(m: np.ndarray, S: np.ndarray) -> Gauss:
+    return Gauss(np.ones(1), m[None], S[None], np.ones(1), np.zeros(1))
+
+
+def moments(g: Gauss) -> tuple[np.ndarray, np.ndarray]:
+    ex = np.einsum("k,ka->a", g.w, g.m)
+    K = np.einsum("k,kab->ab", g.w, g.S + g.m[:, :, None] * g.m[:, None, :])
+    return ex, K
+
+
+def param_nodes(init: Any, nf: int, what: str, layer: str):
+    """Quadrature nodes and weights of a BatchNorm parameter's distribution."""
+    mean = init.mean(nf, nf)
+    var = init.variance(nf, nf)
+    if var == 0:
+        return np.array([mean]), np.ones(1)
+    dist = init.distribution(nf, nf)
+    if dist is None:
+        raise NotImplementedError(
+            f"{layer}: {what} initializer {init} has no closed-form distribution; the "
+            "activation after this BatchNorm needs it (use normal, uniform or constant)"
+        )
+    kind, p, q = dist
+    if kind == "normal":
+        x, w = special.roots_hermitenorm(NQ)
+        return p + q * x, w / w.sum()
+    if kind == "uniform":
+        x, w = np.polynomial.legendre.leggauss(NQ)
+        return 0.5 * (p + q) + 0.5 * (q - p) * x, w / w.sum()
+    return np.array([p]), np.ones(1)
+
+
+class Batch:
+    """Batch bookkeeping: exchangeable pair (``equi``) or a full batch."""
+
+    def __init__(self, equi: bool, B: int | None) -> None:
+        self.equi = equi
+        self.B = B  # None: infinite
+
+    def centre(self, K: np.ndarray) -> np.ndarray:
+        if self.equi:
+            d, o = K[0, 0], K[0, 1]
+            if self.B is None:
+                cd, co = d - o, 0.0
+            else:
+                cd, co = (d - o) * (self.B - 1) / self.B, -(d - o) / self.B
+            return np.array([[cd, co], [co, cd]])
+        C = np.eye(K.shape[0]) - 1.0 / K.shape[0]
+        return C @ K @ C
+
+    def centre_vec(self, ex: np.ndarray) -> np.ndarray:
+        return np.zeros_like(ex) if self.equi else ex - ex.mean()
+
+    def stats(self, ex: np.ndarray, K: np.ndarray) -> dict[str, float]:
+        d = np.diag(K)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if self.equi:
+                o = K[0, 1]
+                B = self.B
+                sq = o if B is None else (K[0, 0] + (B - 1) * o) / B
+                corr = o / K[0, 0]
+            else:
+                sq = K.mean()
+                B = K.shape[0]
+                cos = K / np.sqrt(np.outer(d, d))
+                corr = (cos.sum() - np.trace(cos)) / (B * (B - 1)) if B > 1 else np.nan
+        second = float(d.mean())
+        return {
+            "mean": float(ex.mean()),
+            "second_moment": second,
+            "variance": second - float(sq),
+            "squared_mean": float(sq),
+            "correlation": float(corr),
+        }
+
+
+def orthant(g: Gauss, batch: Batch) -> float:
+    """P(h[a] <= 0 for every a of the batch) under the mixture."""
+    total = 0.0
+    for wk, m, S in zip(g.w, g.m, g.S, strict=True):
+        total += wk * orthant_one(m, S, batch)
+    return float(total)
+
+
+def orthant_one(m: np.ndarray, S: np.ndarray, batch: Batch) -> float:
+    if batch.equi:
+        mu, d, o = m[0], S[0, 0], S[0, 1]
+        if d <= 0:
+            return float(mu <= 0)
+        B = batch.B
+        r2 = d - o  # independent part of each input
+        if r2 <= 1e-15 * d:
+            return float(special.ndtr(-mu / math.sqrt(d)))
+        if B is None:
+            # large batch: some input is positive unless ... (probability 0)
+            return 0.0
+        if o < 0:
+            # A negatively correlated batch (BatchNorm centring) has no 1-D reduction
+            # of the orthant probability, but by Slepian's inequality it is at most
+            # the independent one, Phi(-mu/sqrt(d))^B; report 0 when that bound is
+            # below 1e-12 (e.g. 2^-B at mu = 0), NaN otherwise (no guess).
+            with np.errstate(divide="ignore"):
+                bound = math.exp(B * float(special.log_ndtr(-mu / math.sqrt(d))))
+            return 0.0 if bound < 1e-12 else math.nan
+        # h_a = mu + sqrt(o) Z + sqrt(r2) e_a, so
+        # P = E_Z[Phi(-(mu + sqrt(o) Z) / sqrt(r2))^B]
+        sr = math.sqrt(r2)
+        so = math.sqrt(o)
+        xs = -sr * special.ndtri(2.0 ** (-1.0 / B))  # where Phi(-x/sr)^B = 1/2
+        if so == 0:
+            return float(special.ndtr(-mu / sr) ** B)
+        t, w = mf._offsets(
+            mf._n_fine(so / sr * (1 + math.sqrt(2 * math.log(B + 1)))), 16
+        )
+        z = (xs - mu) / so + t
+        wz = w * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        x = mu + so * z
+        with np.errstate(divide="ignore"):
+            lp = B * special.log_ndtr(-x / sr)
+        return float(np.sum(wz * np.exp(lp)))
+    B = m.size
+    if B > MVN_MAX:
+        return math.nan
+    sd = np.sqrt(np.diag(S))
+    if np.any(sd == 0):
+        keep = sd > 0
+        if np.any(m[~keep] > 0):
+            return 0.0
+        m, S = m[keep], S[np.ix_(keep, keep)]
+        if m.size == 0:
+            return 1.0
+    dist = stats.multivariate_normal(
+        mean=m, cov=S, allow_singular=True, abseps=1e-8, releps=1e-8, maxpts=20000 * B
+    )
+    return float(dist.cdf(np.zeros(m.size)))
+
+
+def act_expect(act: Any, g: Gauss, batch: Batch):
+    """ex, K, E[phi'^2] per component (mean over inputs), P(h > 0) mean."""
+    k, B = g.m.shape
+    iu, ju = np.triu_indices(B)
+    v = np.diagonal(g.S, axis1=1, axis2=2)  # (k, B)
+    vi, vj = v[:, iu], v[:, ju]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        rho = np.where(vi * vj > 0, g.S[:, iu, ju] / np.sqrt(vi * vj), 0.0)
+    mi, mj = g.m[:, iu], g.m[:, ju]
+    pp = mf._expect_2d(
+        act, False, mi.ravel(), mj.ravel(), vi.ravel(), vj.ravel(), rho.ravel()
+    ).reshape(k, -1)
+    # diagonal entries from the 1-D rule (more accurate than 2-D at rho = 1)
+    diag = iu == ju
+    e2 = mf._expect_1d(act, "phi2", g.m.ravel(), v.ravel()).reshape(k, B)
+    pp[:, diag] = e2
+    Kc = np.zeros((k, B, B))
+    Kc[:, iu, ju] = pp
+    Kc[:, ju, iu] = pp
+    e1 = mf._expect_1d(act, "phi", g.m.ravel(), v.ravel()).reshape(k, B)
+    d2 = mf._expect_1d(act, "dphi2", g.m.ravel(), v.ravel()).reshape(k, B)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sd = np.sqrt(v)
+        ppos = np.where(
+            sd > 0, special.ndtr(g.m / np.where(sd > 0, sd, 1)), (g.m > 0).astype(float)
+        )
+    ex = np.einsum("k,ka->a", g.w, e1)
+    K = np.einsum("k,kab->ab", g.w, Kc)
+    return ex, K, d2.mean(axis=1), float(g.w @ ppos.mean(axis=1))
+
+
+def gamma_moment(act: Any, g: Gauss) -> np.ndarray:
+    """Per component: E[phi'(h)^2 n^2] (mean over inputs), n = (h - beta)/gamma the
+    normalised BatchNorm output; E[n^2] when no activation follows."""
+    k, B = g.m.shape
+    v = np.diagonal(g.S, axis1=1, axis2=2)
+    gam = np.where(g.gamma != 0, g.gamma, 1.0)[:, None]
+    nm = (g.m - g.beta[:, None]) / gam
+    nv = v / gam**2
+    if act is None:
+        return (nm**2 + nv).mean(axis=1)
+    out = np.empty((k, B))
+    mu, s = g.m.ravel(), np.sqrt(v).ravel()
+    bet = np.repeat(g.beta, B)
+    gg = np.repeat(gam[:, 0], B)
+
+    # E[phi'(h)^2 ((h - beta)/gamma)^2], h ~ N(mu, s^2): kink-centred quadrature
+    vals = np.empty(mu.size)
+    for i in range(mu.size):
+
+        def f(x, i=i):
+            return mf._dphi(act, x) ** 2 * ((x - bet[i]) / gg[i]) ** 2
+
+        vals[i] = mf._gauss_1d(f, mu[i : i + 1], s[i : i + 1])[0]
+    out[:] = vals.reshape(k, B)
+    return out.mean(axis=1)
+
+
+def pfrac(g: Gauss) -> float:
+    v = np.diagonal(g.S, axis1=1, axis2=2)
+    sd = np.sqrt(v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(
+            sd > 0, special.ndtr(g.m / np.where(sd > 0, sd, 1)), (g.m > 0).astype(float)
+        )
+    return float(g.w @ p.mean(axis=1))
+
+
+@dataclass
+class GradState:
+    """Backward state at a row's output: ``comp`` the gradient second moment per
+    mixture component of the row's forward :class:`Gauss` state (one entry when
+    that state is not a mixture), ``centred`` whether a normalisation layer above
+    projected the gradient onto zero batch-sum, ``independent`` whether the
+    gradient is independent of the row's values (gradient independence with no
+    nonlinearity in between: the output gradient, a dense layer's input
+    gradient)."""
+
+    comp: np.ndarray
+    centred: bool = False
+    independent: bool = True
+    #: ``(activation, q~ at its output)`` when the gradient reached this row
+    #: through an activation directly above (``g = phi'(h) g_above``)
+    through: tuple | None = None
+
+    def total(self, state: State) -> float:
+        """E[g^2] at the row: the component weights of ``state`` when they match."""
+        w = self.weights(state)
+        return float(w @ self.comp) if w is not None else float(np.mean(self.comp))
+
+    def weights(self, state: State) -> np.ndarray | None:
+        g = state.gauss
+        if g is not None and g.w.size == self.comp.size:
+            return g.w
+        if self.comp.size == 1:
+            return np.ones(1)
+        return None
