@@ -298,6 +298,11 @@ def _backward(ctxs: list[RuleContext], cols: dict[str, np.ndarray]) -> None:
     """The backward fold: output gradient second moment 1, then each layer's
     ``mf_backward`` from the top (gradient independence, Schoenholz et al. 2017)."""
     grad = mfstate.GradState(np.ones(1))
+    batch = ctxs[0].batch if ctxs else None
+    if batch is not None and batch.B is not None:
+        # a finite batch carries the batch kernel of gradients (independent
+        # standard-Gaussian output gradients: the identity)
+        grad.kernel = mfstate.kernel_from_scalar(1.0, batch, False)
     for i in range(len(ctxs) - 1, -1, -1):
         ctx = ctxs[i]
         cols["grad_second_moment"][i] = grad.total(ctx.state)
