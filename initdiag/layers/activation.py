@@ -128,10 +128,13 @@ class Activation(Layer):
             if G is None:
                 G = mfstate.kernel_from_scalar(qt, ctx.batch, grad.centred)
             st = ctx.extra.get("unit")
+            comp = None
             if st is not None:
                 # a BatchNorm below: E[D G D], D = diag phi'(gamma n + beta)
                 Gin = st.backward(G)[0] if ctx.batch.equi else st.backward(G)["mid"]
             else:
+                # per mixture component too (a LayerNorm's gamma / beta nodes)
+                comp = ctx.extra["dphi2"] * qt
                 # G_in[a, b] = E[phi'(h_a) phi'(h_b)] G[a, b]
                 E = ctx.extra["dphi_kernel"]
                 if ctx.batch.equi:
@@ -143,7 +146,7 @@ class Activation(Layer):
                 else:
                     Gin = E * G
             return mfstate.GradState(
-                np.array([mfstate.kernel_diag(Gin)]),
+                np.array([mfstate.kernel_diag(Gin)]) if comp is None else comp,
                 independent=False,
                 through=(self, qt),
                 kernel=Gin,

@@ -137,7 +137,9 @@ class Dense(Layer):
             sgk, sg = mfstate.kernel_sums(grad.kernel, ctx.input_state.K, ctx.batch.B)
             ctx.row["weight_grad_norm2"] = fi * fo * sgk
             if ctx.extra["has_bias"]:
-                ctx.row["bias_grad_norm2"] = fo * sg
+                # a BatchNorm above annihilates the batch sum exactly; a sampled
+                # kernel would leave rounding there
+                ctx.row["bias_grad_norm2"] = 0.0 if grad.centred else fo * sg
             f = fo * ctx.extra["w2"]
             return mfstate.GradState(
                 np.array([f * qt]), kernel=mfstate.kernel_scaled(grad.kernel, f)
