@@ -276,15 +276,25 @@ def analyze(
         )
     if not overflow:
         _backward(ctxs, cols)
-    prof.summary = _summary(network, prof)
+    prof.summary = _summary(network, prof, batch)
+    errs = {
+        c.info.name: float(c.extra["integration_error"])
+        for c in ctxs
+        if "integration_error" in c.extra
+    }
     prof.meta = {
         "engine": "meanfield",
         "batch_size": B,
         "input_second_moment": None if x is not None else float(input_second_moment),
         "input_correlation": None if x is not None else float(input_correlation),
-        "assumptions": "infinite width; gradient independence; large-batch "
-        "BatchNorm; orthogonal weights as Gaussian of equal variance",
+        "assumptions": "infinite width; gradient independence; "
+        + ("large-batch " if B is None else f"finite-batch (B = {B}) ")
+        + "BatchNorm; orthogonal weights as Gaussian of equal variance",
     }
+    if errs:
+        # relative numerical error of the finite-batch integrations per row
+        # (quadrature or Monte Carlo standard error; docs/theory.md)
+        prof.meta["integration_error"] = errs
     return prof
 
 
@@ -310,7 +320,45 @@ def _backward(ctxs: list[RuleContext], cols: dict[str, np.ndarray]) -> None:
         _flush(cols, i, ctx)
 
 
-def _summary(network: Network, prof: Profile) -> dict[str, Any]:
+def _bn_position(network: Network) -> str | None:
+    """ "pre" (Dense -> BN -> act), "post" (Dense -> act -> BN) or None."""
+    infos = network.infos
+    for i, info in enumerate(infos):
+        if info.kind == "batchnorm":
+            if i + 1 < len(infos) and infos[i + 1].kind == "activation":
+                return "pre"
+            if i > 0 and infos[i - 1].kind == "activation":
+                return "post"
+            return "pre"
+    return None
+
+
+def _finite_batch_gain(network: Network, p: dict, B: int) -> tuple[float, float]:
+    """Per-block gradient growth at batch size B (docs/theory.md, "Finite-batch
+    BatchNorm") and its relative numerical error."""
+    from . import finite_batch as fb
+
+    info = next(i for i in network.infos if i.kind == "batchnorm")
+    inits = network.param_inits()[info.index]
+    layer = info.layer
+    n = info.width
+    if layer.affine:
+        gamma, beta = fb.Law.of(inits["weight"], n), fb.Law.of(inits["bias"], n)
+    else:
+        gamma, beta = fb.Law("constant", 1.0), fb.Law("constant", 0.0)
+    return fb.bn_block_gain(
+        p["activation_layer"],
+        B,
+        gamma,
+        beta,
+        position=_bn_position(network),
+        eps=layer.eps,
+        sigma_w2=p["weight_var"],
+        sigma_b2=p["bias_var"],
+    )
+
+
+def _summary(network: Network, prof: Profile, batch=None) -> dict[str, Any]:
     p = network_parameters(network)
     out: dict[str, Any] = {
         k: math.nan for k in ("chi1", "q_star", "c_star", "xi_q", "xi_c")
@@ -322,6 +370,17 @@ def _summary(network: Network, prof: Profile) -> dict[str, Any]:
     if act is None:
         return out
     if p["norm"] is not None:
+        B = None if batch is None else batch.B
+        if p["norm"] == "batchnorm" and B is not None and batch.equi:
+            try:
+                chi, err = _finite_batch_gain(network, p, B)
+            except NotImplementedError:
+                chi, err = _bulk_gradient_gain(prof), math.nan
+            out["chi1"] = chi
+            out["chi1_error"] = err
+            out["chi1_source"] = f"batchnorm gradient gain at batch size {B}"
+            out["regime"] = _regime(chi)
+            return out
         if p["norm"] == "batchnorm" and p["gamma_var"] == 0 and p["beta_var"] == 0:
             chi = bn_gradient_gain(act, p["gamma_mean"], p["beta_mean"])
             out["chi1_source"] = "batchnorm gradient gain (large batch)"

@@ -1004,9 +1004,13 @@ class BNMonteCarlo:
         self.gamma, self.beta, self.eps = gamma, beta, float(eps)
         self.exchangeable = exchangeable
         if samples is None:
-            work = (1 << 21) // B if exchangeable else _MC_WORK // (B * B)
-            samples = int(min(1 << 19, max(512, work)))
-        self.M = samples
+            # the forward costs O(B) per sample; a full-kernel backward O(B^2)
+            # (it uses the first ``M_back`` samples)
+            samples = int(min(1 << 19, max(4096, (1 << 21) // B)))
+        self.M = samples + samples % 2
+        self.M_back = (
+            self.M if exchangeable else int(min(self.M, max(512, _MC_WORK // (B * B))))
+        )
         rng = np.random.default_rng([0xB17, seed, B])
         self._draw(rng, mean, S)
 
@@ -1026,10 +1030,17 @@ class BNMonteCarlo:
         else:
             lam, V = np.linalg.eigh(S)
             Lm = V * np.sqrt(np.maximum(lam, 0.0))
-            h = mean + rng.standard_normal((M, B)) @ Lm.T
+            # antithetic pairs (z, -z), beta mirrored about its mean: halves the
+            # error of odd parts and keeps the symmetries of a symmetric law exact
+            z = rng.standard_normal((M // 2, B)) @ Lm.T
+            h = mean + np.concatenate([z, -z])
         phi = _act_funcs(self.act)
         g = self.gamma.sample(M, rng)[:, None]
         b = self.beta.sample(M, rng)[:, None]
+        if not self.exchangeable:
+            half = M // 2
+            g[half:] = g[:half]
+            b[half:] = 2 * self.beta.mean - b[:half]
         if self.position == "pre":
             n, inv, rho = _normalise(h, self.eps)
             x = g * n + b
@@ -1176,10 +1187,11 @@ class BNMonteCarlo:
 
     def _chunks(self):
         step = max(1, (1 << 21) // (self.B * self.B))
-        return [slice(i, min(self.M, i + step)) for i in range(0, self.M, step)]
+        M = self.M_back
+        return [slice(i, min(M, i + step)) for i in range(0, M, step)]
 
     def _pre_full(self, G: np.ndarray) -> dict:
-        B, M = self.B, self.M
+        B, M = self.B, self.M_back
         d, n, inv = self._d, self._n, self._inv
         Gin = np.zeros((B, B))
         for sl in self._chunks():
@@ -1193,8 +1205,8 @@ class BNMonteCarlo:
             Gin -= t + t.T
             Gin += np.einsum("m,ma,mb->ab", c * w, n[sl], n[sl]) / (B * B)
         Gin /= M
-        Edd = d.T @ d / M
-        Edn = self._dn.T @ self._dn / M
+        Edd = d.T @ d / self.M
+        Edn = self._dn.T @ self._dn / self.M
         return {
             "mid": G * Edd,
             "in": Gin,
@@ -1304,3 +1316,33 @@ def bn_block_gain(
     out = u.backward(ExchKernel(B, 1.0, 0.0))
     g = sigma_w2 * out["in"].cen
     return float(g), 2.0 * u.rel_se  # the centred part mixes two sample means
+
+
+def bn_post_exchangeable(
+    act: Activation | str | None,
+    B: int,
+    mean: float,
+    d: float,
+    o: float,
+    gamma: Law,
+    beta: Law,
+    eps: float,
+) -> BNMonteCarlo:
+    """The exchangeable ``Dense -> act -> BatchNorm`` unit (:class:`BNMonteCarlo`,
+    position "post") for a Gaussian dense output of mean ``mean``, variance ``d``
+    and covariance ``o``; cached on the arguments rounded to 12 digits, so the
+    blocks of a deep network (the same input law from the second block on) share
+    one integration."""
+    if isinstance(act, str):
+        act = mf._act(act)
+    r = [float(f"{v:.12g}") for v in (mean, d, o, eps)]
+    return _bn_post_cached(act, B, *r, gamma, beta)
+
+
+@functools.lru_cache(maxsize=64)
+def _bn_post_cached(act, B, mean, d, o, eps, gamma, beta) -> BNMonteCarlo:
+    S = np.full((B, B), o)
+    np.fill_diagonal(S, d)
+    return BNMonteCarlo(
+        act, "post", np.full(B, mean), S, gamma, beta, eps, exchangeable=True
+    )

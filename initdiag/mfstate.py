@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 from . import meanfield as mf
 
@@ -320,7 +320,12 @@ def dphi_kernel(act: Any, g: Gauss) -> np.ndarray:
         rho = np.where(vi * vj > 0, g.S[:, iu, ju] / np.sqrt(vi * vj), 0.0)
     rho = np.clip(rho, -1.0, 1.0)
     qq = mf._expect_2d(
-        act, True, g.m[:, iu].ravel(), g.m[:, ju].ravel(), vi.ravel(), vj.ravel(),
+        act,
+        True,
+        g.m[:, iu].ravel(),
+        g.m[:, ju].ravel(),
+        vi.ravel(),
+        vj.ravel(),
         rho.ravel(),
     ).reshape(k, -1)
     d2 = mf._expect_1d(act, "dphi2", g.m.ravel(), v.ravel()).reshape(k, B)

@@ -277,8 +277,13 @@ class BatchNorm(_Norm):
                 K = np.array([[st.bn_kd, st.bn_ko], [st.bn_ko, st.bn_kd]])
                 active, dead = st.bn_active, st.dead
                 err = max(st.error, st.dead_se)
-                unit = {"kind": "bn_pre", "gamma": gamma, "beta": beta, "a": a,
-                        "eps": self.eps}
+                unit = {
+                    "kind": "bn_pre",
+                    "gamma": gamma,
+                    "beta": beta,
+                    "a": a,
+                    "eps": self.eps,
+                }
             else:
                 cache: dict = {}
 
@@ -301,15 +306,22 @@ class BatchNorm(_Norm):
                 return None
             m, S = gi.m[0], gi.S[0]
             if batch.equi:
-                SB = np.full((B, B), S[0, 1])
-                np.fill_diagonal(SB, S[0, 0])
-                mc = fb.BNMonteCarlo(
-                    state.unit["act"], "post", np.full(B, m[0]), SB, gamma, beta,
-                    self.eps, exchangeable=True,
+                mc = fb.bn_post_exchangeable(
+                    state.unit["act"],
+                    B,
+                    float(m[0]),
+                    float(S[0, 0]),
+                    float(S[0, 1]),
+                    gamma,
+                    beta,
+                    self.eps,
                 )
                 r = mc.rows["bn"]
-                ex = np.full(2, float(r.mean.mean()))
-                K = np.array([[r.K[0, 0], r.K[0, 1]], [r.K[0, 1], r.K[0, 0]]])
+                # exact given E[r^2]: E n_a = 0, E n_a n_b = -E n_a^2/(B-1)
+                kd = gamma.second * mc.rho + beta.second
+                ko = -gamma.second * mc.rho / (B - 1) + beta.second
+                ex = np.full(2, beta.mean)
+                K = np.array([[kd, ko], [ko, kd]])
             else:
                 mc = fb.BNMonteCarlo(
                     state.unit["act"], "post", m, S, gamma, beta, self.eps
@@ -322,7 +334,9 @@ class BatchNorm(_Norm):
         else:
             return None
         ctx.row["active_fraction"], ctx.row["dead_fraction"] = active, dead
-        return mfstate.State(ex, K, None, why, unit=unit if ctx.extra["finite"] == "pre" else None)
+        return mfstate.State(
+            ex, K, None, why, unit=unit if ctx.extra["finite"] == "pre" else None
+        )
 
     def _finite_backward(self, ctx: Any, grad: mfstate.GradState) -> mfstate.GradState:
         """The batch kernel of gradients through BatchNorm at a finite batch:
@@ -344,7 +358,9 @@ class BatchNorm(_Norm):
             unit = ctx.extra["unit"]
             if batch.equi:
                 gamma, beta = unit["gamma"], unit["beta"]
-                st = fb.bn_pre_exchangeable(act, batch.B, gamma, beta, unit["a"], unit["eps"])
+                st = fb.bn_pre_exchangeable(
+                    act, batch.B, gamma, beta, unit["a"], unit["eps"]
+                )
                 _, gin, gam, bet = st.backward(G)
             else:
                 out = unit["mc"](act).backward(G)
