@@ -119,24 +119,32 @@ def bn_gradient_gain(
     batch_size: int | None = None,
 ) -> float:
     """Per-block growth of the squared gradient in a deep BatchNorm network
-    ``Dense -> BN(gamma, beta) -> phi`` (Yang et al. 2019, THEORY.md section 4).
+    ``Dense -> BN(gamma, beta) -> phi`` (Yang et al. 2019; docs/theory.md,
+    "Finite-batch BatchNorm").
 
     Large batch: ``gamma^2 E[phi'(gamma z + beta)^2] / Var[phi(gamma z + beta)]``,
     z ~ N(0, 1) (ReLU at gamma = 1, beta = 0: pi/(pi - 1) = 1.466942...).
-    ``batch_size`` B given: exact only for the identity activation, where the gain
-    is (B - 2)/(B - 3); other activations raise NotImplementedError.
+    ``batch_size`` B given: the finite-batch growth
+    ``(t1 - t2/B) / ((B - 1)(K_d - K_o))`` over the sphere law of the BatchNorm
+    output (identity: (B - 2)/(B - 3) exactly; ReLU: 1.788 at B = 8), from
+    :func:`initdiag.finite_batch.bn_block_gain` (eps = 0).
+
+    Raises
+    ------
+    ValueError
+        For ``batch_size <= 3`` (the expectation of 1/s diverges without eps).
     """
     act = mf._act(activation)
     if batch_size is not None:
-        if act.name != "identity":
-            raise NotImplementedError(
-                "the finite-batch BatchNorm gain is known in closed form only for the "
-                f"identity activation ((B-2)/(B-3)), not {act.name!r}"
-            )
+        from . import finite_batch as fb
+
         B = int(batch_size)
         if B <= 3:
             raise ValueError(f"batch_size must be > 3, got {batch_size}")
-        return (B - 2) / (B - 3)
+        law = fb.Law
+        return float(
+            fb.bn_block_gain(act, B, law("constant", gamma), law("constant", beta))[0]
+        )
     g2 = gamma * gamma
     e1 = mf._expect_1d(act, "phi", np.array([beta]), np.array([g2]))[0]
     e2 = mf._expect_1d(act, "phi2", np.array([beta]), np.array([g2]))[0]

@@ -1346,3 +1346,9 @@ def _bn_post_cached(act, B, mean, d, o, eps, gamma, beta) -> BNMonteCarlo:
     return BNMonteCarlo(
         act, "post", np.full(B, mean), S, gamma, beta, eps, exchangeable=True
     )
+
+
+def clear_caches() -> None:
+    """Forget every cached integration (benchmarks time a cold first call)."""
+    for f in (_gl, _chi2_moments, _bn_pre_cached, sphere_max_samples, _bn_post_cached):
+        f.cache_clear()

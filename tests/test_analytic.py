@@ -161,7 +161,9 @@ def test_bn_tanh_gain():
 
 @pytest.mark.parametrize("B", [8, 32])
 def test_linear_bn_finite_batch_gain(B):
-    assert bn_gradient_gain("identity", batch_size=B) == (B - 2) / (B - 3)
+    assert bn_gradient_gain("identity", batch_size=B) == pytest.approx(
+        (B - 2) / (B - 3), rel=1e-13
+    )
     net = idg.mlp(6, 64, "identity", batchnorm=True)
     prof = idg.analyze(net, batch_size=B)
     g = prof["grad_second_moment"][prof.rows_of("bn")]
@@ -173,8 +175,10 @@ def test_linear_bn_finite_batch_gain(B):
     # relative effect (the exact chi-square integrals).
     assert np.allclose(ratios[:-1], (B - 2) / (B - 3), rtol=1e-5)
     assert ratios[-1] == pytest.approx((B - 2) * (B - 1) / (B * (B - 3)), rel=1e-5)
-    with pytest.raises(NotImplementedError, match="identity"):
-        bn_gradient_gain("relu", batch_size=B)
+    # other activations at a finite batch: the sphere law (docs/theory.md)
+    assert bn_gradient_gain("relu", batch_size=8) == pytest.approx(1.78816, rel=1e-5)
+    with pytest.raises(ValueError, match="> 3"):
+        bn_gradient_gain("relu", batch_size=3)
 
 
 def test_analyze_relu_bn_gain_large_batch():
