@@ -525,6 +525,14 @@ class ExchKernel:
 # -- BatchNorm before the activation, exchangeable batch ----------------------------
 
 
+def bn_row_kernel(gamma: Law, beta: Law, rho: float, B: int) -> tuple[float, float]:
+    """(K_d, K_o) of an exchangeable BatchNorm output x = gamma n + beta:
+    ``E[gamma^2] rho + E[beta^2]`` and ``-E[gamma^2] rho/(B - 1) + E[beta^2]``
+    (E n_a = 0, E n_a^2 = rho = E[s/(s + eps)], sum_a n_a = 0)."""
+    g2 = gamma.second * rho
+    return g2 + beta.second, -g2 / (B - 1) + beta.second
+
+
 def _act_funcs(act: Activation | None):
     if act is None or act.name == "identity":
         return None
@@ -629,11 +637,12 @@ def bn_pre_exchangeable(
     # the activation's argument uses the mean radius E[r]; the neglected
     # covariance of r with the rest is O(eps E[1/s]) relative (docs/theory.md)
     eps_term = float(eps) * e0
+    bn_kd, bn_ko = bn_row_kernel(gamma, beta, rho, B)
     return BNPreStats(
         B=B,
         bn_mean=beta.mean,
-        bn_kd=gamma.second * rho + beta.second,
-        bn_ko=-gamma.second * rho / (B - 1) + beta.second,
+        bn_kd=bn_kd,
+        bn_ko=bn_ko,
         bn_active=I["pos"],
         y_mean=I["m1"],
         y_kd=I["m2"],
@@ -1307,9 +1316,7 @@ def bn_block_gain(
         return (s.t1 - s.t2 / B) / ((B - 1) * (s.y_kd - s.y_ko)), s.error
     if position != "post":
         raise ValueError(f"position must be 'pre' or 'post', got {position!r}")
-    rho = 1.0
-    kd = gamma.second * rho + beta.second
-    ko = -gamma.second * rho / (B - 1) + beta.second
+    kd, ko = bn_row_kernel(gamma, beta, 1.0, B)
     S = np.full((B, B), sigma_w2 * ko + sigma_b2)
     np.fill_diagonal(S, sigma_w2 * kd + sigma_b2)
     u = BNMonteCarlo(act, "post", np.zeros(B), S, gamma, beta, eps, exchangeable=True)

@@ -318,8 +318,7 @@ class BatchNorm(_Norm):
                 )
                 r = mc.rows["bn"]
                 # exact given E[r^2]: E n_a = 0, E n_a n_b = -E n_a^2/(B-1)
-                kd = gamma.second * mc.rho + beta.second
-                ko = -gamma.second * mc.rho / (B - 1) + beta.second
+                kd, ko = fb.bn_row_kernel(gamma, beta, mc.rho, B)
                 ex = np.full(2, beta.mean)
                 K = np.array([[kd, ko], [ko, kd]])
             else:
