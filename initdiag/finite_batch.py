@@ -765,6 +765,23 @@ def _bn_pre_integrals(
 # -- dead fractions -------------------------------------------------------------------
 
 
+def _one_blas_thread(f):
+    """Run ``f`` with one BLAS thread: the Monte Carlo units multiply tall, thin
+    matrices (samples x B), where a threaded BLAS gains nothing and, on a loaded
+    machine, loses several times over to oversubscription."""
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional: then BLAS keeps its own threads
+            return f(*args, **kwargs)
+        with threadpool_limits(1, user_api="blas"):
+            return f(*args, **kwargs)
+
+    return wrapped
+
+
 @functools.lru_cache(maxsize=32)
 def sphere_max_samples(B: int) -> np.ndarray:
     """Sorted samples of ``max_a u_a`` for u uniform on the unit sphere of the
@@ -876,6 +893,7 @@ def dead_exchangeable(B: int, mean: float, d: float, o: float) -> tuple[float, f
     return float(h.mean()), float(h.std() / math.sqrt(m.size)) + 1.0 / m.size
 
 
+@_one_blas_thread
 def dead_gaussian(
     mean: np.ndarray, S: np.ndarray, samples: int | None = None, seed: int = 0
 ) -> tuple[float, float]:
@@ -900,7 +918,7 @@ def dead_gaussian(
     alive = np.ones(samples, dtype=bool)
     for j, i in enumerate(order):
         lij = L[j, :j]
-        shift = Z[:, :j] @ lij if j else np.zeros(samples)
+        shift = np.dot(Z[:, :j], lij) if j else np.zeros(samples)
         bound = -mean[i] - shift
         piv = L[j, j]
         if piv > 0:
@@ -1025,6 +1043,9 @@ class BNMonteCarlo:
 
     # forward ------------------------------------------------------------------------
     def _draw(self, rng, mean, S) -> None:
+        _one_blas_thread(self._draw_samples)(rng, mean, S)
+
+    def _draw_samples(self, rng, mean, S) -> None:
         B, M = self.B, self.M
         if self.exchangeable:
             d, o = float(S[0, 0]), float(S[0, 1]) if B > 1 else 0.0
@@ -1041,7 +1062,7 @@ class BNMonteCarlo:
             Lm = V * np.sqrt(np.maximum(lam, 0.0))
             # antithetic pairs (z, -z), beta mirrored about its mean: halves the
             # error of odd parts and keeps the symmetries of a symmetric law exact
-            z = rng.standard_normal((M // 2, B)) @ Lm.T
+            z = np.dot(rng.standard_normal((M // 2, B)), Lm.T)
             h = mean + np.concatenate([z, -z])
         phi = _act_funcs(self.act)
         g = self.gamma.sample(M, rng)[:, None]
@@ -1087,7 +1108,7 @@ class BNMonteCarlo:
             se = float(max(sq.std(), off.std()) / math.sqrt(M))
             mu = np.full(B, float(v.mean()))
         else:
-            K = v.T @ v / M
+            K = np.dot(v.T, v) / M
             se = float(np.sqrt(np.mean(np.var(v * v, axis=0))) / math.sqrt(M))
             mu = v.mean(axis=0)
         return Moments(
@@ -1157,6 +1178,9 @@ class BNMonteCarlo:
         ``"in"`` the kernel at the unit's input ``h``, ``"gamma"``, ``"beta"``.
         (docs/theory.md: G_in = E[gamma^2/(s+eps) P D G D P] (pre), E[gamma^2/
         (s+eps) D P G P D] (post), P = C - n n^T/B.)"""
+        return _one_blas_thread(self._backward)(G)
+
+    def _backward(self, G):
         if self.exchangeable:
             if not isinstance(G, ExchKernel):
                 raise TypeError("an exchangeable unit takes an ExchKernel")
@@ -1199,6 +1223,20 @@ class BNMonteCarlo:
         M = self.M_back
         return [slice(i, min(M, i + step)) for i in range(0, M, step)]
 
+    def pre_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """E[d d^T] and E[(d n)(d n)^T] of a "pre" unit (B x B, cached)."""
+        if not hasattr(self, "_pre_mom"):
+            M = self.M
+            self._pre_mom = (
+                np.dot(self._d.T, self._d) / M,
+                np.dot(self._dn.T, self._dn) / M,
+            )
+        return self._pre_mom
+
+    def mid_kernel(self, G: np.ndarray) -> np.ndarray:
+        """The kernel at the BatchNorm output of a "pre" unit: G o E[d d^T]."""
+        return G * _one_blas_thread(self.pre_moments)()[0]
+
     def _pre_full(self, G: np.ndarray) -> dict:
         B, M = self.B, self.M_back
         d, n, inv = self._d, self._n, self._inv
@@ -1206,16 +1244,16 @@ class BNMonteCarlo:
         for sl in self._chunks():
             A = d[sl, :, None] * G[None] * d[sl, None, :]
             A = _centre2(A)
-            v = np.einsum("mab,mb->ma", A, n[sl])  # C A C n = C A n (n centred)
-            w = np.einsum("ma,ma->m", n[sl], v)
+            ns = n[sl]
+            v = (A * ns[:, None, :]).sum(axis=2)  # C A C n = C A n (n centred)
+            w = np.einsum("ma,ma->m", ns, v)
             c = inv[sl]
-            Gin += np.einsum("m,mab->ab", c, A)
-            t = np.einsum("m,ma,mb->ab", c, v, n[sl]) / B
+            Gin += np.dot(c, A.reshape(c.size, -1)).reshape(B, B)
+            t = np.dot((c[:, None] * v).T, ns) / B
             Gin -= t + t.T
-            Gin += np.einsum("m,ma,mb->ab", c * w, n[sl], n[sl]) / (B * B)
+            Gin += np.dot(((c * w)[:, None] * ns).T, ns) / (B * B)
         Gin /= M
-        Edd = d.T @ d / self.M
-        Edn = self._dn.T @ self._dn / self.M
+        Edd, Edn = self.pre_moments()
         return {
             "mid": G * Edd,
             "in": Gin,
@@ -1227,27 +1265,27 @@ class BNMonteCarlo:
         B, M = self.B, self.M
         d, n, inv = self._d, self._n, self._inv
         CGC = _centre2(G[None])[0]
-        v = n @ CGC  # (M, B): C G n for centred n
+        v = np.dot(n, CGC)  # (M, B): C G n for centred n
         w = np.einsum("ma,ma->m", n, v)
         g2 = self._g2
-        t = np.einsum("m,ma,mb->ab", inv, v, n) / (B * M)
+        t = np.dot((inv[:, None] * v).T, n) / (B * M)
         mid = g2 * (
             inv.mean() * CGC
             - t
             - t.T
-            + np.einsum("m,ma,mb->ab", inv * w, n, n) / (B * B * M)
+            + np.dot(((inv * w)[:, None] * n).T, n) / (B * B * M)
         )
         dn = d * n
         dv = d * v
-        Edd = np.einsum("m,ma,mb->ab", inv, d, d) / M
-        t2 = np.einsum("m,ma,mb->ab", inv, dv, dn) / (B * M)
+        Edd = np.dot((inv[:, None] * d).T, d) / M
+        t2 = np.dot((inv[:, None] * dv).T, dn) / (B * M)
         gin = g2 * (
             CGC * Edd
             - t2
             - t2.T
-            + np.einsum("m,ma,mb->ab", inv * w, dn, dn) / (B * B * M)
+            + np.dot(((inv * w)[:, None] * dn).T, dn) / (B * B * M)
         )
-        Enn = n.T @ n / M
+        Enn = np.dot(n.T, n) / M
         return {
             "mid": mid,
             "in": gin,

@@ -131,7 +131,7 @@ class Activation(Layer):
             comp = None
             if st is not None:
                 # a BatchNorm below: E[D G D], D = diag phi'(gamma n + beta)
-                Gin = st.backward(G)[0] if ctx.batch.equi else st.backward(G)["mid"]
+                Gin = st.backward(G)[0] if ctx.batch.equi else st.mid_kernel(G)
             else:
                 # per mixture component too (a LayerNorm's gamma / beta nodes)
                 comp = ctx.extra["dphi2"] * qt
