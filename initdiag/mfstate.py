@@ -29,8 +29,6 @@ from . import meanfield as mf
 
 #: quadrature nodes per random normalisation parameter
 NQ = 20
-#: largest full batch whose dead fraction is computed (Genz's algorithm, scipy)
-MVN_MAX = 12
 
 
 @dataclass
