@@ -128,24 +128,32 @@ def bn_gradient_gain(
     batch_size: int | None = None,
 ) -> float:
     """Per-block growth of the squared gradient in a deep BatchNorm network
-    ``Dense -> BN(gamma, beta) -> phi`` (Yang et al. 2019, THEORY.md section 4).
+    ``Dense -> BN(gamma, beta) -> phi`` (Yang et al. 2019; docs/theory.md,
+    "Finite-batch BatchNorm").
 
     Large batch: ``gamma^2 E[phi'(gamma z + beta)^2] / Var[phi(gamma z + beta)]``,
     z ~ N(0, 1) (ReLU at gamma = 1, beta = 0: pi/(pi - 1) = 1.466942...).
-    ``batch_size`` B given: exact only for the identity activation, where the gain
-    is (B - 2)/(B - 3); other activations raise NotImplementedError.
+    ``batch_size`` B given: the finite-batch growth
+    ``(t1 - t2/B) / ((B - 1)(K_d - K_o))`` over the sphere law of the BatchNorm
+    output (identity: (B - 2)/(B - 3) exactly; ReLU: 1.788 at B = 8), from
+    :func:`initdiag.finite_batch.bn_block_gain` (eps = 0).
+
+    Raises
+    ------
+    ValueError
+        For ``batch_size <= 3`` (the expectation of 1/s diverges without eps).
     """
     act = mf._act(activation)
     if batch_size is not None:
-        if act.name != "identity":
-            raise NotImplementedError(
-                "the finite-batch BatchNorm gain is known in closed form only for the "
-                f"identity activation ((B-2)/(B-3)), not {act.name!r}"
-            )
+        from . import finite_batch as fb
+
         B = int(batch_size)
         if B <= 3:
             raise ValueError(f"batch_size must be > 3, got {batch_size}")
-        return (B - 2) / (B - 3)
+        law = fb.Law
+        return float(
+            fb.bn_block_gain(act, B, law("constant", gamma), law("constant", beta))[0]
+        )
     g2 = gamma * gamma
     e1 = mf._expect_1d(act, "phi", np.array([beta]), np.array([g2]))[0]
     e2 = mf._expect_1d(act, "phi2", np.array([beta]), np.array([g2]))[0]
@@ -295,15 +303,25 @@ def analyze(
         )
     if not overflow:
         _backward(ctxs, cols)
-    prof.summary = _summary(network, prof)
+    prof.summary = _summary(network, prof, batch)
+    errs = {
+        c.info.name: float(c.extra["integration_error"])
+        for c in ctxs
+        if "integration_error" in c.extra
+    }
     prof.meta = {
         "engine": "meanfield",
         "batch_size": B,
         "input_second_moment": None if x is not None else float(input_second_moment),
         "input_correlation": None if x is not None else float(input_correlation),
-        "assumptions": "infinite width; gradient independence; large-batch "
-        "BatchNorm; orthogonal weights as Gaussian of equal variance",
+        "assumptions": "infinite width; gradient independence; "
+        + ("large-batch " if B is None else f"finite-batch (B = {B}) ")
+        + "BatchNorm; orthogonal weights as Gaussian of equal variance",
     }
+    if errs:
+        # relative numerical error of the finite-batch integrations per row
+        # (quadrature or Monte Carlo standard error; docs/theory.md)
+        prof.meta["integration_error"] = errs
     return prof
 
 
@@ -317,6 +335,11 @@ def _backward(ctxs: list[RuleContext], cols: dict[str, np.ndarray]) -> None:
     """The backward fold: output gradient second moment 1, then each layer's
     ``mf_backward`` from the top (gradient independence, Schoenholz et al. 2017)."""
     grad = mfstate.GradState(np.ones(1))
+    batch = ctxs[0].batch if ctxs else None
+    if batch is not None and batch.B is not None:
+        # a finite batch carries the batch kernel of gradients (independent
+        # standard-Gaussian output gradients: the identity)
+        grad.kernel = mfstate.kernel_from_scalar(1.0, batch, False)
     for i in range(len(ctxs) - 1, -1, -1):
         ctx = ctxs[i]
         cols["grad_second_moment"][i] = grad.total(ctx.state)
@@ -324,7 +347,45 @@ def _backward(ctxs: list[RuleContext], cols: dict[str, np.ndarray]) -> None:
         _flush(cols, i, ctx)
 
 
-def _summary(network: Network, prof: Profile) -> dict[str, Any]:
+def _bn_position(network: Network) -> str | None:
+    """ "pre" (Dense -> BN -> act), "post" (Dense -> act -> BN) or None."""
+    infos = network.infos
+    for i, info in enumerate(infos):
+        if info.kind == "batchnorm":
+            if i + 1 < len(infos) and infos[i + 1].kind == "activation":
+                return "pre"
+            if i > 0 and infos[i - 1].kind == "activation":
+                return "post"
+            return "pre"
+    return None
+
+
+def _finite_batch_gain(network: Network, p: dict, B: int) -> tuple[float, float]:
+    """Per-block gradient growth at batch size B (docs/theory.md, "Finite-batch
+    BatchNorm") and its relative numerical error."""
+    from . import finite_batch as fb
+
+    info = next(i for i in network.infos if i.kind == "batchnorm")
+    inits = network.param_inits()[info.index]
+    layer = info.layer
+    n = info.width
+    if layer.affine:
+        gamma, beta = fb.Law.of(inits["weight"], n), fb.Law.of(inits["bias"], n)
+    else:
+        gamma, beta = fb.Law("constant", 1.0), fb.Law("constant", 0.0)
+    return fb.bn_block_gain(
+        p["activation_layer"],
+        B,
+        gamma,
+        beta,
+        position=_bn_position(network),
+        eps=layer.eps,
+        sigma_w2=p["weight_var"],
+        sigma_b2=p["bias_var"],
+    )
+
+
+def _summary(network: Network, prof: Profile, batch=None) -> dict[str, Any]:
     p = network_parameters(network)
     out: dict[str, Any] = {
         k: math.nan for k in ("chi1", "q_star", "c_star", "xi_q", "xi_c")
@@ -336,6 +397,17 @@ def _summary(network: Network, prof: Profile) -> dict[str, Any]:
     if act is None:
         return out
     if p["norm"] is not None:
+        B = None if batch is None else batch.B
+        if p["norm"] == "batchnorm" and B is not None and batch.equi:
+            try:
+                chi, err = _finite_batch_gain(network, p, B)
+            except NotImplementedError:
+                chi, err = _bulk_gradient_gain(prof), math.nan
+            out["chi1"] = chi
+            out["chi1_error"] = err
+            out["chi1_source"] = f"batchnorm gradient gain at batch size {B}"
+            _set_regime(out, mf.regime(chi, source=out["chi1_source"]))
+            return out
         if p["norm"] == "batchnorm" and p["gamma_var"] == 0 and p["beta_var"] == 0:
             chi = bn_gradient_gain(act, p["gamma_mean"], p["beta_mean"])
             out["chi1_source"] = "batchnorm gradient gain (large batch)"

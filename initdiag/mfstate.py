@@ -23,14 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 from . import meanfield as mf
 
 #: quadrature nodes per random normalisation parameter
 NQ = 20
-#: largest full batch whose dead fraction is computed (Genz's algorithm, scipy)
-MVN_MAX = 12
 
 
 @dataclass
@@ -49,10 +47,17 @@ class Gauss:
 
 @dataclass
 class State:
+    """``unit``: at a finite batch, what the next rule needs to integrate over one
+    unit's batch vector when the state is not Gaussian (:mod:`initdiag.finite_batch`):
+    ``{"kind": "bn_pre", ...}`` on a BatchNorm output (the sphere law, or a Monte
+    Carlo over the Gaussian input with ``inputs``), ``{"kind": "act_of", "act":
+    layer, "gauss": Gauss}`` on an activation output (phi of a Gaussian)."""
+
     ex: np.ndarray
     K: np.ndarray
     gauss: Gauss | None
     why_not_gauss: str = ""
+    unit: dict[str, Any] | None = None
 
 
 def single(m: np.ndarray, S: np.ndarray) -> Gauss:
@@ -159,56 +164,22 @@ def orthant(g: Gauss, batch: Batch) -> float:
 
 
 def orthant_one(m: np.ndarray, S: np.ndarray, batch: Batch) -> float:
+    """P(h[a] <= 0 for every a) for one Gaussian component (docs/theory.md,
+    "Dead fractions"): the large batch gives 0 unless fully correlated; an
+    exchangeable batch the 1-D integral (o >= 0) or the sphere representation
+    (o < 0); a full batch Genz's separation of variables."""
+    from . import finite_batch as fb
+
     if batch.equi:
         mu, d, o = m[0], S[0, 0], S[0, 1]
-        if d <= 0:
-            return float(mu <= 0)
-        B = batch.B
-        r2 = d - o  # independent part of each input
-        if r2 <= 1e-15 * d:
-            return float(special.ndtr(-mu / math.sqrt(d)))
-        if B is None:
-            # large batch: some input is positive unless ... (probability 0)
-            return 0.0
-        if o < 0:
-            # A negatively correlated batch (BatchNorm centring) has no 1-D reduction
-            # of the orthant probability, but by Slepian's inequality it is at most
-            # the independent one, Phi(-mu/sqrt(d))^B; report 0 when that bound is
-            # below 1e-12 (e.g. 2^-B at mu = 0), NaN otherwise (no guess).
-            with np.errstate(divide="ignore"):
-                bound = math.exp(B * float(special.log_ndtr(-mu / math.sqrt(d))))
-            return 0.0 if bound < 1e-12 else math.nan
-        # h_a = mu + sqrt(o) Z + sqrt(r2) e_a, so
-        # P = E_Z[Phi(-(mu + sqrt(o) Z) / sqrt(r2))^B]
-        sr = math.sqrt(r2)
-        so = math.sqrt(o)
-        xs = -sr * special.ndtri(2.0 ** (-1.0 / B))  # where Phi(-x/sr)^B = 1/2
-        if so == 0:
-            return float(special.ndtr(-mu / sr) ** B)
-        t, w = mf._offsets(
-            mf._n_fine(so / sr * (1 + math.sqrt(2 * math.log(B + 1)))), 16
-        )
-        z = (xs - mu) / so + t
-        wz = w * np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-        x = mu + so * z
-        with np.errstate(divide="ignore"):
-            lp = B * special.log_ndtr(-x / sr)
-        return float(np.sum(wz * np.exp(lp)))
-    B = m.size
-    if B > MVN_MAX:
-        return math.nan
-    sd = np.sqrt(np.diag(S))
-    if np.any(sd == 0):
-        keep = sd > 0
-        if np.any(m[~keep] > 0):
-            return 0.0
-        m, S = m[keep], S[np.ix_(keep, keep)]
-        if m.size == 0:
-            return 1.0
-    dist = stats.multivariate_normal(
-        mean=m, cov=S, allow_singular=True, abseps=1e-8, releps=1e-8, maxpts=20000 * B
-    )
-    return float(dist.cdf(np.zeros(m.size)))
+        if batch.B is None:
+            if d <= 0:
+                return float(mu <= 0)
+            if d - o <= 1e-15 * d:
+                return float(special.ndtr(-mu / math.sqrt(d)))
+            return 0.0  # large batch: some input is positive almost surely
+        return fb.dead_exchangeable(batch.B, float(mu), float(d), float(o))[0]
+    return fb.dead_gaussian(m, S)[0]
 
 
 def act_expect(act: Any, g: Gauss, batch: Batch):
@@ -297,9 +268,20 @@ class GradState:
     #: ``(activation, q~ at its output)`` when the gradient reached this row
     #: through an activation directly above (``g = phi'(h) g_above``)
     through: tuple | None = None
+    #: at a finite batch, the batch kernel of gradients ``G[a, b] = E[g_a g_b]``
+    #: (:class:`initdiag.finite_batch.ExchKernel` without ``inputs``, a B x B array
+    #: with them); ``through_kernel`` the kernel at the output of the activation
+    #: directly above; ``below`` the kernel a BatchNorm after an activation already
+    #: computed for that activation's input (its projection and phi' are not
+    #: independent: docs/theory.md, "Finite-batch BatchNorm")
+    kernel: Any = None
+    through_kernel: Any = None
+    below: Any = None
 
     def total(self, state: State) -> float:
         """E[g^2] at the row: the component weights of ``state`` when they match."""
+        if self.kernel is not None:
+            return kernel_diag(self.kernel)
         w = self.weights(state)
         return float(w @ self.comp) if w is not None else float(np.mean(self.comp))
 
@@ -310,3 +292,64 @@ class GradState:
         if self.comp.size == 1:
             return np.ones(1)
         return None
+
+
+def kernel_diag(G: Any) -> float:
+    """Mean diagonal E[g_a^2] of a gradient kernel (ExchKernel or B x B array)."""
+    if isinstance(G, np.ndarray):
+        return float(np.mean(np.diag(G)))
+    return float(G.diag)
+
+
+def kernel_scaled(G: Any, f: float) -> Any:
+    return G * f if isinstance(G, np.ndarray) else G.scaled(f)
+
+
+def kernel_sums(G: Any, K: np.ndarray, B: int) -> tuple[float, float]:
+    """``(1/B) sum_ab G_ab K_ab`` and ``(1/B) sum_ab G_ab`` (the dense weight and
+    bias gradient norms per unit; K the input's kernel, 2 x 2 when exchangeable)."""
+    if isinstance(G, np.ndarray):
+        return float(np.sum(G * K)) / B, float(np.sum(G)) / B
+    return G.diag * K[0, 0] + (B - 1) * G.off * K[0, 1], G.mean
+
+
+def kernel_from_scalar(q: float, batch: Batch, centred: bool) -> Any:
+    """A gradient kernel for a rule that only returns E[g^2]: independent examples,
+    or centred over the batch."""
+    from . import finite_batch as fb
+
+    B = batch.B
+    if batch.equi:
+        if centred:
+            return fb.ExchKernel(B, q * B / (B - 1), 0.0)
+        return fb.ExchKernel.from_diag_off(B, q, 0.0)
+    if centred:
+        return q * B / (B - 1) * (np.eye(B) - 1.0 / B)
+    return q * np.eye(B)
+
+
+def dphi_kernel(act: Any, g: Gauss) -> np.ndarray:
+    """E[phi'(h_a) phi'(h_b)] under the Gaussian (mixture) state, B x B (2 x 2 for
+    an exchangeable pair): the activation's backward map of a gradient kernel."""
+    k, B = g.m.shape
+    iu, ju = np.triu_indices(B)
+    v = np.diagonal(g.S, axis1=1, axis2=2)
+    vi, vj = v[:, iu], v[:, ju]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        rho = np.where(vi * vj > 0, g.S[:, iu, ju] / np.sqrt(vi * vj), 0.0)
+    rho = np.clip(rho, -1.0, 1.0)
+    qq = mf._expect_2d(
+        act,
+        True,
+        g.m[:, iu].ravel(),
+        g.m[:, ju].ravel(),
+        vi.ravel(),
+        vj.ravel(),
+        rho.ravel(),
+    ).reshape(k, -1)
+    d2 = mf._expect_1d(act, "dphi2", g.m.ravel(), v.ravel()).reshape(k, B)
+    qq[:, iu == ju] = d2
+    E = np.zeros((k, B, B))
+    E[:, iu, ju] = qq
+    E[:, ju, iu] = qq
+    return np.einsum("k,kab->ab", g.w, E)

@@ -161,15 +161,24 @@ def test_bn_tanh_gain():
 
 @pytest.mark.parametrize("B", [8, 32])
 def test_linear_bn_finite_batch_gain(B):
-    assert bn_gradient_gain("identity", batch_size=B) == (B - 2) / (B - 3)
+    assert bn_gradient_gain("identity", batch_size=B) == pytest.approx(
+        (B - 2) / (B - 3), rel=1e-13
+    )
     net = idg.mlp(6, 64, "identity", batchnorm=True)
     prof = idg.analyze(net, batch_size=B)
     g = prof["grad_second_moment"][prof.rows_of("bn")]
     ratios = g[:-1] / g[1:]
-    # BatchNorm's eps = 1e-5 enters as s2 / (s2 + eps), a 1e-5 relative effect
-    assert np.allclose(ratios, (B - 2) / (B - 3), rtol=1e-5)
-    with pytest.raises(NotImplementedError, match="identity"):
-        bn_gradient_gain("relu", batch_size=B)
+    # below the top the gradient is centred by the BatchNorm above: (B-2)/(B-3);
+    # the top BatchNorm sees independent output gradients (the identity kernel),
+    # one centred direction fewer: (B-2)(B-1)/(B(B-3)) (docs/theory.md,
+    # "Finite-batch BatchNorm").  BatchNorm's eps = 1e-5 enters as a ~1e-5
+    # relative effect (the exact chi-square integrals).
+    assert np.allclose(ratios[:-1], (B - 2) / (B - 3), rtol=1e-5)
+    assert ratios[-1] == pytest.approx((B - 2) * (B - 1) / (B * (B - 3)), rel=1e-5)
+    # other activations at a finite batch: the sphere law (docs/theory.md)
+    assert bn_gradient_gain("relu", batch_size=8) == pytest.approx(1.7882, rel=1e-4)
+    with pytest.raises(ValueError, match="> 3"):
+        bn_gradient_gain("relu", batch_size=3)
 
 
 def test_analyze_relu_bn_gain_large_batch():
@@ -234,13 +243,15 @@ def test_activation_after_activation_has_no_rule():
 
 
 def test_batchnorm_rows_have_no_dead_units_at_finite_batch():
-    # After BatchNorm the batch is centred per unit (negatively correlated), so with
-    # beta = 0 no unit can be <= 0 for the whole batch; Slepian's inequality bounds
-    # the probability by 2^-B, which analyze reports as 0 (not NaN).
+    # After BatchNorm the batch is centred per unit, so with beta = 0 no unit can
+    # be <= 0 for the whole batch: exactly 0 at every batch size (the sphere law,
+    # docs/theory.md "Dead fractions"), not NaN
     net = idg.mlp(4, 64, batchnorm=True)
-    p = idg.analyze(net, batch_size=256)
-    rows = [i for i, n in enumerate(p.name) if n.startswith(("bn", "relu"))]
-    assert np.all(p["dead_fraction"][rows] == 0.0)
+    for B in (8, 256):
+        p = idg.analyze(net, batch_size=B)
+        rows = [i for i, n in enumerate(p.name) if n.startswith(("bn", "relu"))]
+        assert np.all(p["dead_fraction"][rows] == 0.0)
+        assert np.all(np.isfinite(p["dead_fraction"]))
     # a batch of 3 through BatchNorm has no mean-field answer: refused
     with pytest.raises(NotImplementedError, match="batch size 3"):
         idg.analyze(net, batch_size=3)

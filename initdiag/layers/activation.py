@@ -58,6 +58,9 @@ class Activation(Layer):
         Gaussian (mixture) input state (Poole et al. 2016; :mod:`initdiag.meanfield`).
         An input that is not Gaussian (after another activation, or a normalisation of a
         non-Gaussian input) has no rule: NotImplementedError names why."""
+        why = f"{ctx.info.name} output is not Gaussian"
+        if state.unit is not None and state.unit["kind"] == "bn_pre":
+            return self._after_batchnorm(ctx, state.unit, why)
         if state.gauss is None:
             raise NotImplementedError(
                 f"layer {ctx.info.name} ({self.name}): no mean-field rule, "
@@ -65,17 +68,81 @@ class Activation(Layer):
             )
         ex, K, d2, ppos = mfstate.act_expect(self, state.gauss, ctx.batch)
         ctx.extra.update(dphi2=d2)
+        if ctx.batch.B is not None:
+            ctx.extra["dphi_kernel"] = mfstate.dphi_kernel(self, state.gauss)
         if self.positive:
             ctx.row["active_fraction"], ctx.row["dead_fraction"] = 1.0, 0.0
         else:
             ctx.row["active_fraction"] = ppos
             ctx.row["dead_fraction"] = mfstate.orthant(state.gauss, ctx.batch)
-        return mfstate.State(ex, K, None, f"{ctx.info.name} output is not Gaussian")
+        unit = {"kind": "act_of", "act": self, "gauss": state.gauss}
+        return mfstate.State(ex, K, None, why, unit=unit)
+
+    def _after_batchnorm(self, ctx: Any, unit: dict, why: str) -> mfstate.State:
+        """phi of a finite-batch BatchNorm output (docs/theory.md, "Finite-batch
+        BatchNorm"): the sphere quadrature for an exchangeable batch, the Monte
+        Carlo unit over the Gaussian input with ``inputs``."""
+        from .. import finite_batch as fb
+
+        if ctx.batch.equi:
+            st = fb.bn_pre_exchangeable(
+                self, ctx.batch.B, unit["gamma"], unit["beta"], unit["a"], unit["eps"]
+            )
+            ex = np.full(2, st.y_mean)
+            K = np.array([[st.y_kd, st.y_ko], [st.y_ko, st.y_kd]])
+            active, dead = st.y_active, st.dead
+            err = max(st.error, st.dead_se)
+        else:
+            mc = unit["mc"](self)
+            st = mc
+            r = mc.rows["act"]
+            ex, K, active, dead = r.mean, r.K, r.active, r.dead
+            err = r.K_se / max(float(np.mean(np.diag(K))), 1e-300)
+        ctx.extra.update(unit=st, dphi2=np.ones(1), integration_error=err)
+        ctx.row["active_fraction"] = 1.0 if self.positive else active
+        ctx.row["dead_fraction"] = 0.0 if self.positive else dead
+        return mfstate.State(ex, K, None, why, unit={"kind": "act_of_bn"})
 
     def mf_backward(self, ctx: Any, grad: mfstate.GradState) -> mfstate.GradState:
         """``q~_in = E[phi'(h)^2] q~_out`` per mixture component of the input
         (gradient independence, Schoenholz et al. 2017 section 5)."""
         qt = grad.total(ctx.state)
+        if grad.below is not None:
+            # a BatchNorm after this activation already integrated phi' jointly
+            # with its projection
+            G = grad.below
+            return mfstate.GradState(
+                np.array([mfstate.kernel_diag(G)]), kernel=G, independent=False
+            )
+        if ctx.batch.B is not None:
+            G = grad.kernel
+            if G is None:
+                G = mfstate.kernel_from_scalar(qt, ctx.batch, grad.centred)
+            st = ctx.extra.get("unit")
+            comp = None
+            if st is not None:
+                # a BatchNorm below: E[D G D], D = diag phi'(gamma n + beta)
+                Gin = st.backward(G)[0] if ctx.batch.equi else st.mid_kernel(G)
+            else:
+                # per mixture component too (a LayerNorm's gamma / beta nodes)
+                comp = ctx.extra["dphi2"] * qt
+                # G_in[a, b] = E[phi'(h_a) phi'(h_b)] G[a, b]
+                E = ctx.extra["dphi_kernel"]
+                if ctx.batch.equi:
+                    from ..finite_batch import ExchKernel
+
+                    Gin = ExchKernel.from_diag_off(
+                        ctx.batch.B, E[0, 0] * G.diag, E[0, 1] * G.off
+                    )
+                else:
+                    Gin = E * G
+            return mfstate.GradState(
+                np.array([mfstate.kernel_diag(Gin)]) if comp is None else comp,
+                independent=False,
+                through=(self, qt),
+                kernel=Gin,
+                through_kernel=G,
+            )
         return mfstate.GradState(
             ctx.extra["dphi2"] * qt, independent=False, through=(self, qt)
         )
@@ -115,6 +182,14 @@ class _Linear(Activation):
 
     def mf_backward(self, ctx: Any, grad: mfstate.GradState) -> mfstate.GradState:
         qt = grad.total(ctx.state)
+        if grad.kernel is not None or grad.below is not None:
+            G = grad.below if grad.below is not None else grad.kernel
+            return mfstate.GradState(
+                np.array([mfstate.kernel_diag(G)]),
+                centred=grad.centred,
+                independent=grad.independent,
+                kernel=G,
+            )
         return mfstate.GradState(
             ctx.extra["dphi2"] * qt, centred=grad.centred, independent=grad.independent
         )

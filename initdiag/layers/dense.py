@@ -178,6 +178,21 @@ class Dense(Layer):
         E[x^2] and gives ``db = 0`` exactly."""
         fi, fo = ctx.info.fan_in, ctx.info.width
         qt = grad.total(ctx.state)
+        if grad.kernel is not None:
+            # the batch kernel of gradients (docs/theory.md, "Finite-batch
+            # BatchNorm"): ||dW||^2 = fan_in fan_out (1/B) sum_ab G_ab K_x[a, b],
+            # ||db||^2 = fan_out (1/B) sum_ab G_ab (exactly 0 below a BatchNorm),
+            # G_in = fan_out E[W^2] G
+            sgk, sg = mfstate.kernel_sums(grad.kernel, ctx.input_state.K, ctx.batch.B)
+            ctx.row["weight_grad_norm2"] = fi * fo * sgk
+            if ctx.extra["has_bias"]:
+                # a BatchNorm above annihilates the batch sum exactly; a sampled
+                # kernel would leave rounding there
+                ctx.row["bias_grad_norm2"] = 0.0 if grad.centred else fo * sg
+            f = fo * ctx.extra["w2"]
+            return mfstate.GradState(
+                np.array([f * qt]), kernel=mfstate.kernel_scaled(grad.kernel, f)
+            )
         xin = ctx.batch.stats(ctx.input_state.ex, ctx.input_state.K)
         x2 = xin["variance"] if grad.centred else xin["second_moment"]
         ctx.row["weight_grad_norm2"] = fi * fo * qt * x2

@@ -219,6 +219,10 @@ class BatchNorm(_Norm):
         activation after it, gamma and beta are integrated by quadrature over their
         distribution (Gauss-Legendre for uniform, Gauss-Hermite for normal)."""
         batch = ctx.batch
+        if batch.B is not None:
+            fin = self._finite_forward(ctx, state)
+            if fin is not None:
+                return fin
         mg, vg, mb, vb = self._laws(ctx)
         CKC = batch.centre(state.K)
         s2 = float(np.mean(np.diag(CKC)))
@@ -258,6 +262,8 @@ class BatchNorm(_Norm):
         depend on the BatchNorm output and the input is an exchangeable Gaussian
         batch (exact for linear BN networks, docs/theory.md section 4); otherwise the
         large-batch limit.  The input gradient is centred over the batch."""
+        if "finite" in ctx.extra:
+            return self._finite_backward(ctx, grad)
         s2, den = ctx.extra["s2"], ctx.extra["den"]
         self._gamma_beta_norms(ctx, grad, s2 / den)
         gain = self._gain_numerator(ctx, grad) / den
@@ -271,6 +277,141 @@ class BatchNorm(_Norm):
         ):
             gain *= (B - 2) / (B - 3)
         return mfstate.GradState(np.array([gain]), centred=True, independent=False)
+
+    # -- finite batch (docs/theory.md, "Finite-batch BatchNorm") ----------------
+    def _fb_laws(self, ctx: Any):
+        from .. import finite_batch as fb
+
+        if not self.affine:
+            return fb.Law("constant", 1.0), fb.Law("constant", 0.0)
+        n = ctx.info.width
+        return fb.Law.of(ctx.params["weight"], n), fb.Law.of(ctx.params["bias"], n)
+
+    def _finite_forward(self, ctx: Any, state: mfstate.State):
+        """At a finite batch (Yang et al. 2019): a Gaussian input (a dense output)
+        gives the BatchNorm output on the sphere of the centred subspace (the
+        activation after it integrates over that law); an activation of a Gaussian
+        (BatchNorm after the activation) is integrated by Monte Carlo over the
+        Gaussian.  Other inputs: None (the large-batch rule)."""
+        from .. import finite_batch as fb
+
+        batch, B = ctx.batch, ctx.batch.B
+        try:
+            gamma, beta = self._fb_laws(ctx)
+        except NotImplementedError:
+            return None
+        why = f"{ctx.info.name} output is a finite-batch BatchNorm (not Gaussian)"
+        g = state.gauss
+        if g is not None and g.w.size == 1:
+            m, S = g.m[0], g.S[0]
+            if batch.equi:
+                a = float(S[0, 0] - S[0, 1])
+                st = fb.bn_pre_exchangeable(None, B, gamma, beta, a, self.eps)
+                ex = np.full(2, st.bn_mean)
+                K = np.array([[st.bn_kd, st.bn_ko], [st.bn_ko, st.bn_kd]])
+                active, dead = st.bn_active, st.dead
+                err = max(st.error, st.dead_se)
+                unit = {
+                    "kind": "bn_pre",
+                    "gamma": gamma,
+                    "beta": beta,
+                    "a": a,
+                    "eps": self.eps,
+                }
+            else:
+                cache: dict = {}
+
+                def make(act, m=m, S=S, cache=cache):
+                    key = None if act is None else act
+                    if key not in cache:
+                        cache[key] = fb.BNMonteCarlo(
+                            act, "pre", m, S, gamma, beta, self.eps
+                        )
+                    return cache[key]
+
+                r = make(None).rows["bn"]
+                ex, K, active, dead = r.mean, r.K, r.active, r.dead
+                err = r.K_se / max(float(np.mean(np.diag(K))), 1e-300)
+                unit = {"kind": "bn_pre", "mc": make}
+            ctx.extra.update(finite="pre", unit=unit, integration_error=err)
+        elif state.unit is not None and state.unit["kind"] == "act_of":
+            gi = state.unit["gauss"]
+            if gi.w.size != 1:
+                return None
+            m, S = gi.m[0], gi.S[0]
+            if batch.equi:
+                mc = fb.bn_post_exchangeable(
+                    state.unit["act"],
+                    B,
+                    float(m[0]),
+                    float(S[0, 0]),
+                    float(S[0, 1]),
+                    gamma,
+                    beta,
+                    self.eps,
+                )
+                r = mc.rows["bn"]
+                # exact given E[r^2]: E n_a = 0, E n_a n_b = -E n_a^2/(B-1)
+                kd, ko = fb.bn_row_kernel(gamma, beta, mc.rho, B)
+                ex = np.full(2, beta.mean)
+                K = np.array([[kd, ko], [ko, kd]])
+            else:
+                mc = fb.BNMonteCarlo(
+                    state.unit["act"], "post", m, S, gamma, beta, self.eps
+                )
+                r = mc.rows["bn"]
+                ex, K = r.mean, r.K
+            active, dead = r.active, r.dead
+            err = max(r.K_se / max(float(np.mean(np.diag(K))), 1e-300), r.dead_se)
+            ctx.extra.update(finite="post", mc=mc, integration_error=err)
+        else:
+            return None
+        ctx.row["active_fraction"], ctx.row["dead_fraction"] = active, dead
+        return mfstate.State(
+            ex, K, None, why, unit=unit if ctx.extra["finite"] == "pre" else None
+        )
+
+    def _finite_backward(self, ctx: Any, grad: mfstate.GradState) -> mfstate.GradState:
+        """The batch kernel of gradients through BatchNorm at a finite batch:
+        ``G_in = E[gamma^2/(s + eps) P D G D P]`` (BN before the activation, D =
+        diag phi' of the BN output, G at the activation output) or
+        ``E[gamma^2/(s + eps) D P G P D]`` (after it; D = diag phi' of the dense
+        output), ``P = C - n n^T / B``; ``||dgamma||^2 = N (1/B) E[(sum_b g_b
+        phi'_b n_b)^2]``, ``||dbeta||^2 = N (1/B) E[(sum_b g_b phi'_b)^2]``
+        (docs/theory.md, "Finite-batch BatchNorm")."""
+        from .. import finite_batch as fb
+
+        nf = ctx.info.width
+        batch = ctx.batch
+        G = grad.through_kernel if grad.through_kernel is not None else grad.kernel
+        if G is None:
+            G = mfstate.kernel_from_scalar(grad.total(ctx.state), batch, grad.centred)
+        if ctx.extra["finite"] == "pre":
+            act = grad.through[0] if grad.through_kernel is not None else None
+            unit = ctx.extra["unit"]
+            if batch.equi:
+                gamma, beta = unit["gamma"], unit["beta"]
+                st = fb.bn_pre_exchangeable(
+                    act, batch.B, gamma, beta, unit["a"], unit["eps"]
+                )
+                _, gin, gam, bet = st.backward(G)
+            else:
+                out = unit["mc"](act).backward(G)
+                gin, gam, bet = out["in"], out["gamma"], out["beta"]
+            below = None
+        else:
+            out = ctx.extra["mc"].backward(G)
+            gin, below, gam, bet = out["mid"], out["in"], out["gamma"], out["beta"]
+        if self.affine:
+            ctx.row["gamma_grad_norm2"] = nf * gam
+            ctx.row["beta_grad_norm2"] = nf * bet
+        return mfstate.GradState(
+            np.array([mfstate.kernel_diag(gin)]),
+            centred=True,
+            independent=False,
+            kernel=gin,
+            below=below,
+        )
 
     # -- empirical step -----------------------------------------------------------
     def _kernels(self, ops: Any):
