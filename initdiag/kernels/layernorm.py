@@ -36,8 +36,8 @@ never E[x^2] - E[x]^2 of the raw data; row sums run in the dtype of x over spans
 reductions, so their order follows the vector width) and in float64 across
 spans; float32 input keeps float32 accuracy (tests hold it to n eps32).  A row
 whose float32 sum of squares overflowed on finite entries is summed again in
-float64.  ``dgamma`` / ``dbeta`` are column sums: each chunk sums its rows in the dtype of x into its own row of
-scratch, and the chunks are added in float64 in chunk order afterwards, so the
+float64.  ``dgamma`` / ``dbeta`` are column sums: each chunk sums its rows in the
+dtype of x into its own row of scratch, and the chunks are added in float64 in chunk order afterwards, so the
 result does not depend on the thread count.
 
 DELEGATE_FORWARD / DELEGATE_BACKWARD activations (tanh, sigmoid, silu, erf's
