@@ -26,19 +26,19 @@ Backward, with xhat = (x - mean) invstd, g = dy * act'(z) and h = g gamma::
     dbeta_j = sum_b g_bj,   dgamma_j = sum_b g_bj xhat_bj,
     dx_bj = invstd_b / n * (n h_bj - sum_k h_bk - xhat_bj sum_k h_bk xhat_bk).
 
-Numba and C variants sweep each row several times while it sits in L1 (forward:
-its sums, then its output; backward: g when the activation is not the identity,
-the row sums, the column partials, then dx), rows in chunks of ``ROW_CHUNK``, the
-chunks in parallel when ``_threading.sweep_threads`` says the work pays.  The
-variance uses sums shifted by the row's first entry (Chan, Golub & LeVeque 1983),
-never E[x^2] - E[x]^2 of the raw data; row sums run in the dtype of x over spans of
-``SPAN`` features (vectorised: Numba with reassociation, C with OpenMP SIMD
-reductions, so their order follows the vector width) and in float64 across
-spans; float32 input keeps float32 accuracy (tests hold it to n eps32).  A row
-whose float32 sum of squares overflowed on finite entries is summed again in
-float64.  ``dgamma`` / ``dbeta`` are column sums: each chunk sums its rows in the
-dtype of x into its own row of scratch, and the chunks are added in float64 in chunk order afterwards, so the
-result does not depend on the thread count.
+Numba and C variants sweep each row several times while it sits in L1 (forward: its
+sums, then its output; backward: g when the activation is not the identity, the row
+sums, the column partials, then dx), rows in chunks of ``ROW_CHUNK``, the chunks in
+parallel when ``_threading.sweep_threads`` says the work pays.  The variance uses
+sums shifted by the row's first entry (Chan, Golub & LeVeque 1983), never E[x^2] -
+E[x]^2 of the raw data; row sums run in the dtype of x over spans of ``SPAN``
+features (vectorised: Numba with reassociation, C with OpenMP SIMD reductions, so
+their order follows the vector width) and in float64 across spans; float32 input
+keeps float32 accuracy (tests hold it to n eps32).  A row whose float32 sum of
+squares overflowed on finite entries is summed again in float64.  ``dgamma`` /
+``dbeta`` are column sums: each chunk sums its rows in the dtype of x into its own
+row of scratch, and the chunks are added in float64 in chunk order afterwards, so
+the result does not depend on the thread count.
 
 DELEGATE_FORWARD / DELEGATE_BACKWARD activations (tanh, sigmoid, silu, erf's
 derivative) go to NumPy's SIMD ufuncs around the identity kernel, as in
