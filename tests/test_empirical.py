@@ -160,6 +160,32 @@ def test_same_seed_identical_and_thread_count_independent():
     np.testing.assert_allclose(_stats(d), _stats(a), rtol=200 * eps, atol=200 * eps)
 
 
+def test_one_seed_cuts_its_blas_calls_over_the_threads():
+    # seeds=1 with 2 Numba threads: GEMMs by row blocks and Grams by block
+    # triangles on 2 threads (B = 160 >= 128: the syrk layout, Gram path for the
+    # 256-wide layers); equal to the serial path (1 thread) to float32 rounding,
+    # the same bits on every repeat
+    numba = pytest.importorskip("numba")
+    pytest.importorskip("threadpoolctl")
+    if numba.get_num_threads() < 2:
+        pytest.skip("needs 2 Numba threads")
+    net = idg.mlp(depth=3, width=256, activation="relu", batchnorm=True)
+    kw = dict(batch_size=160, seeds=1, rng=3, backend="numba")
+    a = idg.simulate(net, **kw)
+    b = idg.simulate(net, **kw)
+    assert (a.meta["workers"], a.meta["threads_per_seed"]) == (1, numba.get_num_threads())
+    assert np.array_equal(_stats(a), _stats(b), equal_nan=True)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        serial = idg.simulate(net, **kw)
+    finally:
+        numba.set_num_threads(old)
+    assert serial.meta["threads_per_seed"] == 1
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(_stats(a), _stats(serial), rtol=200 * eps, atol=200 * eps)
+
+
 def test_backends_agree():
     from initdiag import kernels
 

@@ -14,13 +14,26 @@ for the latest network structure (no page faults on repeated calls;
 :func:`clear_workspace` frees them).  Weight-gradient norms are exact and use
 ``||G^T X||_F^2 = sum_ab (G G^T)_ab (X X^T)_ab`` (both B x B Grams by BLAS syrk)
 where cheaper (:func:`initdiag.layers.dense.use_gram`).
+
+Threads within a seed (:class:`Lanes`): with ``threads > 1`` every GEMM is cut
+into row blocks and every Gram into the blocks of
+:func:`initdiag.kernels.fused.gram_parts`, each one single-threaded BLAS call on
+its own thread (NumPy's matmul and the ctypes syrk release the GIL), and the fused
+passes run on the caller's Numba threads.  BLAS must be single-threaded for the
+duration (the caller's ``threadpool_limits``): OpenBLAS's own workers spin after
+each call and would take the cores the Numba passes need (bench/SIMULATE.md).  A
+row of a GEMM is computed the same way whatever block it falls in, so results are
+identical for a given thread count and equal to float rounding across thread
+counts (a Gram block computed by GEMM rather than syrk rounds differently).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,6 +45,7 @@ from .sampling import fill_param, layer_params, output_grad
 
 __all__ = [
     "FusedExecutor",
+    "Lanes",
     "fused_ok",
     "pooled_executor",
     "clear_workspace",
@@ -42,10 +56,55 @@ __all__ = [
 
 def _fused_kernels():
     """The raw fused numba kernels (no per-call validation: this executor owns its
-    buffers) and ``row_chunks``."""
+    buffers), ``row_chunks`` and ``gram_parts``."""
     from ..kernels import fused
 
-    return fused.resolve("numba"), fused.row_chunks
+    return fused.resolve("numba"), fused.row_chunks, fused.gram_parts
+
+
+class Lanes:
+    """``threads`` threads for one seed's BLAS calls: the caller and a pool of
+    ``threads - 1`` kept for the whole ``simulate`` call (starting threads per
+    GEMM would cost more than the hand-off)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = (
+            ThreadPoolExecutor(threads - 1, thread_name_prefix="initdiag-lane")
+            if threads > 1
+            else None
+        )
+
+    def run(self, tasks: list) -> None:
+        """Run independent zero-argument ``tasks``, the first on the caller."""
+        if self._pool is None or len(tasks) == 1:
+            for t in tasks:
+                t()
+            return
+        futs = [self._pool.submit(t) for t in tasks[1:]]
+        try:
+            tasks[0]()
+        finally:
+            for fut in futs:
+                fut.result()
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``np.matmul(a, b, out=out)`` by row blocks of ``a`` and ``out``."""
+        n = min(self.threads, a.shape[0])
+        if n <= 1:
+            return np.matmul(a, b, out=out)
+        e = [a.shape[0] * k // n for k in range(n + 1)]
+        self.run(
+            [
+                functools.partial(np.matmul, a[e[k] : e[k + 1]], b, out=out[e[k] : e[k + 1]])
+                for k in range(n)
+            ]
+        )
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 class FusedExecutor:
@@ -53,8 +112,9 @@ class FusedExecutor:
     reused across seeds).  A plan is used by one thread at a time."""
 
     def __init__(self, net: Any, B: int, dt: np.dtype) -> None:
-        f, row_chunks = _fused_kernels()
+        f, row_chunks, self._gram_parts = _fused_kernels()
         self.f = f
+        self.lanes = Lanes(1)  # set per call by pooled_executor
         self.net = net
         infos = net.infos
         units: list[tuple] = []
@@ -115,6 +175,13 @@ class FusedExecutor:
     def _u(self, unit: tuple) -> int:
         return self.units.index(unit)
 
+    def _gram(self, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``f.gram(a, out)``, cut over the lanes."""
+        if self.lanes.threads == 1:
+            return self.f.gram(a, out)
+        self.lanes.run(self._gram_parts(a, out, self.lanes.threads))
+        return out
+
     # -- sampling -----------------------------------------------------------------
     def sample(self, unit: tuple, sc: SeedContext) -> None:
         infos = self.net.infos
@@ -162,13 +229,13 @@ class FusedExecutor:
         b = self.bufs[("bias", i)] if p.get("bias") is not None else None
         gram = use_gram(self.B, n_in, n_out)
         xs = (
-            _safe_gram(self.f, cur, self.buf(("gram", i), (self.B, self.B)))
+            _safe_gram(self._gram, cur, self.buf(("gram", i), (self.B, self.B)))
             if gram
             else cur.copy()
         )
         self.saved[unit] = (w, b, xs, gram)
         pre = self.buf(("pre", i), (self.B, n_out))
-        np.matmul(cur, w.T, out=pre)
+        self.lanes.matmul(cur, w.T, pre)
         if b is not None and not is_zero_init(p["bias"], n_in, n_out):
             pre += b
         st = self._stats(pre, n_out, np.empty(10))
@@ -269,14 +336,14 @@ class FusedExecutor:
         w, b, xs, gram = self.saved[unit]
         B = self.B
         if gram:
-            gg = _safe_gram(f, g, self.gg)
+            gg = _safe_gram(self._gram, g, self.gg)
             if gg.dtype == xs.dtype:
                 wn, ss = f.gram_dot(gg, xs, f.gram_layout(B))
             else:  # a float64 fallback on one side: both full, float64
                 wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
         else:
             ss = float(np.einsum("ij,ij->", g, g, dtype=np.float64))
-            dw = g.T @ xs
+            dw = self.lanes.matmul(g.T, xs, np.empty((g.shape[1], xs.shape[1]), g.dtype))
             wn = float(np.einsum("ij,ij->", dw, dw, dtype=np.float64))
         sums = {"weight_grad_norm2": wn}
         if b is not None:
@@ -289,7 +356,7 @@ class FusedExecutor:
         self._colsum = None
         gin = None
         if i > 0:
-            gin = np.matmul(g, w, out=self.pingpong(self._u(unit), info.fan_in))
+            gin = self.lanes.matmul(g, w, self.pingpong(self._u(unit), info.fan_in))
         return gin, [(i, ss, sums)]
 
     def _elem_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
@@ -340,11 +407,11 @@ class FusedExecutor:
         return dx, rows
 
 
-def _safe_gram(f: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``f.gram(a, out)``; where the working-precision Gram overflows (its trace,
+def _safe_gram(gram: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``gram(a, out)``; where the working-precision Gram overflows (its trace,
     the largest row norm^2 bound of every entry, is not finite) although ``a`` is
     finite, the full Gram in float64 instead (rare: signals near the float32 range)."""
-    f.gram(a, out)
+    gram(a, out)
     if math.isfinite(float(np.trace(out, dtype=np.float64))):
         return out
     a64 = a.astype(np.float64)
@@ -415,15 +482,21 @@ def drop_other_plans(key: tuple) -> None:
 
 
 @contextlib.contextmanager
-def pooled_executor(net: Any, B: int, dt: np.dtype):
-    """A :class:`FusedExecutor` from the pool (or a new one), returned after use."""
+def pooled_executor(net: Any, B: int, dt: np.dtype, threads: int = 1):
+    """A :class:`FusedExecutor` from the pool (or a new one) whose BLAS calls are
+    cut over ``threads`` :class:`Lanes`, returned after use."""
     key = plan_key(net, B, dt)
     with _POOL_LOCK:
         plans = _POOL.get(key)
         plan = plans.pop() if plans else None
     if plan is None:
         plan = FusedExecutor(net, B, dt)
-    yield plan
+    plan.lanes = Lanes(threads)
+    try:
+        yield plan
+    finally:
+        plan.lanes.close()
+        plan.lanes = Lanes(1)
     if plan.nbytes() <= _POOL_MAX_BYTES:
         drop_other_plans(key)
         with _POOL_LOCK:
