@@ -15,7 +15,7 @@ on the numba backend), and records every Profile column (see
   ``||G^T X||_F^2 = sum_ab (G G^T)_ab (X X^T)_ab``; ``dW`` itself is never needed.
 - Threads: on the fused path the caller's Numba thread count T is shared out:
   ``min(seeds, T)`` seeds run concurrently and each gets ``T // workers`` threads
-  for its GEMMs, Grams and Numba passes, with BLAS single-threaded throughout
+  for its GEMMs, Grams and sampling, with BLAS single-threaded throughout
   (:func:`_thread_plan` says why); a seed's results do not depend on which thread
   ran it, and equal to float rounding across thread counts.
 - Overflow: a non-finite layer output or gradient (or a signal that underflows to
@@ -45,6 +45,7 @@ from ..profile import STAT_COLUMNS, Profile
 from .engine import COL, SeedContext, run_seed
 from .fused import (
     clear_workspace,
+    numba_threads,
     drop_other_plans,
     fused_ok,
     plan_key,
@@ -65,22 +66,6 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def _numba_threads(n: int):
-    """Numba's thread count of the calling thread set to ``n`` (restored after)."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - the fused path needs numba
-        yield
-        return
-    old = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(n, old)))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
-
-
 def _thread_plan(
     seeds: int,
     fused: bool,
@@ -95,8 +80,12 @@ def _thread_plan(
     ``output_grad``: user code need not be thread-safe) and each seed gets
     ``max(1, T // workers)`` threads: its GEMMs and Grams are cut into that many
     row blocks, each a single-threaded BLAS call on its own thread
-    (:class:`~initdiag.empirical.fused.Lanes`), and its Numba passes run on that many
-    Numba threads.  BLAS itself stays single-threaded for the whole call.
+    (:class:`~initdiag.empirical.fused.Lanes`), and its parameter sampling runs on
+    that many Numba threads.  BLAS itself stays single-threaded for the whole call,
+    and the fused passes run on one thread: they are ~5% of a seed's work, and
+    each parallel region would wake a sleeping worker (~50 us on a quiet machine,
+    milliseconds on a loaded one, where measured 2-thread passes ran ~10x slower
+    than 1-thread ones).
 
     Why (bench/SIMULATE.md): alternating multi-threaded OpenBLAS GEMMs (whose workers
     spin ~50 ms after each call) with 2-thread Numba passes ran ~3x slower than
@@ -139,7 +128,7 @@ def _run_concurrent(
     timing: dict[str, float],
 ) -> None:
     """Each worker thread takes the next seed not yet started (BLAS single-threaded,
-    ``threads`` lanes and Numba threads per seed), so a core slowed by other work
+    ``threads`` lanes per seed), so a core slowed by other work
     takes fewer seeds; results do not depend on the assignment."""
     import itertools
     import threading
@@ -150,7 +139,7 @@ def _run_concurrent(
     lock = threading.Lock()
 
     def work(k: int) -> None:
-        with _numba_threads(threads), pooled_executor(network, B, dt, threads) as plan:
+        with numba_threads(1), pooled_executor(network, B, dt, threads) as plan:
             while True:
                 with lock:
                     s = next(counter)
@@ -366,7 +355,7 @@ def simulate(
     elif fused:
         with (
             _blas_single() if threads > 1 else contextlib.nullcontext(),
-            _numba_threads(threads),
+            numba_threads(1),
             pooled_executor(network, B, dt, threads) as ex,
         ):
             for s in range(seeds):

@@ -18,8 +18,8 @@ where cheaper (:func:`initdiag.layers.dense.use_gram`).
 Threads within a seed (:class:`Lanes`): with ``threads > 1`` every GEMM is cut
 into row blocks and every Gram into the blocks of
 :func:`initdiag.kernels.fused.gram_parts`, each one single-threaded BLAS call on
-its own thread (NumPy's matmul and the ctypes syrk release the GIL), and the fused
-passes run on the caller's Numba threads.  BLAS must be single-threaded for the
+its own thread (NumPy's matmul and the ctypes syrk release the GIL), and parameter
+sampling runs on as many Numba threads (the fused passes run on the caller's).  BLAS must be single-threaded for the
 duration (the caller's ``threadpool_limits``): OpenBLAS's own workers spin after
 each call and would take the cores the Numba passes need (bench/SIMULATE.md).  A
 row of a GEMM is computed the same way whatever block it falls in, so results are
@@ -46,6 +46,7 @@ from .sampling import fill_param, layer_params, output_grad
 __all__ = [
     "FusedExecutor",
     "Lanes",
+    "numba_threads",
     "fused_ok",
     "pooled_executor",
     "clear_workspace",
@@ -60,6 +61,23 @@ def _fused_kernels():
     from ..kernels import fused
 
     return fused.resolve("numba"), fused.row_chunks, fused.gram_parts
+
+
+@contextlib.contextmanager
+def numba_threads(n: int):
+    """Numba's thread count of the calling thread set to ``n`` (at most Numba's
+    pool size; restored after)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - the fused path needs numba
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
 
 
 class Lanes:
@@ -184,6 +202,11 @@ class FusedExecutor:
 
     # -- sampling -----------------------------------------------------------------
     def sample(self, unit: tuple, sc: SeedContext) -> None:
+        # the sampler's parallel kernels run on the seed's lanes' worth of threads
+        with numba_threads(self.lanes.threads):
+            self._sample(unit, sc)
+
+    def _sample(self, unit: tuple, sc: SeedContext) -> None:
         infos = self.net.infos
         if unit[0] == "step":
             i = unit[1]
