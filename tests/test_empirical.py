@@ -186,6 +186,22 @@ def test_one_seed_cuts_its_blas_calls_over_the_threads():
     np.testing.assert_allclose(_stats(a), _stats(serial), rtol=200 * eps, atol=200 * eps)
 
 
+def test_thread_plan_shares_the_threads_between_seeds(monkeypatch):
+    # T threads: min(seeds, T) seeds at once, T // workers threads each; one seed
+    # for a callable output_grad (user code need not be thread-safe) or when two
+    # would not fit in memory
+    numba = pytest.importorskip("numba")
+    pytest.importorskip("threadpoolctl")
+    plan = empirical._thread_plan
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 8)
+    assert plan(1, True, False, 10, []) == (1, 8)
+    assert plan(3, True, False, 10, []) == (3, 2)
+    assert plan(16, True, False, 10, []) == (8, 1)
+    assert plan(4, True, True, 10, []) == (1, 8)
+    assert plan(8, True, False, 10, [35]) == (3, 2)
+    assert plan(8, False, False, 10, []) == (1, 1)
+
+
 def test_backends_agree():
     from initdiag import kernels
 
