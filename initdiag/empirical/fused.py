@@ -6,7 +6,11 @@ of its output in one pass), ``("batch_affine", eps)`` followed by
 ``("elementwise", code, slope)`` (BatchNorm + activation and the statistics of
 both outputs in one pass; the BatchNorm output is never stored: backward
 recomputes it), a lone ``batch_affine`` (identity activation) or a lone
-``elementwise`` (no affine part); a layer without a primitive (``None``) runs its
+``elementwise`` (no affine part); ``("row_affine", eps)`` (LayerNorm) with the
+``elementwise`` that follows it: the numba LayerNorm kernel into a kept buffer,
+then the activation and the statistics of both outputs in one fused pass (the
+same pass with an identity affine part), and backward the fused activation
+backward followed by the LayerNorm backward kernel; a layer without a primitive (``None``) runs its
 generic step (:mod:`initdiag.empirical.generic`) inside this plan.
 
 GEMMs go to BLAS into buffers allocated once per worker and kept between calls
@@ -144,6 +148,10 @@ class FusedExecutor:
                 units.append(("step", i))
             elif prim[0] == "gemm":
                 units.append(("dense", i))
+            elif prim[0] == "row_affine":
+                pair = nxt is not None and nxt[0] == "elementwise"
+                units.append(("ln", i, i + 1 if pair else None))
+                i += pair
             elif (
                 prim[0] == "batch_affine"
                 and nxt is not None
@@ -235,6 +243,8 @@ class FusedExecutor:
             return self._dense_forward(unit, cur, sc)
         if unit[0] == "step":
             return self._step_forward(unit, cur, sc)
+        if unit[0] == "ln":
+            return self._ln_forward(unit, cur, sc)
         return self._elem_forward(unit, cur, sc)
 
     def _stats(self, x: np.ndarray, n: int, st: np.ndarray) -> np.ndarray:
@@ -273,6 +283,97 @@ class FusedExecutor:
         self._has_colstats = False
         return y, [(i, self.ops.row_stats(y, np.empty(10)))]
 
+    def _keep_output(self, u: int, n: int) -> np.ndarray:
+        """Where unit ``u`` writes its (B, n) output: a kept buffer unless the next
+        unit is a dense layer that saves only the Gram of its input."""
+        infos = self.net.infos
+        nxt = self.units[u + 1] if u + 1 < len(self.units) else None
+        keep = not (
+            nxt is not None
+            and nxt[0] == "dense"
+            and use_gram(self.B, n, infos[nxt[1]].width)
+        )
+        return self.buf(("h", u), (self.B, n)) if keep else self.pingpong(u, n)
+
+    def _ln_params(self, i: int, sc: SeedContext, n: int):
+        if sc.inits[i].get("weight") is not None:
+            return self.bufs[("weight", i)], self.bufs[("bias", i)]
+        return np.ones(n, self.dt), np.zeros(n, self.dt)  # affine=False
+
+    def _ln_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
+        from .. import kernels
+
+        f = self.f
+        infos = self.net.infos
+        _, il, ia = unit
+        u = self._u(unit)
+        n = cur.shape[1]
+        gamma, beta = self._ln_params(il, sc, n)
+        mean = self.buf(("mean", il), (self.B,))
+        invstd = self.buf(("invstd", il), (self.B,))
+        st_y = np.empty(10)
+        if ia is None:
+            y = self._keep_output(u, n)
+            kernels.layernorm_forward(
+                cur, gamma, beta, infos[il].layer.fusion()[1], backend="numba",
+                out=(y, mean, invstd),
+            )
+            self.saved[unit] = (cur, mean, invstd, gamma, beta, None)
+            self._has_colstats = False
+            return y, [(il, self._stats(y, n, st_y))]
+        y = self.buf(("lny", u), (self.B, n))  # the activation's input, for backward
+        kernels.layernorm_forward(
+            cur, gamma, beta, infos[il].layer.fusion()[1], backend="numba",
+            out=(y, mean, invstd),
+        )
+        code, slope = infos[ia].layer.fusion()[1:]
+        h = self._keep_output(u, n)
+        st_h = np.empty(10)
+        zero, one = np.zeros(n), np.ones(n)
+        f.unit_forward(
+            y, zero, one, one, zero, code, slope, True, h,
+            self.acc[0], self.sc[0], self.acc[1], self.sc[1], st_y, st_h,
+        )
+        self.saved[unit] = (cur, mean, invstd, gamma, beta, y)
+        self._has_colstats = False
+        return h, [(il, st_y), (ia, st_h)]
+
+    def _ln_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
+        from .. import kernels
+
+        _, il, ia = unit
+        u = self._u(unit)
+        n = g.shape[1]
+        x, mean, invstd, gamma, beta, y = self.saved[unit]
+        rows = []
+        if ia is not None:  # the activation's backward, identity affine part
+            code, slope = self.net.infos[ia].layer.fusion()[1:]
+            zero, one = np.zeros(n), np.ones(n)
+            dy = self.pingpong(u, n)
+            vec = self.vec
+            self.f.unit_backward(
+                g, y, zero, one, one, zero, code, slope, False, True, dy,
+                self.acc[0], self.sums, vec["dgamma"][:n], vec["dbeta"][:n],
+                vec["dxsum"][:n],
+            )
+            rows.append((ia, float(self.sums[0]), {}))
+            ss = float(self.sums[1])
+        else:
+            dy, ss = g, sumsq64(g)
+        dx = self.buf(("lndx",), (self.B, n))
+        dgamma, dbeta = self.buf(("lndg",), (n,)), self.buf(("lndb",), (n,))
+        kernels.layernorm_backward(
+            dy, x, (mean, invstd), gamma, beta, backend="numba",
+            out=(dx, dgamma, dbeta),
+        )
+        norms = {}
+        if sc.inits[il].get("weight") is not None:
+            dg, db = dgamma.astype(np.float64), dbeta.astype(np.float64)
+            norms = {"gamma_grad_norm2": float(dg @ dg), "beta_grad_norm2": float(db @ db)}
+        rows.append((il, ss, norms))
+        self._colsum = None
+        return (dx if il > 0 else None), rows
+
     def _elem_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
         f = self.f
         infos = self.net.infos
@@ -300,13 +401,7 @@ class FusedExecutor:
             (infos[ia].layer.fusion()[1:]) if ia is not None else (f.IDENTITY, 0.0)
         )
         rec_y = ib is not None and ia is not None
-        nxt = self.units[u + 1] if u + 1 < len(self.units) else None
-        keep = not (
-            nxt is not None
-            and nxt[0] == "dense"
-            and use_gram(self.B, n, infos[nxt[1]].width)
-        )
-        h = self.buf(("h", u), (self.B, n)) if keep else self.pingpong(u, n)
+        h = self._keep_output(u, n)
         st_y, st_h = np.empty(10), np.empty(10)
         f.unit_forward(
             cur,
@@ -350,6 +445,8 @@ class FusedExecutor:
             gin, sums = ctx.info.layer.backward(ctx, g, saved, i > 0)
             self._colsum = None
             return gin, [(i, ss, sums)]
+        if unit[0] == "ln":
+            return self._ln_backward(unit, g, sc)
         return self._elem_backward(unit, g, sc)
 
     def _dense_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):

@@ -370,6 +370,9 @@ class LayerNorm(_Norm):
             sums["beta_grad_norm2"] = float(np.dot(dbeta.astype(np.float64), dbeta))
         return (gin if need_input_grad else None), sums
 
+    def fusion(self) -> tuple:
+        return ("row_affine", self.eps)
+
     def _jac(self, saved: Any, t: np.ndarray, rows: slice | int) -> np.ndarray:
         """``J t = gamma invstd (t - mean_j t - xhat mean_j(xhat t))`` per example."""
         x, (mean, invstd), gamma, _ = saved
