@@ -109,7 +109,12 @@ def measure(
             ("torch", norm, peer_seeds, lambda s, n=norm: peers[n].run(BATCH, s))
         )
     engines.append(
-        ("numpy", "batchnorm", peer_seeds, lambda s: numpy_peer.run(DEPTH, WIDTH, BATCH, s))
+        (
+            "numpy",
+            "batchnorm",
+            peer_seeds,
+            lambda s: numpy_peer.run(DEPTH, WIDTH, BATCH, s),
+        )
     )
     for _, _, _, fn in engines:  # compile / warm up
         fn(2)
@@ -161,7 +166,8 @@ def report(res: dict) -> str:
         f"BLAS: {res['blas']}; {len(res['rounds'])} rounds; peers {res['peer_seeds']} "
         f"seeds per round; 1-min load average during the rounds: "
         f"{', '.join(f'{v:.2f}' for v in res['load'])}",
-        f"sgemm (512x1024 @ 1024x1024, float32) median {m['sgemm_gflops']:.0f} GFLOP/s; "
+        f"sgemm (512x1024 @ 1024x1024, float32) median "
+        f"{m['sgemm_gflops']:.0f} GFLOP/s; "
         f"GEMM floor (issue: 3 GEMMs / layer) {m['floor']:.3f} s/seed, simulate's own "
         f"GEMM/syrk flops {m['floor_sim']:.3f} s/seed (same rounds)",
         "",
@@ -215,7 +221,10 @@ def test_simulate_vs_peers(benchmark):
         measure, kwargs={"seeds": (1, 2), "rounds": 1}, rounds=1, iterations=1
     )
     benchmark.extra_info.update(
-        {"/".join(k) if isinstance(k, tuple) else k: v for k, v in res["median"].items()}
+        {
+            "/".join(k) if isinstance(k, tuple) else k: v
+            for k, v in res["median"].items()
+        }
     )
     print("\n" + report(res))
 
@@ -225,9 +234,15 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--seeds", type=int, nargs="+", default=[1, 2, 8], help="simulate's seeds counts"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1, 2, 8],
+        help="simulate's seeds counts",
     )
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--peer-seeds", type=int, default=2, help="seeds per peer per round")
+    ap.add_argument(
+        "--peer-seeds", type=int, default=2, help="seeds per peer per round"
+    )
     a = ap.parse_args()
     print(report(measure(tuple(a.seeds), a.rounds, a.peer_seeds)))

@@ -45,9 +45,9 @@ from ..profile import STAT_COLUMNS, Profile
 from .engine import COL, SeedContext, run_seed
 from .fused import (
     clear_workspace,
-    numba_threads,
     drop_other_plans,
     fused_ok,
+    numba_threads,
     plan_key,
     pooled_executor,
 )
@@ -251,9 +251,9 @@ def simulate(
         ``chi1, regime, q_star, c_star, xi_q, xi_c`` (from :func:`initdiag.analyze`,
         when it can describe the network); ``findings`` lists overflow / underflow
         events; ``meta`` records batch, seeds, backend, dtype, ``workers`` (seeds run
-        at once), ``threads_per_seed``, ``seconds`` (wall time) and ``timing`` (per phase, summed over
-        seeds; seeds run concurrently, so with ``workers > 1`` the sum exceeds
-        the wall time).
+        at once), ``threads_per_seed``, ``seconds`` (wall time) and ``timing``
+        (per phase, summed over seeds; seeds run concurrently, so with
+        ``workers > 1`` the sum exceeds the wall time).
 
     Raises
     ------

@@ -10,8 +10,9 @@ recomputes it), a lone ``batch_affine`` (identity activation) or a lone
 ``elementwise`` that follows it: the numba LayerNorm kernel into a kept buffer,
 then the activation and the statistics of both outputs in one fused pass (the
 same pass with an identity affine part), and backward the fused activation
-backward followed by the LayerNorm backward kernel; a layer without a primitive (``None``) runs its
-generic step (:mod:`initdiag.empirical.generic`) inside this plan.
+backward followed by the LayerNorm backward kernel; a layer without a primitive
+(``None``) runs its generic step (:mod:`initdiag.empirical.generic`) inside this
+plan.
 
 GEMMs go to BLAS into buffers allocated once per worker and kept between calls
 for the latest network structure (no page faults on repeated calls;
@@ -23,9 +24,10 @@ Threads within a seed (:class:`Lanes`): with ``threads > 1`` every GEMM is cut
 into row blocks and every Gram into the blocks of
 :func:`initdiag.kernels.fused.gram_parts`, each one single-threaded BLAS call on
 its own thread (NumPy's matmul and the ctypes syrk release the GIL), and parameter
-sampling runs on as many Numba threads (the fused passes run on the caller's).  BLAS must be single-threaded for the
-duration (the caller's ``threadpool_limits``): OpenBLAS's own workers spin after
-each call and would take the cores the Numba passes need (bench/SIMULATE.md).  A
+sampling runs on as many Numba threads (the fused passes run on the caller's).
+BLAS must be single-threaded for the duration (the caller's ``threadpool_limits``):
+OpenBLAS's own workers spin after each call and would take the cores the Numba
+passes need (bench/SIMULATE.md).  A
 row of a GEMM is computed the same way whatever block it falls in, so results are
 identical for a given thread count and equal to float rounding across thread
 counts (a Gram block computed by GEMM rather than syrk rounds differently).
@@ -118,7 +120,9 @@ class Lanes:
         e = [a.shape[0] * k // n for k in range(n + 1)]
         self.run(
             [
-                functools.partial(np.matmul, a[e[k] : e[k + 1]], b, out=out[e[k] : e[k + 1]])
+                functools.partial(
+                    np.matmul, a[e[k] : e[k + 1]], b, out=out[e[k] : e[k + 1]]
+                )
                 for k in range(n)
             ]
         )
@@ -311,21 +315,21 @@ class FusedExecutor:
         gamma, beta = self._ln_params(il, sc, n)
         mean = self.buf(("mean", il), (self.B,))
         invstd = self.buf(("invstd", il), (self.B,))
-        st_y = np.empty(10)
-        if ia is None:
-            y = self._keep_output(u, n)
-            kernels.layernorm_forward(
-                cur, gamma, beta, infos[il].layer.fusion()[1], backend="numba",
-                out=(y, mean, invstd),
-            )
-            self.saved[unit] = (cur, mean, invstd, gamma, beta, None)
-            self._has_colstats = False
-            return y, [(il, self._stats(y, n, st_y))]
-        y = self.buf(("lny", u), (self.B, n))  # the activation's input, for backward
+        # y: the output itself, or the activation's input (kept for backward)
+        y = self._keep_output(u, n) if ia is None else self.buf(("lny", u), (self.B, n))
         kernels.layernorm_forward(
-            cur, gamma, beta, infos[il].layer.fusion()[1], backend="numba",
+            cur,
+            gamma,
+            beta,
+            infos[il].layer.fusion()[1],
+            backend="numba",
             out=(y, mean, invstd),
         )
+        self.saved[unit] = (cur, mean, invstd, gamma, beta, y)
+        self._has_colstats = False
+        st_y = np.empty(10)
+        if ia is None:
+            return y, [(il, self._stats(y, n, st_y))]
         code, slope = infos[ia].layer.fusion()[1:]
         h = self._keep_output(u, n)
         st_h = np.empty(10)
@@ -333,9 +337,7 @@ class FusedExecutor:
         f.unit_forward(
             y, zero, one, one, zero, code, slope, True, h,
             self.acc[0], self.sc[0], self.acc[1], self.sc[1], st_y, st_h,
-        )
-        self.saved[unit] = (cur, mean, invstd, gamma, beta, y)
-        self._has_colstats = False
+        )  # fmt: skip
         return h, [(il, st_y), (ia, st_h)]
 
     def _ln_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
@@ -355,7 +357,7 @@ class FusedExecutor:
                 g, y, zero, one, one, zero, code, slope, False, True, dy,
                 self.acc[0], self.sums, vec["dgamma"][:n], vec["dbeta"][:n],
                 vec["dxsum"][:n],
-            )
+            )  # fmt: skip
             rows.append((ia, float(self.sums[0]), {}))
             ss = float(self.sums[1])
         else:
@@ -363,13 +365,15 @@ class FusedExecutor:
         dx = self.buf(("lndx",), (self.B, n))
         dgamma, dbeta = self.buf(("lndg",), (n,)), self.buf(("lndb",), (n,))
         kernels.layernorm_backward(
-            dy, x, (mean, invstd), gamma, beta, backend="numba",
-            out=(dx, dgamma, dbeta),
+            dy, x, (mean, invstd), gamma, beta, backend="numba", out=(dx, dgamma, dbeta)
         )
         norms = {}
         if sc.inits[il].get("weight") is not None:
             dg, db = dgamma.astype(np.float64), dbeta.astype(np.float64)
-            norms = {"gamma_grad_norm2": float(dg @ dg), "beta_grad_norm2": float(db @ db)}
+            norms = {
+                "gamma_grad_norm2": float(dg @ dg),
+                "beta_grad_norm2": float(db @ db),
+            }
         rows.append((il, ss, norms))
         self._colsum = None
         return (dx if il > 0 else None), rows
@@ -463,7 +467,9 @@ class FusedExecutor:
                 wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
         else:
             ss = float(np.einsum("ij,ij->", g, g, dtype=np.float64))
-            dw = self.lanes.matmul(g.T, xs, np.empty((g.shape[1], xs.shape[1]), g.dtype))
+            dw = self.lanes.matmul(
+                g.T, xs, np.empty((g.shape[1], xs.shape[1]), g.dtype)
+            )
             wn = float(np.einsum("ij,ij->", dw, dw, dtype=np.float64))
         sums = {"weight_grad_norm2": wn}
         if b is not None:

@@ -880,12 +880,16 @@ def gram_parts(a: np.ndarray, out: np.ndarray, parts: int) -> list[Callable[[], 
     B, N = a.shape
     if parts <= 1 or _gram_layout_numba(B) != -1:
         return [functools.partial(_gram_numba, a, out)]
-    assert out.flags.c_contiguous and out.dtype == a.dtype and a.strides[1] == a.itemsize
+    assert (
+        out.flags.c_contiguous and out.dtype == a.dtype and a.strides[1] == a.itemsize
+    )
     edges = [B * k // parts for k in range(parts + 1)]
     blocks = []
     for k in range(parts):
         r0, r1 = edges[k], edges[k + 1]
-        blocks.append(((r1 - r0) ** 2, functools.partial(_syrk, a[r0:r1], out[r0:r1, r0:r1])))
+        blocks.append(
+            ((r1 - r0) ** 2, functools.partial(_syrk, a[r0:r1], out[r0:r1, r0:r1]))
+        )
         for m in range(k + 1, parts):
             c0, c1 = edges[m], edges[m + 1]
             blocks.append(
