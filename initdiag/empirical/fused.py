@@ -100,17 +100,33 @@ class Lanes:
         )
 
     def run(self, tasks: list) -> None:
-        """Run independent zero-argument ``tasks``, the first on the caller."""
+        """Run independent zero-argument ``tasks``; the caller and the pool threads
+        take the next task not yet started, so when a pool thread is not scheduled
+        in time (a loaded machine) the caller runs its share instead of waiting."""
         if self._pool is None or len(tasks) == 1:
             for t in tasks:
                 t()
             return
-        futs = [self._pool.submit(t) for t in tasks[1:]]
+        it = iter(tasks)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    t = next(it, None)
+                if t is None:
+                    return
+                t()
+
+        futs = [
+            self._pool.submit(drain) for _ in range(min(len(tasks), self.threads) - 1)
+        ]
         try:
-            tasks[0]()
+            drain()
         finally:
             for fut in futs:
-                fut.result()
+                if not fut.cancel():  # started: wait for its task
+                    fut.result()
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``np.matmul(a, b, out=out)`` by row blocks of ``a`` and ``out``."""
