@@ -2,20 +2,24 @@
 
 Reference workload (issue 5): depth 20, width 1024, batch 512, float32, Linear ->
 BatchNorm -> ReLU, Kaiming-normal weights, zero biases; per seed parameter sampling +
-forward + backward + every Profile statistic of every layer; 2 threads.
+forward + backward + every Profile statistic of every layer; 2 threads.  The same
+MLP with LayerNorm in place of BatchNorm (issue 10) is measured beside it, and
+simulate at several seeds counts (default 1, 2 and 8: a lone seed must use both
+cores too).
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_simulate.py \
-        [--rounds 3] [--seeds 8]
+        [--rounds 3] [--seeds 1 2 8] [--peer-seeds 2]
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE pytest bench/bench_simulate.py
 
 Every round measures, back to back in one process, the sgemm rate (the workload's
-own GEMM shape, 512 x 1024 times 1024 x 1024), simulate, the PyTorch peer, the NumPy
-peer and the sgemm rate again, with a 0.3 s pause before each engine (so that no
-engine pays for the previous one's spinning thread pools); the engines' order
-rotates from round to round.  The
-report gives medians over rounds of the seconds per seed and of the per-round ratios
-(a shared machine's load changes from round to round; ratios taken within a round
-are the robust figure).
+own GEMM shape, 512 x 1024 times 1024 x 1024), then for each MLP simulate at every
+seeds count, the PyTorch peer (``--peer-seeds`` seeds: it runs seeds one after the
+other, so its time per seed does not depend on the count) and, for the BatchNorm
+MLP, the NumPy peer, and the sgemm rate again, with a 0.3 s pause before each engine
+(so that no engine pays for the previous one's spinning thread pools); the order
+of the engines rotates from round to round.  The report gives medians over rounds
+of the seconds per seed and of the per-round ratios (a shared machine's load
+changes from round to round; ratios taken within a round are the robust figure).
 
 Floors (seconds per seed at the sgemm rate measured in the same round):
 
@@ -66,10 +70,13 @@ def sgemm_rate(reps: int = 20) -> float:
     return FLOPS_GEMM / statistics.median(ts)
 
 
-def run_simulate(seeds: int):
+NORMS = ("batchnorm", "layernorm")
+
+
+def run_simulate(norm: str, seeds: int):
     import initdiag as idg
 
-    net = idg.mlp(depth=DEPTH, width=WIDTH, activation="relu", batchnorm=True)
+    net = idg.mlp(depth=DEPTH, width=WIDTH, activation="relu", norm=norm)
     return idg.simulate(net, batch_size=BATCH, seeds=seeds)
 
 
@@ -84,111 +91,141 @@ def blas_info() -> str:
     )
 
 
-def measure(seeds: int = 8, rounds: int = 3) -> dict:
+def measure(
+    seeds: tuple[int, ...] = (1, 2, 8), rounds: int = 3, peer_seeds: int = 2
+) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     _setup_threads()
     from peers import numpy_peer, torch_peer
 
-    peer = torch_peer.Peer(DEPTH, WIDTH, THREADS)
-    engines = {
-        "simulate": run_simulate,
-        "torch": lambda n: peer.run(batch=BATCH, seeds=n),
-        "numpy": lambda n: numpy_peer.run(DEPTH, WIDTH, BATCH, n),
-    }
-    for fn in engines.values():  # compile / warm up
+    peers = {n: torch_peer.Peer(DEPTH, WIDTH, THREADS, norm=n) for n in NORMS}
+    # (name, norm, seeds, callable): one timed engine run each
+    engines = []
+    for norm in NORMS:
+        engines += [
+            (f"sim{s}", norm, s, lambda s, n=norm: run_simulate(n, s)) for s in seeds
+        ]
+        engines.append(
+            ("torch", norm, peer_seeds, lambda s, n=norm: peers[n].run(BATCH, s))
+        )
+    engines.append(
+        (
+            "numpy",
+            "batchnorm",
+            peer_seeds,
+            lambda s: numpy_peer.run(DEPTH, WIDTH, BATCH, s),
+        )
+    )
+    for _, _, _, fn in engines:  # compile / warm up
         fn(2)
     per_round: list[dict] = []
     load = []
     for r in range(rounds):
         row: dict = {}
         rates = [sgemm_rate()]
-        names = list(engines)
-        names = names[r % 3 :] + names[: r % 3]
-        for name in names:
+        order = engines[r % len(engines) :] + engines[: r % len(engines)]
+        for name, norm, n, fn in order:
             # let the previous engine's thread pools go idle (OpenBLAS workers spin
             # ~50 ms after a call, OpenMP workers too): every engine starts clean
             time.sleep(0.3)
             t = time.perf_counter()
-            out = engines[name](seeds)
-            row[name] = (time.perf_counter() - t) / seeds
-            if name == "simulate":
-                row.update(
-                    {f"sim_{k}": v / seeds for k, v in out.meta["timing"].items()}
-                )
+            out = fn(n)
+            row[norm, name] = (time.perf_counter() - t) / n
+            if name.startswith("sim"):
+                for k, v in out.meta["timing"].items():
+                    row[norm, f"{name}_{k}"] = v / n
         rates.append(sgemm_rate())
         rate = statistics.mean(rates)
         row["sgemm_gflops"] = rate / 1e9
         row["floor"] = FLOPS_FLOOR / rate
         row["floor_sim"] = FLOPS_SIM / rate
+        for norm in NORMS:
+            for s in seeds:
+                t = row[norm, f"sim{s}"]
+                row[norm, f"torch/sim{s}"] = row[norm, "torch"] / t
+                row[norm, f"sim{s}/floor"] = t / row["floor"]
+                row[norm, f"sim{s}/floor_sim"] = t / row["floor_sim"]
+                if (norm, "numpy") in row:
+                    row[norm, f"numpy/sim{s}"] = row[norm, "numpy"] / t
         per_round.append(row)
         load.append(os.getloadavg()[0])
     med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
-    ratios = {
-        "torch/simulate": statistics.median(
-            r["torch"] / r["simulate"] for r in per_round
-        ),
-        "numpy/simulate": statistics.median(
-            r["numpy"] / r["simulate"] for r in per_round
-        ),
-        "simulate/floor": statistics.median(
-            r["simulate"] / r["floor"] for r in per_round
-        ),
-        "simulate/floor_sim": statistics.median(
-            r["simulate"] / r["floor_sim"] for r in per_round
-        ),
-    }
     return {
         "median": med,
-        "ratios": ratios,
         "rounds": per_round,
         "load": load,
         "blas": blas_info(),
         "seeds": seeds,
+        "peer_seeds": peer_seeds,
     }
 
 
 def report(res: dict) -> str:
-    m, q = res["median"], res["ratios"]
-    s = m["simulate"]
+    m = res["median"]
     lines = [
-        f"BLAS: {res['blas']}; {len(res['rounds'])} rounds x {res['seeds']} seeds per "
-        f"engine; 1-min load average during the rounds: "
+        f"BLAS: {res['blas']}; {len(res['rounds'])} rounds; peers {res['peer_seeds']} "
+        f"seeds per round; 1-min load average during the rounds: "
         f"{', '.join(f'{v:.2f}' for v in res['load'])}",
-        f"sgemm (512x1024 @ 1024x1024, float32) median {m['sgemm_gflops']:.0f} GFLOP/s "
-        f"(same rounds)",
+        f"sgemm (512x1024 @ 1024x1024, float32) median "
+        f"{m['sgemm_gflops']:.0f} GFLOP/s; "
+        f"GEMM floor (issue: 3 GEMMs / layer) {m['floor']:.3f} s/seed, simulate's own "
+        f"GEMM/syrk flops {m['floor_sim']:.3f} s/seed (same rounds)",
         "",
-        "| engine | s / seed (median) | ratio (median of per-round ratios) |",
-        "|---|---|---|",
-        f"| initdiag.simulate | {s:.3f} | 1.00 |",
-        f"| PyTorch CPU peer | {m['torch']:.3f} | torch / simulate = "
-        f"{q['torch/simulate']:.2f}x |",
-        f"| plain NumPy peer | {m['numpy']:.3f} | numpy / simulate = "
-        f"{q['numpy/simulate']:.2f}x |",
-        f"| GEMM floor (issue: 3 GEMMs / layer) | {m['floor']:.3f} | "
-        f"simulate / floor = "
-        f"{q['simulate/floor']:.2f} |",
-        f"| GEMM floor (simulate's own GEMM/syrk flops) | {m['floor_sim']:.3f} | "
-        f"simulate / floor = {q['simulate/floor_sim']:.2f} |",
-        "",
-        f"simulate split per seed (medians): sampling {m['sim_sample']:.3f} s, forward "
-        f"{m['sim_forward']:.3f} s, backward {m['sim_backward']:.3f} s",
-        "",
-        "per round: "
-        + "; ".join(
-            f"sim {r['simulate']:.3f} torch {r['torch']:.3f} numpy {r['numpy']:.3f} "
-            f"floor {r['floor']:.3f} ({r['sgemm_gflops']:.0f} GF/s)"
-            for r in res["rounds"]
-        ),
+        "| MLP | seeds | simulate s/seed | PyTorch s/seed | torch / sim | sim / floor "
+        "| sim / own-flops floor | numpy / sim |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for norm in NORMS:
+        for s in res["seeds"]:
+            np_ratio = m.get((norm, f"numpy/sim{s}"))
+            lines.append(
+                f"| {norm} | {s} | {m[norm, f'sim{s}']:.3f} | {m[norm, 'torch']:.3f} | "
+                f"{m[norm, f'torch/sim{s}']:.2f}x | {m[norm, f'sim{s}/floor']:.2f} | "
+                f"{m[norm, f'sim{s}/floor_sim']:.2f} | "
+                + (f"{np_ratio:.2f}x |" if np_ratio is not None else "- |")
+            )
+    lines.append("")
+    lines.append(
+        f"NumPy peer (batchnorm) {m['batchnorm', 'numpy']:.3f} s/seed.  "
+        "simulate split per seed (medians; phases summed over concurrent seeds):"
+    )
+    for norm in NORMS:
+        lines.append(
+            f"  {norm}: "
+            + "; ".join(
+                f"seeds={s}: sample {m[norm, f'sim{s}_sample']:.3f} forward "
+                f"{m[norm, f'sim{s}_forward']:.3f} backward "
+                f"{m[norm, f'sim{s}_backward']:.3f}"
+                for s in res["seeds"]
+            )
+        )
+    lines.append("")
+    lines.append(
+        "per round (torch / sim, sim / floor): "
+        + "; ".join(
+            f"[{r['sgemm_gflops']:.0f} GF/s] "
+            + ", ".join(
+                f"{norm[0:2]}{s} {r[norm, f'torch/sim{s}']:.2f}x "
+                f"{r[norm, f'sim{s}/floor']:.2f}"
+                for norm in NORMS
+                for s in res["seeds"]
+            )
+            for r in res["rounds"]
+        )
+    )
     return "\n".join(lines)
 
 
 def test_simulate_vs_peers(benchmark):
     res = benchmark.pedantic(
-        measure, kwargs={"seeds": 2, "rounds": 3}, rounds=1, iterations=1
+        measure, kwargs={"seeds": (1, 2), "rounds": 1}, rounds=1, iterations=1
     )
-    benchmark.extra_info.update({k: v for k, v in res["median"].items()})
-    benchmark.extra_info.update(res["ratios"])
+    benchmark.extra_info.update(
+        {
+            "/".join(k) if isinstance(k, tuple) else k: v
+            for k, v in res["median"].items()
+        }
+    )
     print("\n" + report(res))
 
 
@@ -196,7 +233,16 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=8, help="seeds per engine per round")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1, 2, 8],
+        help="simulate's seeds counts",
+    )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--peer-seeds", type=int, default=2, help="seeds per peer per round"
+    )
     a = ap.parse_args()
-    print(report(measure(a.seeds, a.rounds)))
+    print(report(measure(tuple(a.seeds), a.rounds, a.peer_seeds)))

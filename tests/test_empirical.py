@@ -160,6 +160,48 @@ def test_same_seed_identical_and_thread_count_independent():
     np.testing.assert_allclose(_stats(d), _stats(a), rtol=200 * eps, atol=200 * eps)
 
 
+def test_one_seed_cuts_its_blas_calls_over_the_threads():
+    # seeds=1 with 2 Numba threads: GEMMs by row blocks and Grams by block
+    # triangles on 2 threads (B = 160 >= 128: the syrk layout, Gram path for the
+    # 256-wide layers); equal to the serial path (1 thread) to float32 rounding,
+    # the same bits on every repeat
+    numba = pytest.importorskip("numba")
+    pytest.importorskip("threadpoolctl")
+    if numba.get_num_threads() < 2:
+        pytest.skip("needs 2 Numba threads")
+    net = idg.mlp(depth=3, width=256, activation="relu", batchnorm=True)
+    kw = dict(batch_size=160, seeds=1, rng=3, backend="numba")
+    a = idg.simulate(net, **kw)
+    b = idg.simulate(net, **kw)
+    assert (a.meta["workers"], a.meta["threads_per_seed"]) == (1, numba.get_num_threads())
+    assert np.array_equal(_stats(a), _stats(b), equal_nan=True)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        serial = idg.simulate(net, **kw)
+    finally:
+        numba.set_num_threads(old)
+    assert serial.meta["threads_per_seed"] == 1
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(_stats(a), _stats(serial), rtol=200 * eps, atol=200 * eps)
+
+
+def test_thread_plan_shares_the_threads_between_seeds(monkeypatch):
+    # T threads: min(seeds, T) seeds at once, T // workers threads each; one seed
+    # for a callable output_grad (user code need not be thread-safe) or when two
+    # would not fit in memory
+    numba = pytest.importorskip("numba")
+    pytest.importorskip("threadpoolctl")
+    plan = empirical._thread_plan
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 8)
+    assert plan(1, True, False, 10, []) == (1, 8)
+    assert plan(3, True, False, 10, []) == (3, 2)
+    assert plan(16, True, False, 10, []) == (8, 1)
+    assert plan(4, True, True, 10, []) == (1, 8)
+    assert plan(8, True, False, 10, [35]) == (3, 2)
+    assert plan(8, False, False, 10, []) == (1, 1)
+
+
 def test_backends_agree():
     from initdiag import kernels
 
@@ -565,8 +607,29 @@ def test_fused_passes_are_thread_count_independent():
             output_dim=3,
         ),
         dict(depth=2, width=20, activation="identity", batchnorm=True),
+        dict(
+            depth=3,
+            width=24,
+            activation="tanh",
+            norm="layernorm",
+            init=idg.InitScheme(extra={"ln_weight": "normal(1, 0.3)", "ln_bias": "normal(0, 0.2)"}),
+            output_dim=5,
+        ),
+        dict(
+            depth=2,
+            width=20,
+            activation="relu",
+            norm="layernorm",
+            bn_position="after_activation",
+        ),
     ],
-    ids=["bn_after_gelu_readout", "leaky_bias_readout", "identity_bn"],
+    ids=[
+        "bn_after_gelu_readout",
+        "leaky_bias_readout",
+        "identity_bn",
+        "ln_tanh_random_affine_readout",
+        "ln_after_relu",
+    ],
 )
 def test_fused_path_matches_numpy_backend(net):
     from initdiag import kernels
@@ -575,10 +638,43 @@ def test_fused_path_matches_numpy_backend(net):
         pytest.skip("numba backend unavailable")
     net = idg.mlp(**net)
     assert empirical.fused.fused_ok(net, "numba") and not empirical.fused.fused_ok(net, "numpy")
+    # every layer runs a fused unit (no generic step inside the plan)
+    units = empirical.fused.FusedExecutor(net, 12, np.dtype(np.float32)).units
+    assert all(u[0] != "step" for u in units)
     got = _stats(idg.simulate(net, batch_size=12, seeds=2, backend="numba"))
     ref = _stats(idg.simulate(net, batch_size=12, seeds=2, backend="numpy"))
     eps = np.finfo(np.float32).eps
     np.testing.assert_allclose(got, ref, rtol=500 * eps, atol=500 * eps)
+
+
+def test_fused_layernorm_units_match_numpy_backend():
+    # a LayerNorm without affine parameters feeding a Dense directly (lone
+    # row_affine unit), one with an activation, a LayerNorm as the output layer;
+    # B = 160 >= 128 and one seed: the syrk Grams, cut over the threads
+    from initdiag import kernels
+
+    if not kernels.available_backends()["numba"]["available"]:
+        pytest.skip("numba backend unavailable")
+    net = idg.Network(
+        40,
+        [
+            idg.Dense(48),
+            idg.LayerNorm(affine=False),
+            idg.Dense(48),
+            idg.LayerNorm(eps=1e-3),
+            idg.ReLU(),
+            idg.Dense(32),
+            idg.LayerNorm(),
+        ],
+        init=idg.InitScheme(extra={"ln_weight": "normal(1, 0.3)"}),
+    )
+    units = empirical.fused.FusedExecutor(net, 160, np.dtype(np.float32)).units
+    assert [u[0] for u in units] == ["dense", "ln", "dense", "ln", "dense", "ln"]
+    eps = np.finfo(np.float32).eps
+    for seeds in (1, 3):
+        got = _stats(idg.simulate(net, batch_size=160, seeds=seeds, backend="numba"))
+        ref = _stats(idg.simulate(net, batch_size=160, seeds=seeds, backend="numpy"))
+        np.testing.assert_allclose(got, ref, rtol=500 * eps, atol=500 * eps)
 
 
 @pytest.mark.parametrize("syrk", [True, False])

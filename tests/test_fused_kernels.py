@@ -449,6 +449,35 @@ def test_gram_blocked_layout_without_syrk(dtype, monkeypatch):
     assert t == pytest.approx(t_np, rel=(B + 4) * eps(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+def test_gram_parts_write_the_gram_layout(dtype, parts):
+    """The Gram cut into tasks (one seed on several threads) writes the entries
+    the serial gram's layout defines, each within rounding of the loop Gram, and
+    the same bits whatever order (or thread) the tasks run in."""
+    if not fused._syrk_functions():
+        pytest.skip("SciPy's Cython BLAS table is not reachable")
+    rng = np.random.default_rng(parts)
+    B, n = 131, 9  # 131: blocks of unequal rows
+    a = data(rng, (B, n), dtype)
+    layout = fused.gram_layout(B)
+    assert layout == -1
+    tasks = fused.gram_parts(a, np.full((B, B), np.nan, dtype), parts)
+    assert len(tasks) == parts
+    mask = stored(a[:, :1] * a[:, :1].T, layout)
+    ref = naive.naive_gram(a)
+    tol = (n + 2) * eps(dtype) * naive.naive_gram(np.abs(a))
+    got = []
+    for order in (list(range(parts)), list(range(parts))[::-1]):
+        out = np.full((B, B), np.nan, dtype)
+        for k in order:
+            fused.gram_parts(a, out, parts)[k]()
+        assert not np.isnan(out[mask]).any()
+        assert_within(out[mask], ref[mask], tol[mask])
+        got.append(out[mask])
+    assert np.array_equal(got[0], got[1])
+
+
 def test_gram_dot_float32_overflow_rare_path():
     """Products of float32 Gram entries near 1e20 overflow the dtype: that row
     piece is summed again in float64."""

@@ -301,7 +301,7 @@ def test_missing_threadpoolctl_is_reported(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)
     with pytest.warns(RuntimeWarning, match="pip install threadpoolctl"):
-        w = empirical._n_workers(4, True, False, 1, [])
+        w, _ = empirical._thread_plan(4, True, False, 1, [])
     assert w == 1
 
 

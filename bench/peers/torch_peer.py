@@ -1,6 +1,7 @@
 """PyTorch CPU peer, written as a careful user would: the model is built once and
 re-initialised in place per seed with ``nn.init``; forward hooks on every module and
-full backward hooks compute the same statistics with vectorised torch ops."""
+full backward hooks compute the same statistics with vectorised torch ops.
+``norm="layernorm"`` puts ``nn.LayerNorm`` where ``nn.BatchNorm1d`` stands."""
 
 from __future__ import annotations
 
@@ -38,11 +39,20 @@ def _fwd_stats(h: torch.Tensor) -> dict[str, float]:
 
 
 class Peer:
-    def __init__(self, depth: int = 20, width: int = 1024, threads: int = 2) -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        width: int = 1024,
+        threads: int = 2,
+        norm: str = "batchnorm",
+    ) -> None:
         torch.set_num_threads(threads)
+        norms = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
+        if norm not in norms:
+            raise ValueError(f"norm must be one of {sorted(norms)}, got {norm!r}")
         layers: list[nn.Module] = []
         for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
+            layers += [nn.Linear(width, width), norms[norm](width), nn.ReLU()]
         self.model = nn.Sequential(*layers)
         self.width = width
         self.rows: dict[nn.Module, dict[str, float]] = {}
@@ -67,7 +77,7 @@ class Peer:
                     if isinstance(m, nn.Linear):
                         nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                         nn.init.zeros_(m.bias)
-                    elif isinstance(m, nn.BatchNorm1d):
+                    elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
                         nn.init.ones_(m.weight)
                         nn.init.zeros_(m.bias)
             self.model.zero_grad(set_to_none=True)
@@ -86,7 +96,7 @@ class Peer:
                     self.rows[m]["bias_grad_norm2"] = (
                         float(m.bias.grad.double().pow(2).sum()) * norm
                     )
-                elif isinstance(m, nn.BatchNorm1d):
+                elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
                     self.rows[m]["gamma_grad_norm2"] = (
                         float(m.weight.grad.double().pow(2).sum()) * norm
                     )

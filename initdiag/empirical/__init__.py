@@ -13,9 +13,11 @@ on the numba backend), and records every Profile column (see
   normalisation layers with their saved statistics, and for dense layers the B x B
   Gram ``X X^T`` instead of the input when cheaper): weight-gradient norms use
   ``||G^T X||_F^2 = sum_ab (G G^T)_ab (X X^T)_ab``; ``dW`` itself is never needed.
-- Threads: on the fused path seeds run concurrently, one per thread (up to Numba's
-  thread count), each with single-threaded BLAS and Numba (:func:`_n_workers` says
-  why); a seed's results do not depend on which thread ran it.
+- Threads: on the fused path the caller's Numba thread count T is shared out:
+  ``min(seeds, T)`` seeds run concurrently and each gets ``T // workers`` threads
+  for its GEMMs, Grams and sampling, with BLAS single-threaded throughout
+  (:func:`_thread_plan` says why); a seed's results do not depend on which thread
+  ran it, and equal to float rounding across thread counts.
 - Overflow: a non-finite layer output or gradient (or a signal that underflows to
   all zeros through a layer that should not zero it) records a finding and stops
   that seed; its later rows are missing for that seed, and every row is averaged
@@ -47,6 +49,7 @@ from .fused import (
     clear_workspace,
     drop_other_plans,
     fused_ok,
+    numba_threads,
     plan_key,
     pooled_executor,
 )
@@ -65,43 +68,36 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def _numba_threads(n: int):
-    """Numba's thread count of the calling thread set to ``n`` (restored after)."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - the fused path needs numba
-        yield
-        return
-    old = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(n, old)))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(old)
-
-
-def _n_workers(
+def _thread_plan(
     seeds: int,
     fused: bool,
     user_callable: bool,
     per_seed_bytes: int,
     caps: list[int],
-) -> int:
-    """Seeds run concurrently on the fused path, one per thread.
+) -> tuple[int, int]:
+    """(workers, threads per seed) on the fused path.
 
-    Measured on the reference workload (bench/SIMULATE.md): alternating BLAS GEMMs
-    (2 OpenBLAS threads, whose workers spin ~50 ms after each call) with 2-thread
-    Numba passes ran ~3x slower than with 1-thread Numba passes, because the Numba
-    worker and the spinning BLAS worker share a core.  Running one seed per thread,
-    each with single-threaded BLAS and Numba, removes every pool hand-off: each core
-    alternates GEMMs and element-wise passes on its own.  Needs threadpoolctl (to
-    make BLAS single-threaded for the duration); not used for a
-    callable ``output_grad`` (user code need not be thread-safe), nor when the
-    concurrent seeds would not fit in memory.
+    With T = the caller's Numba thread count, ``workers = min(seeds, T)`` seeds
+    run concurrently (fewer when they would not fit in memory; one for a callable
+    ``output_grad``: user code need not be thread-safe) and each seed gets
+    ``max(1, T // workers)`` threads: its GEMMs and Grams are cut into that many
+    row blocks, each a single-threaded BLAS call on its own thread
+    (:class:`~initdiag.empirical.fused.Lanes`), and its parameter sampling runs on
+    that many Numba threads.  BLAS itself stays single-threaded for the whole call,
+    and the fused passes run on one thread: they are ~5% of a seed's work, and
+    each parallel region would wake a sleeping worker (~50 us on a quiet machine,
+    milliseconds on a loaded one, where measured 2-thread passes ran ~10x slower
+    than 1-thread ones).
+
+    Why (bench/SIMULATE.md): alternating multi-threaded OpenBLAS GEMMs (whose workers
+    spin ~50 ms after each call) with 2-thread Numba passes ran ~3x slower than
+    1-thread passes, because the Numba worker and the spinning BLAS worker share a
+    core; with single-threaded BLAS calls on our own threads nothing spins, so one
+    seed can use every core.  Needs threadpoolctl (to make BLAS single-threaded);
+    without it, seeds run one at a time with BLAS's own threads.
     """
-    if not fused or user_callable or seeds < 2:
-        return 1
+    if not fused:
+        return 1, 1
     try:
         import numba
         import threadpoolctl  # noqa: F401
@@ -112,11 +108,21 @@ def _n_workers(
             RuntimeWarning,
             stacklevel=3,
         )
-        return 1
-    w = min(seeds, numba.get_num_threads())
+        return 1, 1
+    T = numba.get_num_threads()
+    w = 1 if user_callable else min(seeds, T)
     while w > 1 and any(w * per_seed_bytes > c for c in caps):
         w -= 1
-    return w
+    return w, max(1, T // w)
+
+
+@contextlib.contextmanager
+def _blas_single():
+    """BLAS single-threaded for the duration (seeds run their own BLAS threads)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _run_concurrent(
@@ -126,23 +132,22 @@ def _run_concurrent(
     dt: np.dtype,
     seeds: int,
     workers: int,
+    threads: int,
     timing: dict[str, float],
 ) -> None:
-    """Each worker thread takes the next seed not yet started (BLAS and Numba
-    single-threaded inside), so a core slowed by other work takes fewer seeds;
-    results do not depend on the assignment."""
+    """Each worker thread takes the next seed not yet started (BLAS single-threaded,
+    ``threads`` lanes per seed), so a core slowed by other work
+    takes fewer seeds; results do not depend on the assignment."""
     import itertools
     import threading
     from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
 
     tms = [dict.fromkeys(timing, 0.0) for _ in range(workers)]
     counter = itertools.count()
     lock = threading.Lock()
 
     def work(k: int) -> None:
-        with _numba_threads(1), pooled_executor(network, B, dt) as plan:
+        with numba_threads(1), pooled_executor(network, B, dt, threads) as plan:
             while True:
                 with lock:
                     s = next(counter)
@@ -151,7 +156,7 @@ def _run_concurrent(
                 one_seed(s, plan, tms[k])
 
     with (
-        threadpool_limits(limits=1, user_api="blas"),
+        _blas_single(),
         ThreadPoolExecutor(max_workers=workers) as ex,
     ):
         futs = [ex.submit(work, k) for k in range(workers)]
@@ -266,9 +271,10 @@ def simulate(
         ``chi1, regime, q_star, c_star, xi_q, xi_c`` (from :func:`initdiag.analyze`,
         when it can describe the network); ``findings`` lists overflow / underflow
         events; ``meta`` records batch, seeds, backend, dtype, ``workers`` (seeds run
-        at once), ``seconds`` (wall time) and ``timing`` (per phase, summed over
-        seeds; each seed runs on one thread, so with ``workers > 1`` the sum exceeds
-        the wall time), ``partial`` (False) and ``seeds_finished``.
+        at once), ``threads_per_seed``, ``seconds`` (wall time) and ``timing``
+        (per phase, summed over seeds; seeds run concurrently, so with
+        ``workers > 1`` the sum exceeds the wall time), ``partial`` (False) and
+        ``seeds_finished``.
 
     Ctrl-C (or :func:`initdiag._interrupt.request_stop`) stops the run within one
     layer's kernels and raises :class:`initdiag._interrupt.Interrupted`, a
@@ -353,7 +359,7 @@ def simulate(
     )
     # the Jacobian probes read the generic executor's saved linearisations
     fused = fused_ok(network, backend) and not jacobian
-    workers = _n_workers(
+    workers, threads = _thread_plan(
         seeds,
         fused,
         callable(output_grad),
@@ -388,9 +394,15 @@ def simulate(
     interrupted = False
     try:
         if workers > 1:
-            _run_concurrent(one_seed, network, B, dt, seeds, workers, timing)
+            _run_concurrent(
+                one_seed, network, B, dt, seeds, workers, threads, timing
+            )
         elif fused:
-            with _numba_threads(1), pooled_executor(network, B, dt) as ex:
+            with (
+                _blas_single() if threads > 1 else contextlib.nullcontext(),
+                numba_threads(1),
+                pooled_executor(network, B, dt, threads) as ex,
+            ):
                 for s in range(seeds):
                     one_seed(s, ex, timing)
         else:
@@ -437,6 +449,7 @@ def simulate(
         "seeds_reached_backward": reached_b.tolist(),
         "memory_estimate": est["total"],
         "workers": workers,
+        "threads_per_seed": threads,
         "seconds": wall,
         "timing": dict(timing),
         "partial": interrupted,

@@ -6,21 +6,40 @@ of its output in one pass), ``("batch_affine", eps)`` followed by
 ``("elementwise", code, slope)`` (BatchNorm + activation and the statistics of
 both outputs in one pass; the BatchNorm output is never stored: backward
 recomputes it), a lone ``batch_affine`` (identity activation) or a lone
-``elementwise`` (no affine part); a layer without a primitive (``None``) runs its
-generic step (:mod:`initdiag.empirical.generic`) inside this plan.
+``elementwise`` (no affine part); ``("row_affine", eps)`` (LayerNorm) with the
+``elementwise`` that follows it: the numba LayerNorm kernel into a kept buffer,
+then the activation and the statistics of both outputs in one fused pass (the
+same pass with an identity affine part), and backward the fused activation
+backward followed by the LayerNorm backward kernel; a layer without a primitive
+(``None``) runs its generic step (:mod:`initdiag.empirical.generic`) inside this
+plan.
 
 GEMMs go to BLAS into buffers allocated once per worker and kept between calls
 for the latest network structure (no page faults on repeated calls;
 :func:`clear_workspace` frees them).  Weight-gradient norms are exact and use
 ``||G^T X||_F^2 = sum_ab (G G^T)_ab (X X^T)_ab`` (both B x B Grams by BLAS syrk)
 where cheaper (:func:`initdiag.layers.dense.use_gram`).
+
+Threads within a seed (:class:`Lanes`): with ``threads > 1`` every GEMM is cut
+into row blocks and every Gram into the blocks of
+:func:`initdiag.kernels.fused.gram_parts`, each one single-threaded BLAS call on
+its own thread (NumPy's matmul and the ctypes syrk release the GIL), and parameter
+sampling runs on as many Numba threads (the fused passes run on the caller's).
+BLAS must be single-threaded for the duration (the caller's ``threadpool_limits``):
+OpenBLAS's own workers spin after each call and would take the cores the Numba
+passes need (bench/SIMULATE.md).  A
+row of a GEMM is computed the same way whatever block it falls in, so results are
+identical for a given thread count and equal to float rounding across thread
+counts (a Gram block computed by GEMM rather than syrk rounds differently).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,6 +51,8 @@ from .sampling import fill_param, layer_params, output_grad
 
 __all__ = [
     "FusedExecutor",
+    "Lanes",
+    "numba_threads",
     "fused_ok",
     "pooled_executor",
     "clear_workspace",
@@ -42,10 +63,90 @@ __all__ = [
 
 def _fused_kernels():
     """The raw fused numba kernels (no per-call validation: this executor owns its
-    buffers) and ``row_chunks``."""
+    buffers), ``row_chunks`` and ``gram_parts``."""
     from ..kernels import fused
 
-    return fused.resolve("numba"), fused.row_chunks
+    return fused.resolve("numba"), fused.row_chunks, fused.gram_parts
+
+
+@contextlib.contextmanager
+def numba_threads(n: int):
+    """Numba's thread count of the calling thread set to ``n`` (at most Numba's
+    pool size; restored after)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - the fused path needs numba
+        yield
+        return
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+class Lanes:
+    """``threads`` threads for one seed's BLAS calls: the caller and a pool of
+    ``threads - 1`` kept for the whole ``simulate`` call (starting threads per
+    GEMM would cost more than the hand-off)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = (
+            ThreadPoolExecutor(threads - 1, thread_name_prefix="initdiag-lane")
+            if threads > 1
+            else None
+        )
+
+    def run(self, tasks: list) -> None:
+        """Run independent zero-argument ``tasks``; the caller and the pool threads
+        take the next task not yet started, so when a pool thread is not scheduled
+        in time (a loaded machine) the caller runs its share instead of waiting."""
+        if self._pool is None or len(tasks) == 1:
+            for t in tasks:
+                t()
+            return
+        it = iter(tasks)
+        lock = threading.Lock()
+
+        def drain() -> None:
+            while True:
+                with lock:
+                    t = next(it, None)
+                if t is None:
+                    return
+                t()
+
+        futs = [
+            self._pool.submit(drain) for _ in range(min(len(tasks), self.threads) - 1)
+        ]
+        try:
+            drain()
+        finally:
+            for fut in futs:
+                if not fut.cancel():  # started: wait for its task
+                    fut.result()
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``np.matmul(a, b, out=out)`` by row blocks of ``a`` and ``out``."""
+        n = min(self.threads, a.shape[0])
+        if n <= 1:
+            return np.matmul(a, b, out=out)
+        e = [a.shape[0] * k // n for k in range(n + 1)]
+        self.run(
+            [
+                functools.partial(
+                    np.matmul, a[e[k] : e[k + 1]], b, out=out[e[k] : e[k + 1]]
+                )
+                for k in range(n)
+            ]
+        )
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 class FusedExecutor:
@@ -53,8 +154,9 @@ class FusedExecutor:
     reused across seeds).  A plan is used by one thread at a time."""
 
     def __init__(self, net: Any, B: int, dt: np.dtype) -> None:
-        f, row_chunks = _fused_kernels()
+        f, row_chunks, self._gram_parts = _fused_kernels()
         self.f = f
+        self.lanes = Lanes(1)  # set per call by pooled_executor
         self.net = net
         infos = net.infos
         units: list[tuple] = []
@@ -66,6 +168,10 @@ class FusedExecutor:
                 units.append(("step", i))
             elif prim[0] == "gemm":
                 units.append(("dense", i))
+            elif prim[0] == "row_affine":
+                pair = nxt is not None and nxt[0] == "elementwise"
+                units.append(("ln", i, i + 1 if pair else None))
+                i += pair
             elif (
                 prim[0] == "batch_affine"
                 and nxt is not None
@@ -115,8 +221,20 @@ class FusedExecutor:
     def _u(self, unit: tuple) -> int:
         return self.units.index(unit)
 
+    def _gram(self, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``f.gram(a, out)``, cut over the lanes."""
+        if self.lanes.threads == 1:
+            return self.f.gram(a, out)
+        self.lanes.run(self._gram_parts(a, out, self.lanes.threads))
+        return out
+
     # -- sampling -----------------------------------------------------------------
     def sample(self, unit: tuple, sc: SeedContext) -> None:
+        # the sampler's parallel kernels run on the seed's lanes' worth of threads
+        with numba_threads(self.lanes.threads):
+            self._sample(unit, sc)
+
+    def _sample(self, unit: tuple, sc: SeedContext) -> None:
         infos = self.net.infos
         if unit[0] == "step":
             i = unit[1]
@@ -145,6 +263,8 @@ class FusedExecutor:
             return self._dense_forward(unit, cur, sc)
         if unit[0] == "step":
             return self._step_forward(unit, cur, sc)
+        if unit[0] == "ln":
+            return self._ln_forward(unit, cur, sc)
         return self._elem_forward(unit, cur, sc)
 
     def _stats(self, x: np.ndarray, n: int, st: np.ndarray) -> np.ndarray:
@@ -162,13 +282,13 @@ class FusedExecutor:
         b = self.bufs[("bias", i)] if p.get("bias") is not None else None
         gram = use_gram(self.B, n_in, n_out)
         xs = (
-            _safe_gram(self.f, cur, self.buf(("gram", i), (self.B, self.B)))
+            _safe_gram(self._gram, cur, self.buf(("gram", i), (self.B, self.B)))
             if gram
             else cur.copy()
         )
         self.saved[unit] = (w, b, xs, gram)
         pre = self.buf(("pre", i), (self.B, n_out))
-        np.matmul(cur, w.T, out=pre)
+        self.lanes.matmul(cur, w.T, pre)
         if b is not None and not is_zero_init(p["bias"], n_in, n_out):
             pre += b
         st = self._stats(pre, n_out, np.empty(10))
@@ -182,6 +302,97 @@ class FusedExecutor:
         self.saved[unit] = (ctx, saved)
         self._has_colstats = False
         return y, [(i, self.ops.row_stats(y, np.empty(10)))]
+
+    def _keep_output(self, u: int, n: int) -> np.ndarray:
+        """Where unit ``u`` writes its (B, n) output: a kept buffer unless the next
+        unit is a dense layer that saves only the Gram of its input."""
+        infos = self.net.infos
+        nxt = self.units[u + 1] if u + 1 < len(self.units) else None
+        keep = not (
+            nxt is not None
+            and nxt[0] == "dense"
+            and use_gram(self.B, n, infos[nxt[1]].width)
+        )
+        return self.buf(("h", u), (self.B, n)) if keep else self.pingpong(u, n)
+
+    def _ln_params(self, i: int, sc: SeedContext, n: int):
+        if sc.inits[i].get("weight") is not None:
+            return self.bufs[("weight", i)], self.bufs[("bias", i)]
+        return np.ones(n, self.dt), np.zeros(n, self.dt)  # affine=False
+
+    def _ln_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
+        from .. import kernels
+
+        f = self.f
+        infos = self.net.infos
+        _, il, ia = unit
+        u = self._u(unit)
+        n = cur.shape[1]
+        gamma, beta = self._ln_params(il, sc, n)
+        mean = self.buf(("mean", il), (self.B,))
+        invstd = self.buf(("invstd", il), (self.B,))
+        # y: the output itself, or the activation's input (kept for backward)
+        y = self._keep_output(u, n) if ia is None else self.buf(("lny", u), (self.B, n))
+        kernels.layernorm_forward(
+            cur,
+            gamma,
+            beta,
+            infos[il].layer.fusion()[1],
+            backend="numba",
+            out=(y, mean, invstd),
+        )
+        self.saved[unit] = (cur, mean, invstd, gamma, beta, y)
+        self._has_colstats = False
+        st_y = np.empty(10)
+        if ia is None:
+            return y, [(il, self._stats(y, n, st_y))]
+        code, slope = infos[ia].layer.fusion()[1:]
+        h = self._keep_output(u, n)
+        st_h = np.empty(10)
+        zero, one = np.zeros(n), np.ones(n)
+        f.unit_forward(
+            y, zero, one, one, zero, code, slope, True, h,
+            self.acc[0], self.sc[0], self.acc[1], self.sc[1], st_y, st_h,
+        )  # fmt: skip
+        return h, [(il, st_y), (ia, st_h)]
+
+    def _ln_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
+        from .. import kernels
+
+        _, il, ia = unit
+        u = self._u(unit)
+        n = g.shape[1]
+        x, mean, invstd, gamma, beta, y = self.saved[unit]
+        rows = []
+        if ia is not None:  # the activation's backward, identity affine part
+            code, slope = self.net.infos[ia].layer.fusion()[1:]
+            zero, one = np.zeros(n), np.ones(n)
+            dy = self.pingpong(u, n)
+            vec = self.vec
+            self.f.unit_backward(
+                g, y, zero, one, one, zero, code, slope, False, True, dy,
+                self.acc[0], self.sums, vec["dgamma"][:n], vec["dbeta"][:n],
+                vec["dxsum"][:n],
+            )  # fmt: skip
+            rows.append((ia, float(self.sums[0]), {}))
+            ss = float(self.sums[1])
+        else:
+            dy, ss = g, sumsq64(g)
+        dx = self.buf(("lndx",), (self.B, n))
+        dgamma, dbeta = self.buf(("lndg",), (n,)), self.buf(("lndb",), (n,))
+        kernels.layernorm_backward(
+            dy, x, (mean, invstd), gamma, beta, backend="numba", out=(dx, dgamma, dbeta)
+        )
+        norms = {}
+        if sc.inits[il].get("weight") is not None:
+            dg, db = dgamma.astype(np.float64), dbeta.astype(np.float64)
+            norms = {
+                "gamma_grad_norm2": float(dg @ dg),
+                "beta_grad_norm2": float(db @ db),
+            }
+        rows.append((il, ss, norms))
+        self._colsum = None
+        return (dx if il > 0 else None), rows
 
     def _elem_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
         f = self.f
@@ -210,13 +421,7 @@ class FusedExecutor:
             (infos[ia].layer.fusion()[1:]) if ia is not None else (f.IDENTITY, 0.0)
         )
         rec_y = ib is not None and ia is not None
-        nxt = self.units[u + 1] if u + 1 < len(self.units) else None
-        keep = not (
-            nxt is not None
-            and nxt[0] == "dense"
-            and use_gram(self.B, n, infos[nxt[1]].width)
-        )
-        h = self.buf(("h", u), (self.B, n)) if keep else self.pingpong(u, n)
+        h = self._keep_output(u, n)
         st_y, st_h = np.empty(10), np.empty(10)
         f.unit_forward(
             cur,
@@ -260,6 +465,8 @@ class FusedExecutor:
             gin, sums = ctx.info.layer.backward(ctx, g, saved, i > 0)
             self._colsum = None
             return gin, [(i, ss, sums)]
+        if unit[0] == "ln":
+            return self._ln_backward(unit, g, sc)
         return self._elem_backward(unit, g, sc)
 
     def _dense_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
@@ -269,14 +476,16 @@ class FusedExecutor:
         w, b, xs, gram = self.saved[unit]
         B = self.B
         if gram:
-            gg = _safe_gram(f, g, self.gg)
+            gg = _safe_gram(self._gram, g, self.gg)
             if gg.dtype == xs.dtype:
                 wn, ss = f.gram_dot(gg, xs, f.gram_layout(B))
             else:  # a float64 fallback on one side: both full, float64
                 wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
         else:
             ss = float(np.einsum("ij,ij->", g, g, dtype=np.float64))
-            dw = g.T @ xs
+            dw = self.lanes.matmul(
+                g.T, xs, np.empty((g.shape[1], xs.shape[1]), g.dtype)
+            )
             wn = float(np.einsum("ij,ij->", dw, dw, dtype=np.float64))
         sums = {"weight_grad_norm2": wn}
         if b is not None:
@@ -289,7 +498,7 @@ class FusedExecutor:
         self._colsum = None
         gin = None
         if i > 0:
-            gin = np.matmul(g, w, out=self.pingpong(self._u(unit), info.fan_in))
+            gin = self.lanes.matmul(g, w, self.pingpong(self._u(unit), info.fan_in))
         return gin, [(i, ss, sums)]
 
     def _elem_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
@@ -340,11 +549,11 @@ class FusedExecutor:
         return dx, rows
 
 
-def _safe_gram(f: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``f.gram(a, out)``; where the working-precision Gram overflows (its trace,
+def _safe_gram(gram: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``gram(a, out)``; where the working-precision Gram overflows (its trace,
     the largest row norm^2 bound of every entry, is not finite) although ``a`` is
     finite, the full Gram in float64 instead (rare: signals near the float32 range)."""
-    f.gram(a, out)
+    gram(a, out)
     if math.isfinite(float(np.trace(out, dtype=np.float64))):
         return out
     a64 = a.astype(np.float64)
@@ -415,15 +624,21 @@ def drop_other_plans(key: tuple) -> None:
 
 
 @contextlib.contextmanager
-def pooled_executor(net: Any, B: int, dt: np.dtype):
-    """A :class:`FusedExecutor` from the pool (or a new one), returned after use."""
+def pooled_executor(net: Any, B: int, dt: np.dtype, threads: int = 1):
+    """A :class:`FusedExecutor` from the pool (or a new one) whose BLAS calls are
+    cut over ``threads`` :class:`Lanes`, returned after use."""
     key = plan_key(net, B, dt)
     with _POOL_LOCK:
         plans = _POOL.get(key)
         plan = plans.pop() if plans else None
     if plan is None:
         plan = FusedExecutor(net, B, dt)
-    yield plan
+    plan.lanes = Lanes(threads)
+    try:
+        yield plan
+    finally:
+        plan.lanes.close()
+        plan.lanes = Lanes(1)
     if plan.nbytes() <= _POOL_MAX_BYTES:
         drop_other_plans(key)
         with _POOL_LOCK:

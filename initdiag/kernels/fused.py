@@ -69,7 +69,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -837,6 +837,83 @@ def _syrk_functions() -> dict:
     return fns
 
 
+def _syrk(a: np.ndarray, out: np.ndarray) -> None:
+    """The upper triangle by rows of ``a a^T`` into ``out`` (b x b, unit column
+    stride, any row stride: a block of a larger Gram) by one BLAS syrk: ``a``
+    (b x N, unit column stride) is read as the column-major N x b matrix it is."""
+    import ctypes
+
+    fn, ct = _syrk_functions()[a.dtype]
+    b, N = a.shape
+    n_, k_ = ctypes.c_int(b), ctypes.c_int(N)
+    lda = ctypes.c_int(a.strides[0] // a.itemsize)
+    ldc = ctypes.c_int(out.strides[0] // out.itemsize)
+    one, zero = ct(1.0), ct(0.0)
+    fn(
+        b"L",
+        b"T",
+        ctypes.byref(n_),
+        ctypes.byref(k_),
+        ctypes.byref(one),
+        a.ctypes.data,
+        ctypes.byref(lda),
+        ctypes.byref(zero),
+        out.ctypes.data,
+        ctypes.byref(ldc),
+    )
+
+
+def gram_parts(a: np.ndarray, out: np.ndarray, parts: int) -> list[Callable[[], Any]]:
+    """:func:`_gram_numba` as ``parts`` independent tasks (each one BLAS call or a
+    few) that together write the same layout into ``out``; run them on ``parts``
+    threads with single-threaded BLAS to spread one Gram over the cores.
+
+    Layout -1 (syrk): rows are cut into ``parts`` blocks ``a_k``; the diagonal
+    blocks of the upper triangle are syrks ``a_k a_k^T``, the blocks right of them
+    GEMMs ``a_k a_l^T`` (l > k).  The Gram's flops, ``B^2 N`` in all, are dealt to
+    the tasks greedily, largest first (a diagonal block costs ``b^2 N``, an
+    off-diagonal one ``2 b_k b_l N``), so that the tasks cost about the same.
+    Which task runs where does not change the result; a different ``parts`` does,
+    by float rounding only (a GEMM block sums in another order than the syrk).
+    Other layouts, or ``parts == 1``: one task, :func:`_gram_numba` itself.
+    """
+    B, N = a.shape
+    if parts <= 1 or _gram_layout_numba(B) != -1:
+        return [functools.partial(_gram_numba, a, out)]
+    assert (
+        out.flags.c_contiguous and out.dtype == a.dtype and a.strides[1] == a.itemsize
+    )
+    edges = [B * k // parts for k in range(parts + 1)]
+    blocks = []
+    for k in range(parts):
+        r0, r1 = edges[k], edges[k + 1]
+        blocks.append(
+            ((r1 - r0) ** 2, functools.partial(_syrk, a[r0:r1], out[r0:r1, r0:r1]))
+        )
+        for m in range(k + 1, parts):
+            c0, c1 = edges[m], edges[m + 1]
+            blocks.append(
+                (
+                    2 * (r1 - r0) * (c1 - c0),
+                    functools.partial(
+                        np.matmul, a[r0:r1], a[c0:c1].T, out=out[r0:r1, c0:c1]
+                    ),
+                )
+            )
+    groups: list[list[Callable]] = [[] for _ in range(parts)]
+    cost = [0] * parts
+    for c, task in sorted(blocks, key=lambda t: -t[0]):
+        k = cost.index(min(cost))
+        groups[k].append(task)
+        cost[k] += c
+    return [functools.partial(_run_all, g) for g in groups if g]
+
+
+def _run_all(tasks: list[Callable[[], Any]]) -> None:
+    for t in tasks:
+        t()
+
+
 def _gram_layout_numba(B: int) -> int:
     """Layout of :func:`_gram_numba`'s result: -1 = upper triangle by rows (BLAS syrk),
     h > 0 = lower block triangle in blocks of h rows, 0 = full matrix."""
@@ -862,25 +939,9 @@ def _gram_numba(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     if h == 0:
         return np.matmul(a, a.T, out=out)
     if h < 0:
-        import ctypes
-
-        fn, ct = _syrk_functions()[a.dtype]
         a = np.ascontiguousarray(a)
         assert out.flags.c_contiguous and out.dtype == a.dtype
-        n_, k_, ldc = ctypes.c_int(B), ctypes.c_int(N), ctypes.c_int(B)
-        one, zero = ct(1.0), ct(0.0)
-        fn(
-            b"L",
-            b"T",
-            ctypes.byref(n_),
-            ctypes.byref(k_),
-            ctypes.byref(one),
-            a.ctypes.data,
-            ctypes.byref(k_),
-            ctypes.byref(zero),
-            out.ctypes.data,
-            ctypes.byref(ldc),
-        )
+        _syrk(a, out)
         return out
     for s0 in range(0, B, h):
         e = min(s0 + h, B)

@@ -519,6 +519,9 @@ class LayerNorm(_Norm):
     def _kernels(self, ops: Any):
         return ops.ln, ops.ln_backward
 
+    def fusion(self) -> tuple:
+        return ("row_affine", self.eps)
+
     def _jac(self, saved: Any, t: np.ndarray, rows: slice | int) -> np.ndarray:
         """``J t = gamma invstd (t - mean_j t - xhat mean_j(xhat t))`` per example."""
         x, (mean, invstd), gamma, _ = saved
