@@ -394,9 +394,7 @@ def simulate(
     interrupted = False
     try:
         if workers > 1:
-            _run_concurrent(
-                one_seed, network, B, dt, seeds, workers, threads, timing
-            )
+            _run_concurrent(one_seed, network, B, dt, seeds, workers, threads, timing)
         elif fused:
             with (
                 _blas_single() if threads > 1 else contextlib.nullcontext(),
