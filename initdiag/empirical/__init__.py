@@ -450,7 +450,9 @@ def simulate(
         "threads_per_seed": threads,
         "seconds": wall,
         "timing": dict(timing),
-        "partial": interrupted,
+        # a Ctrl-C that lands after the last seed finished still stops the caller,
+        # but this profile is complete
+        "partial": bool(interrupted and not finished.all()),
         "seeds_finished": int(finished.sum()),
     }
     if interrupted:
