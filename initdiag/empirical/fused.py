@@ -47,7 +47,7 @@ import numpy as np
 from ..layers.dense import is_zero_init, use_gram
 from .engine import SeedContext, StepContext
 from .ops import Ops, sumsq64
-from .sampling import fill_param, layer_params, output_grad
+from .sampling import layer_params, output_grad
 
 __all__ = [
     "FusedExecutor",
@@ -247,15 +247,14 @@ class FusedExecutor:
             [unit[1]] if unit[0] == "dense" else [r for r in unit[1:] if r is not None]
         )
         for i in rows:
-            info = infos[i]
-            fi, fo = info.fans
-            for k, slot in enumerate(info.layer.slot_table):
-                init = sc.inits[i].get(slot.name)
-                if init is None:
-                    continue
-                shape = info.layer.param_shape(slot, info.fan_in, info.width)
-                out = self.buf((slot.name, i), shape)
-                fill_param(out, init, fi, fo, sc.dt, sc.entropy, sc.seed, i, k)
+            layer_params(
+                infos[i],
+                sc.inits[i],
+                sc.dt,
+                sc.entropy,
+                sc.seed,
+                lambda name, shape, i=i: self.buf((name, i), shape),
+            )
 
     # -- forward ------------------------------------------------------------------
     def forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):

@@ -75,10 +75,16 @@ def sample_param(
 
 
 def layer_params(
-    info: Any, p: dict[str, Any], dt: np.dtype, entropy: int, seed: int
+    info: Any,
+    p: dict[str, Any],
+    dt: np.dtype,
+    entropy: int,
+    seed: int,
+    buf: Any = None,
 ) -> dict[str, np.ndarray]:
     """Every parameter tensor of layer ``info`` by slot name, each from its stream
-    (slot ``k`` of the layer's ``slot_table``), with the layer's fans and shapes."""
+    (slot ``k`` of the layer's ``slot_table``), with the layer's fans and shapes;
+    into ``buf(slot_name, shape)`` when given (kept buffers, same values)."""
     layer = info.layer
     fi, fo = info.fans
     out = {}
@@ -86,9 +92,11 @@ def layer_params(
         if p.get(slot.name) is None:
             continue
         shape = layer.param_shape(slot, info.fan_in, info.width)
-        out[slot.name] = sample_param(
-            p[slot.name], shape, fi, fo, dt, entropy, seed, info.index, k
-        )
+        args = (p[slot.name], fi, fo, dt, entropy, seed, info.index, k)
+        if buf is None:
+            out[slot.name] = sample_param(args[0], shape, *args[1:])
+        else:
+            out[slot.name] = fill_param(buf(slot.name, shape), *args)
     return out
 
 
