@@ -591,7 +591,8 @@ def _forward_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
             near = abs(rate / sb2 - 1) <= CLOSE_TOLERANCE
             text += (
                 f", {'the' if near else 'not the'} q_l = q_0 + l sigma_b2 growth "
-                f"of a critical ReLU net with sigma_b2 = {fmt(sb2)}"
+                f"of a ReLU net at sigma_w2 = 2 with sigma_b2 = {fmt(sb2)}, which has "
+                "no fixed point (so the regime column says ordered)"
             )
         text += ")"
     elif kind == "quadratic":
