@@ -12,13 +12,14 @@ import importlib
 from typing import Any
 
 from . import initializers
-from .initializers import InitScheme, calculate_gain
+from .initializers import InitScheme, calculate_gain, fixup
 from .network import (
     GELU,
     SELU,
     Activation,
     BatchNorm,
     Dense,
+    Dropout,
     Erf,
     Identity,
     Layer,
@@ -26,10 +27,13 @@ from .network import (
     LeakyReLU,
     Network,
     ReLU,
+    Residual,
+    Scale,
     Sigmoid,
     SiLU,
     Tanh,
     mlp,
+    resnet_mlp,
 )
 
 __version__ = "0.1.0"
@@ -82,9 +86,14 @@ __all__ = [
     "Identity",
     "BatchNorm",
     "LayerNorm",
+    "Residual",
+    "Scale",
+    "Dropout",
     "Network",
     "mlp",
+    "resnet_mlp",
     "InitScheme",
+    "fixup",
     "calculate_gain",
     "initializers",
     *_LAZY,

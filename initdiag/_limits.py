@@ -121,6 +121,19 @@ def check_mlp(
         )
 
 
+def _flatten(layers: Sequence[Any], fan: int, depth: int = 0):
+    """(layer, fan_in, width) of every layer, composites' children included, in
+    execution order; refuses nesting deeper than any real network's."""
+    if depth > 64:
+        raise LimitError("residual blocks nested more than 64 deep", "layers")
+    for layer in layers:
+        for seq in layer.children():
+            yield from _flatten(seq, fan, depth + 1)
+        w = layer.output_width(fan)
+        yield layer, fan, w
+        fan = w
+
+
 def check_layers(input_dim: int, layers: Sequence[Any]) -> None:
     """Refuse a layer list too long, too wide or with too many weights.
 
@@ -132,9 +145,10 @@ def check_layers(input_dim: int, layers: Sequence[Any]) -> None:
     ValueError
         Naming the count, the limit and what would work.
     """
-    if len(layers) > MAX_LAYERS:
+    flat = list(_flatten(layers, input_dim))
+    if len(flat) > MAX_LAYERS:
         raise LimitError(
-            f"a network of {_n(len(layers))} layers is above the limit of "
+            f"a network of {_n(len(flat))} layers is above the limit of "
             f"{_n(MAX_LAYERS)} layers; use fewer layers",
             "layers",
         )
@@ -144,9 +158,8 @@ def check_layers(input_dim: int, layers: Sequence[Any]) -> None:
             f"a smaller input_dim",
             "input_dim",
         )
-    fan, params = input_dim, 0
-    for i, layer in enumerate(layers):
-        w = layer.output_width(fan)
+    params = 0
+    for i, (layer, fan, w) in enumerate(flat):
         if w > MAX_WIDTH:
             raise LimitError(
                 f"layers[{i}] width {_n(w)} is above the limit of {_n(MAX_WIDTH)} "
@@ -154,7 +167,6 @@ def check_layers(input_dim: int, layers: Sequence[Any]) -> None:
                 "layers",
             )
         params += sum(math.prod(layer.param_shape(t, fan, w)) for t in layer.slots())
-        fan = w
     if params > MAX_PARAMETERS:
         raise LimitError(
             f"the network would have about {_n(params)} weights but the limit is "

@@ -54,6 +54,10 @@ class RuleContext:
     state: mfstate.State | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     row: dict[str, float] = field(default_factory=dict)
+    #: run the rules of a composite's children: ``fold(rows, state) -> state``,
+    #: ``fold_back(rows, grad) -> grad`` (their rows written as the network's)
+    fold: Any = None
+    fold_back: Any = None
 
 
 def network_parameters(network: Network) -> dict[str, Any]:
@@ -256,53 +260,18 @@ def analyze(
             None,
             "the network input is not Gaussian",
         )
-    infos = network.infos
-    inits = network.param_inits()
     prof = Profile.empty(network, "analytic")
-    cols = prof.columns
-    ctxs: list[RuleContext] = []
-    overflow = False
-    for i, info in enumerate(infos):
-        ctx = RuleContext(info, inits[i], batch, state)
-        new = info.layer.mf_forward(ctx, state)
-        qmax = float(np.max(np.abs(np.diag(new.K)))) if new.K.size else 0.0
-        finite = bool(np.all(np.isfinite(new.K)) and np.all(np.isfinite(new.ex)))
-        if not (finite and qmax < mf.Q_PRECISION):
-            overflow = True
-            msg = (
-                f"the signal reached q = {qmax:.3g} at layer {i + 1} ({info.name}), "
-                f"beyond {mf.Q_PRECISION:.0e}, where float64 can no longer hold "
-                "products of second moments (the correlations would be lost); the "
-                "profile stops here"
-                if finite
-                else f"the signal overflowed at layer {i + 1} ({info.name})"
-            )
-            prof.findings.append(
-                {
-                    "kind": "overflow",
-                    "layer": info.name,
-                    "index": info.index,
-                    "block": info.block,
-                    "pass": "forward",
-                    "seed": None,
-                    "message": msg,
-                }
-            )
-            break
-        ctx.row.update(batch.stats(new.ex, new.K))
-        if new.gauss is not None:
-            ctx.row["active_fraction"] = mfstate.pfrac(new.gauss)
-            ctx.row["dead_fraction"] = mfstate.orthant(new.gauss, batch)
-        _flush(cols, i, ctx)
-        ctx.state = new
-        ctxs.append(ctx)
-        state = new
+    fold = _Fold(network, batch, prof)
+    try:
+        fold.forward(network.top, state)
+        overflow = False
+    except _Overflow:
+        overflow = True
+    ctxs = [c for c in fold.ctxs if c is not None]
     if x is not None:
-        prof.kernels = [c.state.K.copy() for c in ctxs] + [None] * (
-            len(infos) - len(ctxs)
-        )
+        prof.kernels = [None if c is None else c.state.K.copy() for c in fold.ctxs]
     if not overflow:
-        _backward(ctxs, cols)
+        fold.backward_from_output()
     prof.summary = _summary(network, prof, batch)
     errs = {
         c.info.name: float(c.extra["integration_error"])
@@ -318,6 +287,9 @@ def analyze(
         + ("large-batch " if B is None else f"finite-batch (B = {B}) ")
         + "BatchNorm; orthogonal weights as Gaussian of equal variance",
     }
+    approx = [c.extra["approximation"] for c in ctxs if "approximation" in c.extra]
+    if approx:
+        prof.meta["approximations"] = approx
     if errs:
         # relative numerical error of the finite-batch integrations per row
         # (quadrature or Monte Carlo standard error; docs/theory.md)
@@ -331,20 +303,89 @@ def _flush(cols: dict[str, np.ndarray], i: int, ctx: RuleContext) -> None:
     ctx.row = {}
 
 
-def _backward(ctxs: list[RuleContext], cols: dict[str, np.ndarray]) -> None:
-    """The backward fold: output gradient second moment 1, then each layer's
-    ``mf_backward`` from the top (gradient independence, Schoenholz et al. 2017)."""
-    grad = mfstate.GradState(np.ones(1))
-    batch = ctxs[0].batch if ctxs else None
-    if batch is not None and batch.B is not None:
-        # a finite batch carries the batch kernel of gradients (independent
-        # standard-Gaussian output gradients: the identity)
-        grad.kernel = mfstate.kernel_from_scalar(1.0, batch, False)
-    for i in range(len(ctxs) - 1, -1, -1):
-        ctx = ctxs[i]
-        cols["grad_second_moment"][i] = grad.total(ctx.state)
-        grad = ctx.info.layer.mf_backward(ctx, grad)
-        _flush(cols, i, ctx)
+class _Overflow(Exception):
+    """The forward fold stopped at a row whose state float64 cannot hold."""
+
+
+class _Fold:
+    """The fold of the layers' rules over a sequence of rows, forward and
+    backward; a composite layer's rule calls :meth:`forward` / :meth:`backward`
+    on its children's rows (``ctx.fold`` / ``ctx.fold_back``), so every row, nested
+    or not, goes through the same checks and writes its own Profile cells."""
+
+    def __init__(self, network: Network, batch: mfstate.Batch, prof: Profile):
+        self.infos = network.infos
+        self.top = network.top
+        self.inits = network.param_inits()
+        self.batch = batch
+        self.prof = prof
+        self.cols = prof.columns
+        self.ctxs: list[RuleContext | None] = [None] * len(self.infos)
+
+    def forward(self, rows: tuple[int, ...], state: mfstate.State) -> mfstate.State:
+        for i in rows:
+            info = self.infos[i]
+            ctx = RuleContext(
+                info, self.inits[i], self.batch, state, fold=self.forward,
+                fold_back=self.backward,
+            )  # fmt: skip
+            new = info.layer.mf_forward(ctx, state)
+            self._check(info, new)
+            ctx.row.update(self.batch.stats(new.ex, new.K))
+            if new.gauss is not None:
+                ctx.row["active_fraction"] = mfstate.pfrac(new.gauss)
+                ctx.row["dead_fraction"] = mfstate.orthant(new.gauss, self.batch)
+            _flush(self.cols, i, ctx)
+            ctx.state = new
+            self.ctxs[i] = ctx
+            state = new
+        return state
+
+    def _check(self, info: LayerInfo, new: mfstate.State) -> None:
+        qmax = float(np.max(np.abs(np.diag(new.K)))) if new.K.size else 0.0
+        finite = bool(np.all(np.isfinite(new.K)) and np.all(np.isfinite(new.ex)))
+        if finite and qmax < mf.Q_PRECISION:
+            return
+        msg = (
+            f"the signal reached q = {qmax:.3g} at layer {info.index + 1} "
+            f"({info.name}), beyond {mf.Q_PRECISION:.0e}, where float64 can no "
+            "longer hold products of second moments (the correlations would be "
+            "lost); the profile stops here"
+            if finite
+            else f"the signal overflowed at layer {info.index + 1} ({info.name})"
+        )
+        self.prof.findings.append(
+            {
+                "kind": "overflow",
+                "layer": info.name,
+                "index": info.index,
+                "block": info.block,
+                "pass": "forward",
+                "seed": None,
+                "message": msg,
+            }
+        )
+        raise _Overflow
+
+    def backward(
+        self, rows: tuple[int, ...], grad: mfstate.GradState
+    ) -> mfstate.GradState:
+        for i in reversed(rows):
+            ctx = self.ctxs[i]
+            self.cols["grad_second_moment"][i] = grad.total(ctx.state)
+            grad = ctx.info.layer.mf_backward(ctx, grad)
+            _flush(self.cols, i, ctx)
+        return grad
+
+    def backward_from_output(self) -> None:
+        """Output gradient second moment 1 (independent standard-Gaussian output
+        gradients; at a finite batch their batch kernel, the identity), then each
+        row's ``mf_backward`` from the top (gradient independence, Schoenholz et
+        al. 2017)."""
+        grad = mfstate.GradState(np.ones(1))
+        if self.batch.B is not None:
+            grad.kernel = mfstate.kernel_from_scalar(1.0, self.batch, False)
+        self.backward(self.top, grad)
 
 
 def _bn_position(network: Network) -> str | None:

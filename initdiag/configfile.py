@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .initializers import InitScheme
-from .network import Network, layer_from_dict, mlp
+from .initializers import fixup
+from .network import Network, layer_from_dict, mlp, resnet_mlp
 
 __all__ = ["ConfigError", "Study", "load_config", "load_study", "save_config"]
 
@@ -53,6 +54,22 @@ _MLP_KEYS = {
     "output_dim",
     "bias",
     "norm",
+}
+#: resnet_mlp() keywords (a [network] table with ``blocks``); ``fixup = true``
+#: applies the Fixup preset over the [init] table
+_RESNET_KEYS = {
+    "blocks",
+    "width",
+    "branch_depth",
+    "norm",
+    "norm_position",
+    "activation",
+    "zero_init_residual",
+    "skipinit",
+    "input_dim",
+    "output_dim",
+    "bias",
+    "fixup",
 }
 _LAYER_KEYS = {"input_dim", "layers"}
 _TOP_KEYS = {"study", "network", "init", "simulate", "analyze", "variants"}
@@ -212,6 +229,8 @@ def _build_network(
                         f"{_where(source, f'{key}.layers[{i}]')} {exc}"
                     ) from None
             return Network(net["input_dim"], tuple(built), init=scheme, name=name)
+        if "blocks" in keys:
+            return _build_resnet(net, scheme, name, source, key)
         unknown = keys - _MLP_KEYS - {"name"}
         if unknown:
             raise ConfigError(
@@ -227,6 +246,26 @@ def _build_network(
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{_where(source, key)} {exc}") from None
+
+
+def _build_resnet(
+    net: Mapping[str, Any], scheme: InitScheme, name: str, source: Any, key: str
+) -> Network:
+    unknown = set(net) - _RESNET_KEYS - {"name"}
+    if unknown:
+        raise ConfigError(
+            f"{_where(source, key)} unknown keys {sorted(unknown)} next to 'blocks'; "
+            f"valid keys: {', '.join(sorted(_RESNET_KEYS))}"
+        )
+    if "width" not in net:
+        raise ConfigError(f"{_where(source, key)} missing 'width'")
+    kw = {k: v for k, v in net.items() if k in _RESNET_KEYS and k != "fixup"}
+    use_fixup = net.get("fixup", False)
+    if not isinstance(use_fixup, bool):
+        raise ConfigError(f"{_where(source, key)} fixup must be true or false")
+    if use_fixup:
+        scheme = fixup(kw["blocks"], kw.get("branch_depth", 2), base=scheme)
+    return resnet_mlp(init=scheme, name=name, **kw)
 
 
 def _check_settings(d: Any, allowed: set[str], source: str | None, key: str) -> dict:

@@ -19,6 +19,7 @@ features.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,7 @@ import numpy as np
 from scipy import special
 
 __all__ = [
+    "fixup",
     "Initializer",
     "Normal",
     "Uniform",
@@ -886,6 +888,35 @@ def parse(spec: Any) -> Initializer:
 _SLOTS = ("weight", "bias", "bn_weight", "bn_bias")
 
 
+def _leaf_targets(
+    infos: Any, rows: list[int], leaf: str, whole: bool = False
+) -> list[int]:
+    """Rows among ``rows`` a selector leaf names (see InitScheme._selector_targets):
+    ``family[k]`` or a glob on the row's own name (the full name when ``whole``)."""
+    if leaf.endswith("]") and "[" in leaf:
+        family, _, idx = leaf[:-1].partition("[")
+        family = family.strip().lower()
+        try:
+            k = int(idx)
+        except ValueError:
+            return []
+        of_kind = [
+            i
+            for i in rows
+            if family in (infos[i].layer.prefix, *infos[i].layer.selector_aliases)
+        ]
+        return [of_kind[k]] if -len(of_kind) <= k < len(of_kind) else []
+    if not any(ch in leaf for ch in "*?["):
+        return []
+    return [
+        i
+        for i in rows
+        if fnmatch.fnmatchcase(
+            infos[i].name if whole else infos[i].name.rpartition(".")[2], leaf
+        )
+    ]
+
+
 def _layer_scheme_keys() -> dict[str, str]:
     """Scheme keys the registered layer kinds declare beyond the four fields
     (e.g. LayerNorm's ``ln_weight`` / ``ln_bias``), with their default specs."""
@@ -913,6 +944,32 @@ def _override_keys() -> dict[str, str]:
             for a in slot.aliases:
                 keys[a] = slot.name
     return keys
+
+
+def fixup(
+    blocks: int, branch_depth: int = 2, zero_last: bool = True, base: Any = None
+) -> InitScheme:
+    """The Fixup initialisation (Zhang, Dauphin & Ma 2019, rules 1-2) of a network
+    with ``blocks`` residual blocks (L) of ``branch_depth`` dense layers (m),
+    as an :class:`InitScheme` over ``base``: the last Dense of every branch zero
+    (``zero_last``), the others He-normal scaled by ``L^(-1/(2m - 2))`` (variance
+    ``2 L^(-1/(m - 1)) / fan_in``).  With ``zero_last=False`` every branch Dense is
+    scaled (the "scaling alone" variant: the stream grows by ``1 + L^(-m/(m-1))``
+    per block, ``(1 + 1/L^2)`` for m = 2).  Rows are addressed as
+    ``block*.dense[k]`` (see :class:`InitScheme`)."""
+    L = int(blocks)
+    m = int(branch_depth)
+    if L < 1 or m < 2:
+        raise ValueError(
+            f"fixup needs blocks >= 1 and branch_depth >= 2, got {blocks}, "
+            f"{branch_depth}"
+        )
+    scaled = VarianceScaling(2.0 * L ** (-1.0 / (m - 1)), "fan_in", "normal")
+    over: dict[str, Any] = {
+        f"block*.dense[{j}]": {"weight": scaled} for j in range(m - 1)
+    }
+    over[f"block*.dense[{m - 1}]"] = {"weight": Constant(0.0) if zero_last else scaled}
+    return InitScheme.from_spec(base).with_overrides(over)
 
 
 def _default_weight() -> Initializer:
@@ -1058,25 +1115,28 @@ class InitScheme:
         return parse(default)
 
     def _selector_targets(self, network: Any, sel: str) -> list[int]:
+        """Rows a selector names: an exact row name (``"block3.bn2"``); else
+        ``scope.leaf`` with a scope pattern matched segment by segment
+        (``"block*"``) and the leaf applied within each matching scope; the leaf
+        (or a selector without a dot) is a glob on the row's own name (``"bn*"``)
+        or ``family[k]``, the k-th layer of that family in the scope (over the
+        whole network without a dot: ``"dense[-1]"`` is the last dense layer)."""
         infos = network.infos
         by_name = [i for i, info in enumerate(infos) if info.name == sel]
         if by_name:
             return by_name
-        if sel.endswith("]") and "[" in sel:
-            family, _, idx = sel[:-1].partition("[")
-            family = family.strip().lower()
-            try:
-                k = int(idx)
-            except ValueError:
-                return []
-            of_kind = [
-                i
-                for i, info in enumerate(infos)
-                if family in (info.layer.prefix, *info.layer.selector_aliases)
-            ]
-            if -len(of_kind) <= k < len(of_kind):
-                return [of_kind[k]]
-        return []
+        scope, dot, leaf = sel.rpartition(".")
+        if not dot:
+            return _leaf_targets(infos, list(range(len(infos))), sel, whole=True)
+        pattern = scope.split(".")
+        groups: dict[str, list[int]] = {}
+        for i, info in enumerate(infos):
+            own = info.name.rpartition(".")[0].split(".")
+            if len(own) == len(pattern) and all(
+                fnmatch.fnmatchcase(o, p) for o, p in zip(own, pattern, strict=True)
+            ):
+                groups.setdefault(".".join(own), []).append(i)
+        return [t for rows in groups.values() for t in _leaf_targets(infos, rows, leaf)]
 
     def check_overrides(self, network: Any) -> None:
         """Raise ValueError for a selector that matches no layer with parameters."""
@@ -1088,7 +1148,8 @@ class InitScheme:
                 shown = ", ".join(names[:4] + (["..."] if len(names) > 4 else []))
                 raise ValueError(
                     f"InitScheme override {sel!r} matches no layer with parameters; "
-                    f"use a layer name ({shown}) or 'dense[-1]' / 'bn[0]'"
+                    f"use a layer name ({shown}), 'dense[-1]' / 'bn[0]', or "
+                    "'block*.bn[-1]' for a layer of every residual block"
                 )
 
     def resolve(self, network: Any) -> list[dict[str, Any]]:
@@ -1098,9 +1159,16 @@ class InitScheme:
         out: list[dict[str, Any]] = []
         for info in network.infos:
             used = info.layer.slots()
+            own = info.layer.own_inits()
             out.append(
                 {
-                    s.name: self.get(s.scheme, s.default) if s in used else None
+                    s.name: (
+                        parse(own[s.name])
+                        if s.name in own
+                        else self.get(s.scheme, s.default)
+                    )
+                    if s in used
+                    else None
                     for s in info.layer.slot_table
                 }
             )

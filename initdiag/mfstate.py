@@ -305,6 +305,16 @@ def kernel_scaled(G: Any, f: float) -> Any:
     return G * f if isinstance(G, np.ndarray) else G.scaled(f)
 
 
+def kernel_add(G1: Any, G2: Any) -> Any:
+    """The kernel of the sum of two independent gradients (a residual block's
+    skip and branch paths)."""
+    if isinstance(G1, np.ndarray) or isinstance(G2, np.ndarray):
+        m1 = G1 if isinstance(G1, np.ndarray) else G1.matrix()
+        m2 = G2 if isinstance(G2, np.ndarray) else G2.matrix()
+        return m1 + m2
+    return type(G1)(G1.B, G1.cen + G2.cen, G1.mean + G2.mean)
+
+
 def kernel_sums(G: Any, K: np.ndarray, B: int) -> tuple[float, float]:
     """``(1/B) sum_ab G_ab K_ab`` and ``(1/B) sum_ab G_ab`` (the dense weight and
     bias gradient norms per unit; K the input's kernel, 2 x 2 when exchangeable)."""

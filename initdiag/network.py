@@ -24,12 +24,15 @@ from .layers import (
     Activation,
     BatchNorm,
     Dense,
+    Dropout,
     Erf,
     Identity,
     Layer,
     LayerNorm,
     LeakyReLU,
     ReLU,
+    Residual,
+    Scale,
     Sigmoid,
     SiLU,
     Tanh,
@@ -53,9 +56,13 @@ __all__ = [
     "Identity",
     "BatchNorm",
     "LayerNorm",
+    "Residual",
+    "Scale",
+    "Dropout",
     "Network",
     "LayerInfo",
     "mlp",
+    "resnet_mlp",
     "activation",
     "layer_from_dict",
     "ACTIVATIONS",
@@ -64,7 +71,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer in context: its name, position, block and fans."""
+    """A layer in context: its name, position (its Profile row), block and fans;
+    for a composite layer (a Residual) the rows of its branch and shortcut."""
 
     index: int
     name: str
@@ -72,6 +80,8 @@ class LayerInfo:
     block: int
     fan_in: int
     width: int
+    branch: tuple[int, ...] = ()
+    shortcut: tuple[int, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -105,6 +115,9 @@ class Network:
     init: Any = None
     name: str = "network"
     infos: tuple[LayerInfo, ...] = field(init=False, repr=False, compare=False)
+    #: the rows of the top-level sequence (the engines fold over these; a
+    #: composite's children are reached through its LayerInfo)
+    top: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         from .initializers import InitScheme
@@ -135,22 +148,11 @@ class Network:
         init.check_overrides(self)
 
     def _build_infos(self) -> tuple[LayerInfo, ...]:
-        infos = []
-        width = self.input_dim
-        block = 0
-        used: set[str] = set()
-        for i, layer in enumerate(self.layers):
-            if layer.starts_block:
-                block += 1
-            name = f"{layer.prefix}{block}"
-            k = 2
-            while name in used:
-                name = f"{layer.prefix}{block}_{k}"
-                k += 1
-            used.add(name)
-            out = layer.output_width(width)
-            infos.append(LayerInfo(i, name, layer, block, width, out))
-            width = out
+        """Rows in execution order: a composite layer's children (branch, then
+        shortcut) before its own row (the stream after the add)."""
+        infos: list[LayerInfo] = []
+        rows, _ = _name_rows(self.layers, self.input_dim, "", None, infos)
+        object.__setattr__(self, "top", rows)
         return tuple(infos)
 
     # -- views -----------------------------------------------------------------
@@ -169,12 +171,12 @@ class Network:
 
     @property
     def depth(self) -> int:
-        """Number of blocks (dense layers)."""
-        return sum(layer.starts_block for layer in self.layers)
+        """Number of top-level blocks (dense layers and residual blocks)."""
+        return sum(la.starts_block or bool(la.children()) for la in self.layers)
 
     @property
     def activations(self) -> list[Activation]:
-        return [la for la in self.layers if la.kind == "activation"]
+        return [i.layer for i in self.infos if i.kind == "activation"]
 
     def param_inits(self) -> list[dict[str, Any]]:
         """Resolved initializers per layer, by slot name: ``{"weight": ..., "bias":
@@ -208,8 +210,63 @@ class Network:
         )
 
     def describe(self) -> str:
-        parts = [i.layer.describe(i.fan_in, i.width) for i in self.infos]
+        parts = [
+            self.infos[r].layer.describe(self.infos[r].fan_in, self.infos[r].width)
+            for r in self.top
+        ]
         return f"{self.name}: in={self.input_dim} " + " ".join(parts)
+
+
+def _name_rows(
+    layers: tuple[Layer, ...],
+    width: int,
+    scope: str,
+    block: int | None,
+    infos: list[LayerInfo],
+) -> tuple[tuple[int, ...], int]:
+    """Append the rows of one sequence to ``infos``; returns (its rows, its output
+    width).  Within a sequence a Dense or a composite layer opens block ``k``
+    (``dense3``, then ``bn3``, ``relu3`` after it; ``block4`` for a residual block,
+    its rows ``block4.dense1``, ...; layers before the first opener get 0); the
+    Profile's ``block`` column is ``k`` of the top-level sequence, inherited by
+    the rows inside a block."""
+    rows: list[int] = []
+    k = 0
+    top = block is None
+    used: set[str] = set()
+    for layer in layers:
+        kids = layer.children()
+        if layer.starts_block or kids:
+            k += 1
+        blk = k if top else block
+        local = f"{layer.prefix}{k}"
+        n = 2
+        base = local
+        while local in used:
+            local = f"{base}_{n}"
+            n += 1
+        used.add(local)
+        name = f"{scope}.{local}" if scope else local
+        if kids:
+            branch, short = kids
+            b_rows, wb = _name_rows(branch, width, name, blk, infos)
+            s_rows, _ = (
+                _name_rows(short, width, f"{name}.shortcut", blk, infos)
+                if short
+                else ((), width)
+            )
+            out = layer.output_width(width)  # checks the two paths agree
+            info = LayerInfo(
+                len(infos), f"{name}.out", layer, blk, width, out, b_rows, s_rows
+            )
+        else:
+            info = LayerInfo(
+                len(infos), name, layer, blk, width, layer.output_width(width)
+            )
+        infos.append(info)
+        rows.append(info.index)
+        width = info.width
+    return tuple(rows), width
 
 
 _NORMS: dict[str, type[Layer]] = {"batchnorm": BatchNorm, "layernorm": LayerNorm}
@@ -290,5 +347,106 @@ def mlp(
         input_dim=width if input_dim is None else input_dim,
         layers=tuple(layers),
         init=init,
+        name=name,
+    )
+
+
+def resnet_mlp(
+    blocks: int,
+    width: int,
+    branch_depth: int = 2,
+    norm: Literal["batchnorm", "layernorm"] | None = "batchnorm",
+    norm_position: Literal["pre", "post"] = "pre",
+    activation: str | Activation = "relu",
+    zero_init_residual: bool = False,
+    skipinit: bool = False,
+    input_dim: int | None = None,
+    output_dim: int | None = None,
+    init: Any = None,
+    bias: bool = True,
+    name: str | None = None,
+) -> Network:
+    """A residual MLP: a stem ``Dense(width)``, ``blocks`` residual blocks of
+    ``branch_depth`` dense layers each, an optional readout ``Dense(output_dim)``.
+
+    ``norm_position="pre"`` (He et al. 2016b, pre-activation):
+    ``x + W_m phi(N(... W_1 phi(N(x))))``, and a final ``N, phi`` before the
+    readout.  ``"post"``: the normalisation after each Dense,
+    ``x + N(W_m phi(N(... W_1 x)))`` (the branch of He et al. 2016a; the stream
+    stays linear, without their ReLU after the add, as in the pre-activation
+    network and the bench workload).  Without a norm the same orders without N.
+
+    Parameters
+    ----------
+    blocks, width, branch_depth : int
+        L, the stream width, m.
+    norm : {"batchnorm", "layernorm"} or None
+    norm_position : {"pre", "post"}
+    activation : str or Activation
+    zero_init_residual : bool
+        gamma = 0 on the last normalisation of every branch (Goyal et al. 2017;
+        torchvision's ``zero_init_residual``): every block starts as the identity.
+    skipinit : bool
+        A :class:`Scale` with alpha = 0 at the end of every branch (De & Smith 2020).
+    init : InitScheme, spec, or "fixup"
+        ``"fixup"``: :func:`initdiag.initializers.fixup` for these L and m.
+    """
+    from .initializers import InitScheme, fixup
+    from .layers import activation as make_activation
+
+    blocks = check_positive_int(blocks, "blocks")
+    width = check_positive_int(width, "width")
+    m = check_positive_int(branch_depth, "branch_depth")
+    check_bool(zero_init_residual, "zero_init_residual")
+    check_bool(skipinit, "skipinit")
+    check_bool(bias, "bias")
+    if norm is not None and norm not in _NORMS:
+        raise ValueError(
+            f"norm must be one of {', '.join(map(repr, _NORMS))} or None, got {norm!r}"
+        )
+    if norm_position not in ("pre", "post"):
+        raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
+    if zero_init_residual and norm is None:
+        raise ValueError(
+            "zero_init_residual zeroes the gamma of each branch's last "
+            "normalisation, and norm=None has none; use skipinit=True or "
+            "init='fixup' for a normalisation-free network"
+        )
+    _limits.check_mlp(blocks * m, width, input_dim, 3 if norm else 2, output_dim)
+    act = make_activation(activation)
+
+    def nrm() -> list[Layer]:
+        return [_NORMS[norm]()] if norm else []
+
+    pre = norm_position == "pre"
+    layers: list[Layer] = [Dense(width, bias=bias)]
+    for _ in range(blocks):
+        branch: list[Layer] = []
+        for j in range(m):
+            if pre:
+                branch += [*nrm(), act, Dense(width, bias=bias)]
+            else:
+                branch += [Dense(width, bias=bias), *nrm()]
+                if j < m - 1:
+                    branch.append(act)
+        layers.append(Residual(tuple(branch), scale=Scale("zeros") if skipinit else None))
+    if pre:
+        layers += [*nrm(), act]
+    if output_dim is not None:
+        layers.append(Dense(check_positive_int(output_dim, "output_dim"), bias=bias))
+    if isinstance(init, str) and init.strip().lower() == "fixup":
+        init = fixup(blocks, m)
+    scheme = InitScheme.from_spec(init)
+    if zero_init_residual:
+        family = _NORMS[norm].prefix
+        scheme = scheme.with_overrides({f"block*.{family}[-1]": {"weight": "zeros"}})
+    if name is None:
+        tag = {"batchnorm": "-bn", "layernorm": "-ln"}.get(norm or "", "")
+        extra = "-zero" if zero_init_residual else "-skipinit" if skipinit else ""
+        name = f"resnet{blocks}x{m}x{width}-{act.name}{tag}-{norm_position}{extra}"
+    return Network(
+        input_dim=width if input_dim is None else input_dim,
+        layers=tuple(layers),
+        init=scheme,
         name=name,
     )

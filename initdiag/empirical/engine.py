@@ -11,12 +11,16 @@ underflow and how the gradient is normalised is decided here, once.
 
 Executor protocol
 -----------------
-``units``: a sequence; ``sample(unit, sc)`` draws the unit's parameters;
+``units``: the :func:`plan` of the network's top-level rows (executor units
+and :class:`Block` s); ``sample(unit, sc)`` draws the unit's parameters;
 ``forward(unit, x, sc) -> (y, [(row, stats10), ...])`` with the 10 statistics of
 :meth:`initdiag.empirical.ops.Ops.row_stats` per row the unit outputs;
+``merge(block, branch_out, shortcut_out, sc) -> (y, rows)`` the add;
 ``output_grad(y, sc)``; ``backward(unit, g, sc) -> (g_in or None,
 [(row, sum g^2, {column: unnormalised sum}), ...])`` rows from the top down, g_in
-None when the unit starts the network.
+None when the unit starts the network; ``merge_backward(block, g, sc) ->
+(g_branch, g_shortcut, rows)``; ``add_grads(block, g_from_branch,
+g_from_shortcut)`` the gradient at the block's input (None when either is).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 from .. import _interrupt
 from ..profile import STAT_COLUMNS
 
-__all__ = ["SeedContext", "StepContext", "run_seed", "COL"]
+__all__ = ["SeedContext", "StepContext", "Block", "plan", "run_seed", "COL"]
 
 COL = {c: i for i, c in enumerate(STAT_COLUMNS)}
 _FWD = (
@@ -71,6 +75,8 @@ class StepContext:
     B: int
     dt: np.dtype
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the Philox key of this layer and seed (a dropout layer's masks)
+    key: tuple[int, int] | None = None
 
 
 def finding(info: Any, seed: int, pas: str, kind: str, what: str) -> dict[str, Any]:
@@ -93,6 +99,46 @@ def _record_fwd(row: np.ndarray, st: np.ndarray) -> None:
     row[COL["correlation"]] = st[8]
 
 
+@dataclass(frozen=True)
+class Block:
+    """A composite row's unit: ``row`` (the stream after the add) and the units of
+    its branch and shortcut (``()``: the identity)."""
+
+    row: int
+    branch: tuple
+    shortcut: tuple
+
+
+def plan(net: Any, rows: tuple[int, ...], group: Any) -> tuple:
+    """Units of a sequence of rows: ``group(run)`` turns each run of plain rows into
+    an executor's units (one per layer, or fused passes), and every composite row
+    becomes a :class:`Block` over the plans of its branch and shortcut."""
+    units: list[Any] = []
+    run: list[int] = []
+    for r in rows:
+        info = net.infos[r]
+        if info.branch:
+            units += group(run)
+            run = []
+            units.append(
+                Block(r, plan(net, info.branch, group), plan(net, info.shortcut, group))
+            )
+        else:
+            run.append(r)
+    units += group(run)
+    return tuple(units)
+
+
+@dataclass
+class _Flow:
+    """What the checks of the next row need to know about the signal (forward:
+    whether the input was non-zero) or the gradient (backward: whether the row
+    above zeroes its input gradient by design, and whether it was non-zero)."""
+
+    nonzero: bool = True
+    design: bool = True
+
+
 def run_seed(ex: Any, sc: SeedContext, x: np.ndarray, jac: dict | None = None) -> None:
     """Forward, Jacobian probes (``jac`` given) and backward of one random network
     through executor ``ex``; fills ``sc.stats`` and ``sc.findings``."""
@@ -108,60 +154,74 @@ def run_seed(ex: Any, sc: SeedContext, x: np.ndarray, jac: dict | None = None) -
 
 
 def _forward(ex: Any, sc: SeedContext, x: np.ndarray) -> bool:
-    infos = sc.net.infos
-    prev_nonzero = bool(np.any(x))
-    cur = x
-    t_sample = t_fwd = 0.0
-    ok = True
-    for unit in ex.units:
+    t = {"sample": 0.0, "forward": 0.0}
+    y = _forward_units(ex, sc, ex.units, x, _Flow(bool(np.any(x))), t)
+    sc.timing["sample"] += t["sample"]
+    sc.timing["forward"] += t["forward"]
+    ex.output = y
+    return y is not None
+
+
+def _forward_units(
+    ex: Any, sc: SeedContext, units: tuple, x: np.ndarray, flow: _Flow, t: dict
+) -> np.ndarray | None:
+    """Run ``units`` on ``x`` (a block: its branch, its shortcut, the add); None
+    when a row overflowed or underflowed (the finding is recorded)."""
+    for unit in units:
         _interrupt.poll()  # Ctrl-C: stop within one unit's kernels
-        t0 = time.perf_counter()
-        ex.sample(unit, sc)
-        t1 = time.perf_counter()
-        cur, rows = ex.forward(unit, cur, sc)
-        t_sample += t1 - t0
-        t_fwd += time.perf_counter() - t1
-        for row, st in rows:
-            info = infos[row]
-            if st[7] > 0:
-                sc.findings.append(
-                    finding(
-                        info, sc.seed, "forward", "overflow", "overflowed (inf/NaN)"
-                    )
-                )
-                ok = False
-                break
-            if (
-                st[6] == 1.0
-                and prev_nonzero
-                and not info.layer.output_zero_by_design(
-                    sc.inits[row], info.fan_in, info.width
-                )
-            ):
-                sc.findings.append(
-                    finding(
-                        info,
-                        sc.seed,
-                        "forward",
-                        "underflow",
-                        "underflowed to all zeros",
-                    )
-                )
-                ok = False
-                break
-            _record_fwd(sc.stats[row], st)
-            prev_nonzero = st[9] > 0
-        if not ok:
-            break
-    sc.timing["sample"] += t_sample
-    sc.timing["forward"] += t_fwd
-    ex.output = cur
-    return ok
+        if isinstance(unit, Block):
+            nz_in = flow.nonzero
+            xb = _forward_units(ex, sc, unit.branch, x, flow, t)
+            if xb is None:
+                return None
+            nz_b, flow.nonzero = flow.nonzero, nz_in
+            xs = _forward_units(ex, sc, unit.shortcut, x, flow, t)
+            if xs is None:
+                return None
+            flow.nonzero = flow.nonzero or nz_b
+            t0 = time.perf_counter()
+            y, rows = ex.merge(unit, xb, xs, sc)
+            t["forward"] += time.perf_counter() - t0
+        else:
+            t0 = time.perf_counter()
+            ex.sample(unit, sc)
+            t1 = time.perf_counter()
+            y, rows = ex.forward(unit, x, sc)
+            t["sample"] += t1 - t0
+            t["forward"] += time.perf_counter() - t1
+        if not _record_rows(sc, rows, flow):
+            return None
+        x = y
+    return x
 
 
-def _grad_ok(
-    ss: float, info: Any, sc: SeedContext, prod_design: bool, prod_nonzero: bool
-) -> bool:
+def _record_rows(sc: SeedContext, rows: list, flow: _Flow) -> bool:
+    for row, st in rows:
+        info = sc.net.infos[row]
+        if st[7] > 0:
+            sc.findings.append(
+                finding(info, sc.seed, "forward", "overflow", "overflowed (inf/NaN)")
+            )
+            return False
+        if (
+            st[6] == 1.0
+            and flow.nonzero
+            and not info.layer.output_zero_by_design(
+                sc.inits[row], info.fan_in, info.width
+            )
+        ):
+            sc.findings.append(
+                finding(
+                    info, sc.seed, "forward", "underflow", "underflowed to all zeros"
+                )
+            )
+            return False
+        _record_fwd(sc.stats[row], st)
+        flow.nonzero = st[9] > 0
+    return True
+
+
+def _grad_ok(ss: float, info: Any, sc: SeedContext, flow: _Flow) -> bool:
     """A gradient from its sum of squares: inf/NaN -> overflow; all zeros from a
     non-zero gradient through a layer that should not zero it -> underflow."""
     if not math.isfinite(ss):
@@ -169,7 +229,7 @@ def _grad_ok(
             finding(info, sc.seed, "backward", "overflow", "overflowed (inf/NaN)")
         )
         return False
-    if ss == 0.0 and prod_nonzero and not prod_design:
+    if ss == 0.0 and flow.nonzero and not flow.design:
         sc.findings.append(
             finding(info, sc.seed, "backward", "underflow", "underflowed to all zeros")
         )
@@ -177,29 +237,64 @@ def _grad_ok(
     return True
 
 
+class _Stop(Exception):
+    """A gradient row failed its check (the finding is recorded)."""
+
+
 def _backward(ex: Any, sc: SeedContext) -> None:
     t0 = time.perf_counter()
-    infos = sc.net.infos
     g = ex.output_grad(ex.output, sc)
     m_out = float(np.einsum("ij,ij->", g, g, dtype=np.float64)) / g.size
     if not m_out > 0:
         raise ValueError("the output gradient is all zeros; nothing to propagate")
-    norm = 1.0 / (sc.B * m_out)
-    prod_design, prod_nonzero = True, True  # the output gradient was checked
-    for unit in reversed(ex.units):
+    try:
+        # the output gradient was checked: the first row sees a non-zero one
+        _backward_units(ex, sc, ex.units, g, _Flow(True, True), 1.0 / (sc.B * m_out))
+    except _Stop:
+        pass
+    sc.timing["backward"] += time.perf_counter() - t0
+
+
+def _backward_units(
+    ex: Any, sc: SeedContext, units: tuple, g: Any, flow: _Flow, norm: float
+) -> Any:
+    """Push ``g`` down ``units`` (a block: the add, its shortcut and branch, the sum
+    of the two input gradients); returns the gradient at their input."""
+    for unit in reversed(units):
         _interrupt.poll()
-        g, rows = ex.backward(unit, g, sc)
-        for row, ss, sums in rows:
-            info = infos[row]
-            if not _grad_ok(ss, info, sc, prod_design, prod_nonzero):
-                sc.timing["backward"] += time.perf_counter() - t0
-                return
-            out = sc.stats[row]
-            out[COL["grad_second_moment"]] = ss / (sc.B * info.width * m_out)
-            for col, v in sums.items():
-                out[COL[col]] = v * norm
-            prod_design = info.layer.input_grad_zero_by_design(
+        if isinstance(unit, Block):
+            gb, gs, rows = ex.merge_backward(unit, g, sc)
+            _record_grads(sc, rows, flow, norm)
+            layer = sc.net.infos[unit.row].layer
+            fb = _Flow(flow.nonzero, layer.multiplier == 0.0)
+            g1 = _backward_units(ex, sc, unit.branch, gb, fb, norm)
+            if unit.shortcut and g1 is not None:
+                g1 = ex.keep_grad(unit, g1)
+            fs = _Flow(flow.nonzero, False)
+            g2 = _backward_units(ex, sc, unit.shortcut, gs, fs, norm)
+            g = ex.add_grads(unit, g1, g2)
+            flow.design = fb.design and fs.design
+            flow.nonzero = fb.nonzero or fs.nonzero
+        else:
+            g, rows = ex.backward(unit, g, sc)
+            _record_grads(sc, rows, flow, norm)
+    return g
+
+
+def _record_grads(sc: SeedContext, rows: list, flow: _Flow, norm: float) -> None:
+    for row, ss, sums in rows:
+        info = sc.net.infos[row]
+        if not _grad_ok(ss, info, sc, flow):
+            raise _Stop
+        out = sc.stats[row]
+        out[COL["grad_second_moment"]] = ss * norm / info.width
+        for col, v in sums.items():
+            out[COL[col]] = v * norm
+        if info.branch:
+            flow.design = False  # the shortcut passes the gradient (the branch
+            # path's own flag is set by the caller)
+        else:
+            flow.design = info.layer.input_grad_zero_by_design(
                 sc.inits[row], info.fan_in, info.width
             )
-            prod_nonzero = ss > 0
-    sc.timing["backward"] += time.perf_counter() - t0
+        flow.nonzero = ss > 0

@@ -45,7 +45,8 @@ from typing import Any
 import numpy as np
 
 from ..layers.dense import is_zero_init, use_gram
-from .engine import SeedContext, StepContext
+from .engine import Block, SeedContext, plan
+from .generic import step_context
 from .ops import Ops, sumsq64
 from .sampling import layer_params, output_grad
 
@@ -159,32 +160,15 @@ class FusedExecutor:
         self.lanes = Lanes(1)  # set per call by pooled_executor
         self.net = net
         infos = net.infos
-        units: list[tuple] = []
-        i = 0
-        while i < len(infos):
-            prim = infos[i].layer.fusion()
-            nxt = infos[i + 1].layer.fusion() if i + 1 < len(infos) else None
-            if prim is None:
-                units.append(("step", i))
-            elif prim[0] == "gemm":
-                units.append(("dense", i))
-            elif prim[0] == "row_affine":
-                pair = nxt is not None and nxt[0] == "elementwise"
-                units.append(("ln", i, i + 1 if pair else None))
-                i += pair
-            elif (
-                prim[0] == "batch_affine"
-                and nxt is not None
-                and nxt[0] == "elementwise"
-            ):
-                units.append(("elem", i, i + 1))
-                i += 1
-            elif prim[0] == "batch_affine":
-                units.append(("elem", i, None))
-            else:
-                units.append(("elem", None, i))
-            i += 1
-        self.units = units
+        self.units = plan(net, net.top, self._group)
+        # position of every unit in execution order (ping-pong parity, buffer
+        # keys) and the unit that consumes its output within its sequence
+        self._pos: dict[tuple, int] = {}
+        self._next: dict[tuple, Any] = {}
+        self._index(self.units)
+        self._colstats_of: Any = None
+        self._colsum_of: Any = None
+        self._colsum: Any = None
         self.B = B
         self.dt = dt
         self.ops = Ops("numba")
@@ -203,6 +187,41 @@ class FusedExecutor:
         self.saved: dict[int, Any] = {}
         self.output: np.ndarray | None = None
 
+    def _group(self, rows: list[int]) -> list[tuple]:
+        """Units of a run of plain rows from their fusion primitives."""
+        infos = self.net.infos
+        units: list[tuple] = []
+        k = 0
+        while k < len(rows):
+            i = rows[k]
+            prim = infos[i].layer.fusion()
+            j = rows[k + 1] if k + 1 < len(rows) else None
+            nxt = infos[j].layer.fusion() if j is not None else None
+            pair = nxt is not None and nxt[0] == "elementwise"
+            if prim is None:
+                units.append(("step", i))
+            elif prim[0] == "gemm":
+                units.append(("dense", i))
+            elif prim[0] == "row_affine":
+                units.append(("ln", i, j if pair else None))
+                k += pair
+            elif prim[0] == "batch_affine":
+                units.append(("elem", i, j if pair else None))
+                k += pair
+            else:
+                units.append(("elem", None, i))
+            k += 1
+        return units
+
+    def _index(self, seq: tuple) -> None:
+        for k, unit in enumerate(seq):
+            if isinstance(unit, Block):
+                self._index(unit.branch)
+                self._index(unit.shortcut)
+                continue
+            self._pos[unit] = len(self._pos)
+            self._next[unit] = seq[k + 1] if k + 1 < len(seq) else None
+
     # -- buffers ----------------------------------------------------------------
     def buf(self, key: tuple, shape: tuple[int, ...], dtype: Any = None) -> np.ndarray:
         a = self.bufs.get(key)
@@ -219,7 +238,7 @@ class FusedExecutor:
         return self.flat[k % 2][: self.B * n].reshape(self.B, n)
 
     def _u(self, unit: tuple) -> int:
-        return self.units.index(unit)
+        return self._pos[unit]
 
     def _gram(self, a: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``f.gram(a, out)``, cut over the lanes."""
@@ -239,9 +258,7 @@ class FusedExecutor:
         if unit[0] == "step":
             i = unit[1]
             params = layer_params(infos[i], sc.inits[i], sc.dt, sc.entropy, sc.seed)
-            self._step_ctx = StepContext(
-                infos[i], params, sc.inits[i], self.ops, sc.B, sc.dt
-            )
+            self._step_ctx = step_context(infos[i], params, sc, self.ops)
             return
         rows = (
             [unit[1]] if unit[0] == "dense" else [r for r in unit[1:] if r is not None]
@@ -291,7 +308,7 @@ class FusedExecutor:
         if b is not None and not is_zero_init(p["bias"], n_in, n_out):
             pre += b
         st = self._stats(pre, n_out, np.empty(10))
-        self._has_colstats = True
+        self._colstats_of = pre  # its column moments, for a BatchNorm next
         return pre, [(i, st)]
 
     def _step_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
@@ -299,18 +316,20 @@ class FusedExecutor:
         ctx = self._step_ctx
         y, saved = ctx.info.layer.forward(ctx, cur)
         self.saved[unit] = (ctx, saved)
-        self._has_colstats = False
+        self._colstats_of = None
         return y, [(i, self.ops.row_stats(y, np.empty(10)))]
 
-    def _keep_output(self, u: int, n: int) -> np.ndarray:
-        """Where unit ``u`` writes its (B, n) output: a kept buffer unless the next
-        unit is a dense layer that saves only the Gram of its input."""
-        infos = self.net.infos
-        nxt = self.units[u + 1] if u + 1 < len(self.units) else None
+    def _keep_output(self, unit: tuple, n: int) -> np.ndarray:
+        """Where ``unit`` writes its (B, n) output: a kept buffer unless the next
+        unit of its sequence is a dense layer that saves only the Gram of its
+        input (an output that feeds a residual block, or ends a branch, is read
+        again later and is always kept)."""
+        nxt = self._next[unit]
+        u = self._u(unit)
         keep = not (
-            nxt is not None
+            isinstance(nxt, tuple)
             and nxt[0] == "dense"
-            and use_gram(self.B, n, infos[nxt[1]].width)
+            and use_gram(self.B, n, self.net.infos[nxt[1]].width)
         )
         return self.buf(("h", u), (self.B, n)) if keep else self.pingpong(u, n)
 
@@ -331,7 +350,7 @@ class FusedExecutor:
         mean = self.buf(("mean", il), (self.B,))
         invstd = self.buf(("invstd", il), (self.B,))
         # y: the output itself, or the activation's input (kept for backward)
-        y = self._keep_output(u, n) if ia is None else self.buf(("lny", u), (self.B, n))
+        y = self._keep_output(unit, n) if ia is None else self.buf(("lny", u), (self.B, n))
         kernels.layernorm_forward(
             cur,
             gamma,
@@ -341,12 +360,12 @@ class FusedExecutor:
             out=(y, mean, invstd),
         )
         self.saved[unit] = (cur, mean, invstd, gamma, beta, y)
-        self._has_colstats = False
+        self._colstats_of = None
         st_y = np.empty(10)
         if ia is None:
             return y, [(il, self._stats(y, n, st_y))]
         code, slope = infos[ia].layer.fusion()[1:]
-        h = self._keep_output(u, n)
+        h = self._keep_output(unit, n)
         st_h = np.empty(10)
         zero, one = np.zeros(n), np.ones(n)
         f.unit_forward(
@@ -390,7 +409,7 @@ class FusedExecutor:
                 "beta_grad_norm2": float(db @ db),
             }
         rows.append((il, ss, norms))
-        self._colsum = None
+        self._colsum_of = None
         return (dx if il > 0 else None), rows
 
     def _elem_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
@@ -406,7 +425,7 @@ class FusedExecutor:
                 b64 = self.bufs[("bias", ib)].astype(np.float64)
             else:  # affine=False: gamma = 1, beta = 0
                 g64, b64 = np.ones(n), np.zeros(n)
-            if not self._has_colstats:
+            if self._colstats_of is not cur:
                 self._stats(cur, n, np.empty(10))
             mean = self.buf(("mean", ib), (n,), np.float64)
             invstd = self.buf(("invstd", ib), (n,), np.float64)
@@ -420,7 +439,7 @@ class FusedExecutor:
             (infos[ia].layer.fusion()[1:]) if ia is not None else (f.IDENTITY, 0.0)
         )
         rec_y = ib is not None and ia is not None
-        h = self._keep_output(u, n)
+        h = self._keep_output(unit, n)
         st_y, st_h = np.empty(10), np.empty(10)
         f.unit_forward(
             cur,
@@ -440,16 +459,52 @@ class FusedExecutor:
             st_h,
         )
         self.saved[unit] = (cur, mean, invstd, g64, b64, code, slope)
-        self._has_colstats = False
+        self._colstats_of = None
         rows = []
         if rec_y:
             rows.append((ib, st_y))
         rows.append((ia if ia is not None else ib, st_h))
         return h, rows
 
+    def merge(self, b: Block, xb: np.ndarray, xs: np.ndarray, sc: SeedContext):
+        """The add into the block's kept buffer, then every statistic of the
+        stream (and its column moments, for a BatchNorm next)."""
+        layer = self.net.infos[b.row].layer
+        y = self.buf(("h", "merge", b.row), xs.shape)
+        np.multiply(xb, self.dt.type(layer.multiplier), out=y)
+        np.add(y, xs, out=y)
+        st = self._stats(y, y.shape[1], np.empty(10))
+        self._colstats_of = y
+        return y, [(b.row, st)]
+
     # -- backward -----------------------------------------------------------------
+    def merge_backward(self, b: Block, g: np.ndarray, sc: SeedContext):
+        """The gradient of both paths, each in a buffer of the block's own (the
+        units below write their ping-pong buffers, where ``g`` may lie)."""
+        layer = self.net.infos[b.row].layer
+        gb = self.buf(("gbranch", b.row), g.shape)
+        np.multiply(g, self.dt.type(layer.multiplier), out=gb)
+        gs = self.buf(("gskip", b.row), g.shape)
+        np.copyto(gs, g)
+        self._colsum_of = None
+        return gb, gs, [(b.row, sumsq64(g), {})]
+
+    def keep_grad(self, b: Block, g: np.ndarray) -> np.ndarray:
+        """The branch's input gradient, kept while the shortcut's backward runs."""
+        out = self.buf(("gkeep", b.row), g.shape)
+        np.copyto(out, g)
+        return out
+
+    def add_grads(self, b: Block, g1: Any, g2: Any) -> Any:
+        if g1 is None or g2 is None:
+            return None
+        out = self.buf(("gsum", b.row), g2.shape)
+        np.add(g1, g2, out=out)
+        self._colsum_of = None
+        return out
+
     def output_grad(self, y: np.ndarray, sc: SeedContext) -> np.ndarray:
-        self._colsum = None
+        self._colsum_of = None
         return output_grad(
             sc.g_spec, y, sc.dt, sc.entropy, sc.seed, self.buf(("gout",), y.shape)
         )
@@ -462,7 +517,7 @@ class FusedExecutor:
             ctx, saved = self.saved.pop(unit)
             ss = sumsq64(g)
             gin, sums = ctx.info.layer.backward(ctx, g, saved, i > 0)
-            self._colsum = None
+            self._colsum_of = None
             return gin, [(i, ss, sums)]
         if unit[0] == "ln":
             return self._ln_backward(unit, g, sc)
@@ -490,11 +545,11 @@ class FusedExecutor:
         if b is not None:
             db = (
                 self._colsum
-                if self._colsum is not None
+                if self._colsum_of is g
                 else g.sum(axis=0, dtype=np.float64)
             )
             sums["bias_grad_norm2"] = float(db @ db)
-        self._colsum = None
+        self._colsum_of = None
         gin = None
         if i > 0:
             gin = self.lanes.matmul(g, w, self.pingpong(self._u(unit), info.fan_in))
@@ -545,6 +600,7 @@ class FusedExecutor:
         if first == 0:
             return None, rows
         self._colsum = vec["dxsum"][:n].copy()
+        self._colsum_of = dx  # its column sums, for the dense bias below
         return dx, rows
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .engine import SeedContext, StepContext
+from .. import _rng
+from .engine import Block, SeedContext, StepContext, plan
 from .ops import Ops, sumsq64
 from .sampling import layer_params, output_grad
 
@@ -21,7 +22,7 @@ class GenericExecutor:
     def __init__(self, net: Any, ops: Ops) -> None:
         self.net = net
         self.ops = ops
-        self.units = range(len(net.infos))
+        self.units = plan(net, net.top, list)
         self.saved: list[Any] = [None] * len(net.infos)
         self.ctx: list[StepContext | None] = [None] * len(net.infos)
         self.output: np.ndarray | None = None
@@ -29,7 +30,7 @@ class GenericExecutor:
     def sample(self, i: int, sc: SeedContext) -> None:
         info = self.net.infos[i]
         params = layer_params(info, sc.inits[i], sc.dt, sc.entropy, sc.seed)
-        self.ctx[i] = StepContext(info, params, sc.inits[i], self.ops, sc.B, sc.dt)
+        self.ctx[i] = step_context(info, params, sc, self.ops)
 
     def forward(self, i: int, x: np.ndarray, sc: SeedContext):
         ctx = self.ctx[i]
@@ -39,9 +40,32 @@ class GenericExecutor:
     def output_grad(self, y: np.ndarray, sc: SeedContext) -> np.ndarray:
         return output_grad(sc.g_spec, y, sc.dt, sc.entropy, sc.seed)
 
+    def merge(self, b: Block, xb: np.ndarray, xs: np.ndarray, sc: SeedContext):
+        y = self.net.infos[b.row].layer.merge(self.ops, xb, xs)
+        return y, [(b.row, self.ops.row_stats(y, np.empty(10)))]
+
+    def merge_backward(self, b: Block, g: np.ndarray, sc: SeedContext):
+        gb, gs = self.net.infos[b.row].layer.merge_backward(self.ops, g)
+        return gb, gs, [(b.row, sumsq64(g), {})]
+
+    def keep_grad(self, b: Block, g: np.ndarray) -> np.ndarray:
+        return g  # every step returns a fresh array
+
+    def add_grads(self, b: Block, g1: Any, g2: Any) -> Any:
+        if g1 is None or g2 is None:
+            return None
+        return self.ops.residual_add(g2, g1, 1.0)
+
     def backward(self, i: int, g: np.ndarray, sc: SeedContext):
         ctx = self.ctx[i]
         ss = sumsq64(g)
         gin, sums = ctx.info.layer.backward(ctx, g, self.saved[i], i > 0)
         self.saved[i] = None
         return gin, [(i, ss, sums)]
+
+
+def step_context(info: Any, params: dict, sc: SeedContext, ops: Ops) -> StepContext:
+    """What a layer's own step sees for seed ``sc``: its parameters and the key of
+    its other random numbers (dropout masks)."""
+    key = _rng.derive_key(sc.entropy, sc.seed, info.index)
+    return StepContext(info, params, sc.inits[info.index], ops, sc.B, sc.dt, key=key)

@@ -28,8 +28,7 @@ def probe(ex: Any, sc: Any, x: np.ndarray, jac: dict[str, list[Any]]) -> None:
     """Append one seed's m1, m2 (and exact spectra) to ``jac``; ``ex`` is a
     generic executor right after its forward pass (its ``saved`` intact)."""
     net = sc.net
-    layers = [(info.layer, ex.saved[i]) for i, info in enumerate(net.infos)]
-    ops = ex.ops
+    lin = _Linearisation(net, ex.ops, ex.saved)
     B = x.shape[0]
 
     t = _rng.fill_normal(
@@ -37,15 +36,11 @@ def probe(ex: Any, sc: Any, x: np.ndarray, jac: dict[str, list[Any]]) -> None:
         _rng.derive_key(sc.entropy, sc.seed, PROBE_STREAM),
         0,
     )
-    for layer, saved in layers:
-        t = layer.jvp(ops, saved, t)
-    jv = t
-    g = np.ascontiguousarray(jv)
-    for layer, saved in reversed(layers):
-        g = layer.vjp(ops, saved, g)
+    jv = lin.jvp(net.top, t)
+    v = lin.vjp(net.top, np.ascontiguousarray(jv))
     n_out = net.output_dim
     jv64 = jv.astype(np.float64)
-    v64 = g.astype(np.float64)
+    v64 = v.astype(np.float64)
     jac["m1"].append(float(np.mean(np.sum(jv64 * jv64, axis=1))) / n_out)
     jac["m2"].append(float(np.mean(np.sum(v64 * v64, axis=1))) / n_out)
     widest = max([net.input_dim, *net.widths])
@@ -53,14 +48,41 @@ def probe(ex: Any, sc: Any, x: np.ndarray, jac: dict[str, list[Any]]) -> None:
         return
     for b in range(min(B, _EXACT_JACOBIAN_EXAMPLES)):
         # J^T for example b: push the identity through the linearisation of b
-        t = np.eye(net.input_dim, dtype=np.float64)
-        for layer, saved in layers:
-            t = layer.jvp(ops, saved, t, example=b)
+        t = lin.jvp(net.top, np.eye(net.input_dim, dtype=np.float64), example=b)
         sv = np.linalg.svd(t, compute_uv=False)
         lam = sv * sv
         jac["singular_values"].append(sv)
         jac["m1_exact"].append(float(lam.sum()) / n_out)
         jac["m2_exact"].append(float((lam * lam).sum()) / n_out)
+
+
+class _Linearisation:
+    """The network's Jacobian from what the forward pass saved: each layer's own
+    ``jvp`` / ``vjp``; a residual block is ``J_shortcut + c J_branch``."""
+
+    def __init__(self, net: Any, ops: Any, saved: list[Any]) -> None:
+        self.infos, self.ops, self.saved = net.infos, ops, saved
+
+    def jvp(self, rows: tuple[int, ...], t: np.ndarray, example: int | None = None):
+        for i in rows:
+            info = self.infos[i]
+            if info.branch:
+                tb = self.jvp(info.branch, t, example)
+                ts = self.jvp(info.shortcut, t, example)
+                t = ts + info.layer.multiplier * tb
+            else:
+                t = info.layer.jvp(self.ops, self.saved[i], t, example)
+        return t
+
+    def vjp(self, rows: tuple[int, ...], g: np.ndarray) -> np.ndarray:
+        for i in reversed(rows):
+            info = self.infos[i]
+            if info.branch:
+                gb = self.vjp(info.branch, info.layer.multiplier * g)
+                g = self.vjp(info.shortcut, g) + gb
+            else:
+                g = info.layer.vjp(self.ops, self.saved[i], g)
+        return g
 
 
 def summary(jac: dict[str, list[Any]]) -> dict[str, Any]:

@@ -48,6 +48,14 @@ class Ops:
             dy, x, saved, gamma, beta, backend=self.backend
         )
 
+    def residual_add(self, skip, x, scale, out=None):
+        """``skip + scale * x`` (``scale * x`` without ``skip``)."""
+        return self.k.residual_add(skip, x, scale, backend=self.backend, out=out)
+
+    def masked_scale(self, x, mask, scale, out=None):
+        """``x * mask * scale`` (inverted dropout and its backward)."""
+        return self.k.masked_scale(x, mask, scale, backend=self.backend, out=out)
+
     def row_stats(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The 10 forward statistics of a layer output (the layout of the fused
         path, :func:`initdiag.empirical.fused`): the 8 of ``layer_summary``, the

@@ -22,7 +22,9 @@ from .activation import (
 )
 from .base import LAYER_TYPES, Layer, Slot, layer_from_dict, register
 from .dense import Dense
+from .dropout import Dropout
 from .norm import BatchNorm, LayerNorm
+from .residual import Residual, Scale
 
 __all__ = [
     "ACTIVATIONS",
@@ -30,6 +32,7 @@ __all__ = [
     "Activation",
     "BatchNorm",
     "Dense",
+    "Dropout",
     "Erf",
     "GELU",
     "Identity",
@@ -37,7 +40,9 @@ __all__ = [
     "LayerNorm",
     "LeakyReLU",
     "ReLU",
+    "Residual",
     "SELU",
+    "Scale",
     "Sigmoid",
     "SiLU",
     "Slot",

@@ -142,6 +142,17 @@ class Layer:
         """The parameter tensors this layer has (all of ``slot_table`` by default)."""
         return self.slot_table
 
+    def children(self) -> tuple[tuple[Layer, ...], ...]:
+        """The sub-sequences of a composite layer (a Residual's branch and
+        shortcut), whose rows the network names and the engines run; () for a
+        plain layer."""
+        return ()
+
+    def own_inits(self) -> dict[str, Any]:
+        """Initializer specs the layer itself carries, by slot name (``Scale(init=
+        "zeros")``): they win over the InitScheme's keys, overrides win over them."""
+        return {}
+
     def fans(self, fan_in: int, width: int) -> tuple[int, int]:
         """(fan_in, fan_out) its initializers see: a dense layer's own; a vector
         parameter of width ``n`` sees ``(n, n)``."""
