@@ -371,10 +371,10 @@ def _fill_normal_kernel32(out, k0, k1, stream, mean, std):
 
 
 @njit(cache=True, error_model="numpy")
-def _chunk_top24(c, n, stream, k0, k1):
-    """(start, m): entries start .. start + m.size - 1 of chunk ``c`` (of
-    ``_CHUNK`` entries, the last one shorter) and the top 24 bits of their Philox
-    words, entry ``start + i`` taking word ``i % 4`` of counter ``(start + i) // 4``."""
+def _chunk_words(c, n, stream, k0, k1):
+    """(start, stop, w0, w1, w2, w3): entries start .. stop - 1 of chunk ``c`` (of
+    ``_CHUNK`` entries, the last one shorter) and the Philox words covering them;
+    entry ``start + i`` takes :func:`_word` ``i``."""
     start = c * _CHUNK
     stop = min(start + _CHUNK, n)
     nb = (stop - start + 3) // 4
@@ -383,14 +383,15 @@ def _chunk_top24(c, n, stream, k0, k1):
     w2 = np.empty(nb, np.uint32)
     w3 = np.empty(nb, np.uint32)
     _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
-    sh = np.uint32(8)
-    m = np.empty(stop - start, np.uint32)
-    for i in range(stop - start):
-        t = i >> 2
-        q = i & 3
-        x = w0[t] if q == 0 else (w1[t] if q == 1 else (w2[t] if q == 2 else w3[t]))
-        m[i] = x >> sh
-    return start, m
+    return start, stop, w0, w1, w2, w3
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _word(w0, w1, w2, w3, i):
+    """Word ``i % 4`` of counter ``i // 4`` of a chunk (selects: no branch)."""
+    t = i >> 2
+    q = i & 3
+    return w0[t] if q == 0 else (w1[t] if q == 1 else (w2[t] if q == 2 else w3[t]))
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
@@ -399,10 +400,12 @@ def _fill_uniform_kernel(out, k0, k1, stream, lo, hi):
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
     w = (hi - lo) * 5.960464477539063e-08
+    sh = np.uint32(8)
     for c in prange(nchunks):
-        start, m = _chunk_top24(c, n, stream, k0, k1)
-        for i in range(m.size):
-            out[start + i] = lo + w * (float(m[i]) + 0.5)
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
+        for i in range(stop - start):
+            x = _word(w0, w1, w2, w3, i)
+            out[start + i] = lo + w * (float(x >> sh) + 0.5)
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")
@@ -411,12 +414,14 @@ def _fill_keep_mask_kernel(out, k0, k1, stream, thr):
     bits >= ``thr``), else 0; out uint8."""
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
+    sh = np.uint32(8)
     one = np.uint8(1)
     zero = np.uint8(0)
     for c in prange(nchunks):
-        start, m = _chunk_top24(c, n, stream, k0, k1)
-        for i in range(m.size):
-            out[start + i] = one if m[i] >= thr else zero
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
+        for i in range(stop - start):
+            x = _word(w0, w1, w2, w3, i)
+            out[start + i] = one if (x >> sh) >= thr else zero
 
 
 def entropy_of(rng: Any) -> int:

@@ -124,6 +124,10 @@ def test_residual_add_in_place(backend, dtype):
         got = K.residual_add(s, xx, 0.8, backend=backend, out=out)
         assert got is out
         np.testing.assert_allclose(got, ref, rtol=2 * eps(dtype), atol=0)
+    s = skip.copy()
+    view = s[:]  # the same memory as another array object
+    assert K.residual_add(s, x, 0.8, backend=backend, out=view) is view
+    np.testing.assert_allclose(s, ref, rtol=2 * eps(dtype), atol=0)
     xx = x.copy()
     assert K.residual_add(None, xx, -2.0, backend=backend, out=xx) is xx
     np.testing.assert_allclose(xx, -2.0 * x, rtol=eps(dtype), atol=0)

@@ -70,7 +70,7 @@ def _residual_add_numpy(skip, x, scale, out):
     with np.errstate(all="ignore"):
         if skip is None:
             np.multiply(x, s, out=out)
-        elif out is skip:
+        elif np.may_share_memory(out, skip):
             # in place on skip: the product needs its own buffer
             np.add(skip, s * x, out=out)
         else:
