@@ -30,7 +30,9 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# this checkout's initdiag (not an installed one), and bench_kernels next to us
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 from bench_kernels import _interleaved  # noqa: E402
 
@@ -86,9 +88,11 @@ def main() -> None:
 
     fns = thunks()
     print(f"float32 {B} x {N}, scale {SCALE}, {args.rounds} rounds, medians in us")
-    print("| threads | np.add + layer_stats | residual_add + layer_stats | fused "
-          "| layer_stats alone | copy | numpy pair / fused | kernel pair / fused "
-          "| fused / floor (1.5 copies) |")
+    print(
+        "| threads | np.add + layer_stats | residual_add + layer_stats | fused "
+        "| layer_stats alone | copy | numpy pair / fused | kernel pair / fused "
+        "| fused / floor (1.5 copies) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     old = numba.get_num_threads()
     try:
