@@ -111,7 +111,7 @@ int idg_row_correlation_f64(const double *x, long B, long n, double *scratch,
 /* Residual add out = skip + scale * x over N elements (skip NULL: out = scale * x),
  * and inverted-dropout masking out = x * (mask ? scale : 0) (mask: N bytes, nonzero
  * = kept), in the element type with scale rounded to it; out may equal skip or x;
- * on nthr threads (1: serial).  csrc/residual.c. */
+ * on nthr threads (1: serial).  csrc/residual_tmpl.inc. */
 int idg_residual_add_f32(const float *skip, const float *x, long N, double scale,
                          float *out, int nthr);
 int idg_residual_add_f64(const double *skip, const double *x, long N, double scale,

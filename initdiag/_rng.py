@@ -165,6 +165,30 @@ def _philox_block(j0, nb, stream, k0, k1, w0, w1, w2, w3):
 
 
 @njit(cache=True, error_model="numpy")
+def _chunk_words(c, n, stream, k0, k1):
+    """(start, stop, w0, w1, w2, w3): entries start .. stop - 1 of chunk ``c`` (of
+    ``_CHUNK`` entries, the last one shorter) and the Philox words covering them;
+    entry ``start + i`` takes :func:`_word` ``i``."""
+    start = c * _CHUNK
+    stop = min(start + _CHUNK, n)
+    nb = (stop - start + 3) // 4
+    w0 = np.empty(nb, np.uint32)
+    w1 = np.empty(nb, np.uint32)
+    w2 = np.empty(nb, np.uint32)
+    w3 = np.empty(nb, np.uint32)
+    _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
+    return start, stop, w0, w1, w2, w3
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _word(w0, w1, w2, w3, i):
+    """Word ``i % 4`` of counter ``i // 4`` of a chunk (selects: no branch)."""
+    t = i >> 2
+    q = i & 3
+    return w0[t] if q == 0 else (w1[t] if q == 1 else (w2[t] if q == 2 else w3[t]))
+
+
+@njit(cache=True, error_model="numpy")
 def _radius_block(w, nb, d, r):
     """r[t] = sqrt(-2 ln((w[t] + 1) / 2^32)) for 32-bit words ``w`` (d: scratch).
 
@@ -229,17 +253,11 @@ def _fill_normal_kernel(out, k0, k1, stream, mean, std):
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in prange(nchunks):
-        start = c * _CHUNK
-        stop = min(start + _CHUNK, n)
-        nb = (stop - start + 3) // 4
-        w0 = np.empty(nb, np.uint32)
-        w1 = np.empty(nb, np.uint32)
-        w2 = np.empty(nb, np.uint32)
-        w3 = np.empty(nb, np.uint32)
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
+        nb = w0.size
         d = np.empty(nb, np.float64)
         r0 = np.empty(nb, np.float64)
         r1 = np.empty(nb, np.float64)
-        _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
         if stop - start == 4 * nb:  # whole counters: straight into the output
             _box_muller_block(w0, w1, w2, w3, nb, out[start:stop], d, r0, r1, mean, std)
         else:
@@ -348,17 +366,11 @@ def _fill_normal_kernel32(out, k0, k1, stream, mean, std):
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in prange(nchunks):
-        start = c * _CHUNK
-        stop = min(start + _CHUNK, n)
-        nb = (stop - start + 3) // 4
-        w0 = np.empty(nb, np.uint32)
-        w1 = np.empty(nb, np.uint32)
-        w2 = np.empty(nb, np.uint32)
-        w3 = np.empty(nb, np.uint32)
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
+        nb = w0.size
         d = np.empty(nb, np.float32)
         r0 = np.empty(nb, np.float32)
         r1 = np.empty(nb, np.float32)
-        _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
         if stop - start == 4 * nb:
             _box_muller_block32(
                 w0, w1, w2, w3, nb, out[start:stop], d, r0, r1, mean, std
@@ -368,30 +380,6 @@ def _fill_normal_kernel32(out, k0, k1, stream, mean, std):
             _box_muller_block32(w0, w1, w2, w3, nb, z, d, r0, r1, mean, std)
             for i in range(stop - start):
                 out[start + i] = z[i]
-
-
-@njit(cache=True, error_model="numpy")
-def _chunk_words(c, n, stream, k0, k1):
-    """(start, stop, w0, w1, w2, w3): entries start .. stop - 1 of chunk ``c`` (of
-    ``_CHUNK`` entries, the last one shorter) and the Philox words covering them;
-    entry ``start + i`` takes :func:`_word` ``i``."""
-    start = c * _CHUNK
-    stop = min(start + _CHUNK, n)
-    nb = (stop - start + 3) // 4
-    w0 = np.empty(nb, np.uint32)
-    w1 = np.empty(nb, np.uint32)
-    w2 = np.empty(nb, np.uint32)
-    w3 = np.empty(nb, np.uint32)
-    _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
-    return start, stop, w0, w1, w2, w3
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _word(w0, w1, w2, w3, i):
-    """Word ``i % 4`` of counter ``i // 4`` of a chunk (selects: no branch)."""
-    t = i >> 2
-    q = i & 3
-    return w0[t] if q == 0 else (w1[t] if q == 1 else (w2[t] if q == 2 else w3[t]))
 
 
 @njit(cache=True, parallel=True, nogil=True, error_model="numpy")

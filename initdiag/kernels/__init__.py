@@ -619,6 +619,16 @@ def _no_partial_overlap(out, op: str, arrays: dict) -> None:
             )
 
 
+def _residual_inputs(skip: Any, x: Any, scale: Any) -> tuple:
+    """(skip or None, x, scale as float), validated: x (B, n) float, skip the same."""
+    x = _array(x, "x", 2)
+    s = _scale(scale, x.dtype)
+    if skip is not None:
+        skip = _array(skip, "skip", 2, x.dtype)
+        _shape(skip, "skip", x.shape)
+    return skip, x, s
+
+
 def residual_add(
     skip: npt.NDArray[np.floating] | None,
     x: npt.NDArray[np.floating],
@@ -657,11 +667,7 @@ def residual_add(
         Wrong dtype / shape / scale; BackendUnavailableError for an
         unavailable backend.
     """
-    x = _array(x, "x", 2)
-    s = _scale(scale, x.dtype)
-    if skip is not None:
-        skip = _array(skip, "skip", 2, x.dtype)
-        _shape(skip, "skip", x.shape)
+    skip, x, s = _residual_inputs(skip, x, scale)
     (out,) = _outs(out, ("y",), "residual_add")
     _no_partial_overlap(out, "residual_add", {"skip": skip, "x": x})
     name = _resolve(backend, (skip, x))
@@ -1233,6 +1239,17 @@ def _scratch(B: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 _NO_COLUMNS = np.empty(0)
 
 
+def _stats_outs(given: tuple, n: int, column_moments: bool) -> tuple:
+    """(stats, mean, var) outputs of a statistics pass, validated or allocated:
+    float64 (10,) and, with ``column_moments``, (n,) (else empty: not written)."""
+    f64 = np.dtype(np.float64)
+    st = _out(given[0], "out stats", (10,), f64, False)
+    if not column_moments:
+        return st, _NO_COLUMNS, _NO_COLUMNS
+    mean = _out(given[1], "out mean", (n,), f64, False)
+    return st, mean, _out(given[2], "out var", (n,), f64, False)
+
+
 def layer_stats(
     x: npt.NDArray[np.floating],
     *,
@@ -1271,13 +1288,7 @@ def layer_stats(
     labels = ("stats", "mean", "var") if column_moments else ("stats",)
     given = _outs(out, labels, "layer_stats")
     name = _resolve_op("layer_stats", backend, (x,))
-    f64 = np.dtype(np.float64)
-    st = _out(given[0], "out stats", (10,), f64, False)
-    if column_moments:
-        mean = _out(given[1], "out mean", (n,), f64, False)
-        var = _out(given[2], "out var", (n,), f64, False)
-    else:
-        mean = var = _NO_COLUMNS
+    st, mean, var = _stats_outs(given, n, column_moments)
     acc, sc = _scratch(B, n)
     _call("layer_stats", name, x, acc, sc, st, mean, var)
     return (st, mean, var) if column_moments else st
@@ -1319,24 +1330,14 @@ def residual_add_stats(
         Wrong dtype / shape / scale; BackendUnavailableError for c, cuda or an
         unavailable backend.
     """
-    x = _array(x, "x", 2)
-    s = _scale(scale, x.dtype)
-    if skip is not None:
-        skip = _array(skip, "skip", 2, x.dtype)
-        _shape(skip, "skip", x.shape)
+    skip, x, s = _residual_inputs(skip, x, scale)
     B, n = x.shape
     labels = ("y", "stats", "mean", "var") if column_moments else ("y", "stats")
     given = _outs(out, labels, "residual_add_stats")
     name = _resolve_op("residual_add_stats", backend, (skip, x))
-    f64 = np.dtype(np.float64)
     y = _out(given[0], "out y", (B, n), x.dtype, False)
     _no_partial_overlap(y, "residual_add_stats", {"skip": skip, "x": x})
-    st = _out(given[1], "out stats", (10,), f64, False)
-    if column_moments:
-        mean = _out(given[2], "out mean", (n,), f64, False)
-        var = _out(given[3], "out var", (n,), f64, False)
-    else:
-        mean = var = _NO_COLUMNS
+    st, mean, var = _stats_outs(given[1:], n, column_moments)
     acc, sc = _scratch(B, n)
     _call("residual_add_stats", name, skip, x, s, y, acc, sc, st, mean, var)
     return (y, st, mean, var) if column_moments else (y, st)

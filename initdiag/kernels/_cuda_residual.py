@@ -51,34 +51,29 @@ _scale_kernel = cuda.jit(_scale_kernel_py)
 _masked_scale_kernel = cuda.jit(_masked_scale_kernel_py)
 
 
-def residual_add_cuda(skip: Any, x: Any, scale: float, out: Any) -> Any:
-    """CUDA variant of ``_residual_add_<b>``; returns out."""
+def _launch(kernel, inputs: tuple, scale: float, out: Any) -> Any:
+    """``kernel(*inputs, s, out)`` on flat device views, ``s`` the scale as a
+    scalar of the output dtype; returns out (NumPy outputs copied back)."""
     tr = _cc.Transfer()
-    d_x = _cc.flat(tr.input(x))
-    s = d_x.dtype.type(scale)
+    d_in = [_cc.flat(tr.input(a)) for a in inputs]
     d_out = _cc.flat(tr.output(out))
     tpb = _cc.threads_1d()
-    grid = _cc.blocks_for(d_x.shape[0], tpb)
-    if skip is None:
-        _scale_kernel[grid, tpb](d_x, s, d_out)
-    else:
-        _residual_add_kernel[grid, tpb](_cc.flat(tr.input(skip)), d_x, s, d_out)
+    grid = _cc.blocks_for(d_out.shape[0], tpb)
+    kernel[grid, tpb](*d_in, d_out.dtype.type(scale), d_out)
     tr.finish()
     return out
+
+
+def residual_add_cuda(skip: Any, x: Any, scale: float, out: Any) -> Any:
+    """CUDA variant of ``_residual_add_<b>``; returns out."""
+    if skip is None:
+        return _launch(_scale_kernel, (x,), scale, out)
+    return _launch(_residual_add_kernel, (skip, x), scale, out)
 
 
 def masked_scale_cuda(x: Any, mask: Any, scale: float, out: Any) -> Any:
     """CUDA variant of ``_masked_scale_<b>``; returns out."""
-    tr = _cc.Transfer()
-    d_x = _cc.flat(tr.input(x))
-    d_mask = _cc.flat(tr.input(mask))
-    d_out = _cc.flat(tr.output(out))
-    tpb = _cc.threads_1d()
-    _masked_scale_kernel[_cc.blocks_for(d_x.shape[0], tpb), tpb](
-        d_x, d_mask, d_x.dtype.type(scale), d_out
-    )
-    tr.finish()
-    return out
+    return _launch(_masked_scale_kernel, (x, mask), scale, out)
 
 
 def _sig_residual_add(dt):

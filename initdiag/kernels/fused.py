@@ -470,6 +470,17 @@ def _first_row_shift(r, shift, shift64):
 
 
 @njit(cache=True, error_model="numpy")
+def _chunk_scratch(like):
+    """(t, iv, one, zero) of one chunk's statistics: accumulators t (5, n) and the
+    rows' 1/|r| iv (4,) in the dtype of the row ``like`` (n,), and a one and a
+    zero of that dtype (the counts and selects stay in it)."""
+    t = np.empty((5, like.shape[0]), like.dtype)
+    t[4, 0] = 1.0
+    one = t[4, 0]
+    return t, np.empty(4, like.dtype), one, one - one
+
+
+@njit(cache=True, error_model="numpy")
 def _finish(acc, sc, shift, B, out, colmean, colvar):
     """Reduce chunk partials (in chunk order) into the 10 statistics ``out``:
     [mean, second_moment, variance, squared_mean, active_fraction, dead_fraction,
@@ -527,11 +538,7 @@ def _layer_stats_numba(x, acc, sc, out, colmean, colvar):
     shift64 = np.empty(n)
     _first_row_shift(x[0], shift, shift64)
     for c in prange(nch):
-        t = np.empty((5, n), x.dtype)
-        t[4, 0] = 1.0
-        one = t[4, 0]
-        zero = one - one
-        iv = np.empty(4, x.dtype)
+        t, iv, one, zero = _chunk_scratch(x[0])
         sc[c] = 0.0
         b0, b1 = c * _ROWS, min((c + 1) * _ROWS, B)
         _stats_rows(x, b0, b1, shift, t, iv, sc[c], one, zero)
@@ -571,11 +578,7 @@ def _residual_add_stats_numba(skip, x, scale, out, acc, sc, st, colmean, colvar)
     shift64 = np.empty(n)
     _first_row_shift(row0, shift, shift64)
     for c in prange(nch):
-        t = np.empty((5, n), out.dtype)
-        t[4, 0] = 1.0
-        one = t[4, 0]
-        zero = one - one
-        iv = np.empty(4, out.dtype)
+        t, iv, one, zero = _chunk_scratch(out[0])
         sc[c] = 0.0
         t[:4] = zero
         b0, b1 = c * _ROWS, min((c + 1) * _ROWS, B)
@@ -662,11 +665,7 @@ def _unit_forward_numba(
     _first_row_shift(y0, shy, shy64)
     _first_row_shift(h0, shh, shh64)
     for c in prange(nch):
-        t = np.empty((5, n), h.dtype)
-        t[4, 0] = 1.0
-        one = t[4, 0]
-        zero = one - one
-        iv = np.empty(4, h.dtype)
+        t, iv, one, zero = _chunk_scratch(h[0])
         yb = np.empty((_ROWS, n), h.dtype)
         b0, b1 = c * _ROWS, min((c + 1) * _ROWS, B)
         for b in range(b0, b1):

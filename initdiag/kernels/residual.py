@@ -147,37 +147,23 @@ def _masked_scale_numba(x, mask, scale, out):
 
 
 # --------------------------------------------------------------------------- c
-def _residual_add_c(skip, x, scale, out):
-    """C variant of ``out = skip + scale * x`` (``skip`` None: NULL)."""
+def _c_elementwise(name, a, b, scale, out):
+    """One C entry point ``name(a, b, N, scale, out, nthr)`` (a may be None)."""
     from ._c import check, fn, ptr
 
-    check(
-        fn("idg_residual_add", x.dtype)(
-            ptr(skip),
-            ptr(x),
-            x.size,
-            float(scale),
-            ptr(out),
-            elementwise_threads(x.size, c=True),
-        ),
-        "idg_residual_add",
+    N = out.size
+    rc = fn(name, out.dtype)(
+        ptr(a), ptr(b), N, float(scale), ptr(out), elementwise_threads(N, c=True)
     )
+    check(rc, name)
     return out
+
+
+def _residual_add_c(skip, x, scale, out):
+    """C variant of ``out = skip + scale * x`` (``skip`` None: NULL)."""
+    return _c_elementwise("idg_residual_add", skip, x, scale, out)
 
 
 def _masked_scale_c(x, mask, scale, out):
     """C variant of ``out = x * (mask * scale)``."""
-    from ._c import check, fn, ptr
-
-    check(
-        fn("idg_masked_scale", x.dtype)(
-            ptr(x),
-            ptr(mask),
-            x.size,
-            float(scale),
-            ptr(out),
-            elementwise_threads(x.size, c=True),
-        ),
-        "idg_masked_scale",
-    )
-    return out
+    return _c_elementwise("idg_masked_scale", x, mask, scale, out)
