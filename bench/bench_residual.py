@@ -20,6 +20,10 @@ empirical engine's hot path runs):
 ``layer_stats``
     the statistics alone, and ``copy`` (``np.copyto`` of one array, the memory
     floor's unit: the add moves 3 arrays, so its floor is 1.5 copies).
+
+A second table times the element-wise ops alone (``residual_add``,
+``masked_scale``: numba and c against the plain NumPy expression, and the copy),
+one interleaved group per op.
 """
 
 from __future__ import annotations
@@ -80,6 +84,37 @@ def thunks() -> dict:
     }
 
 
+def elementwise_groups() -> dict:
+    """op -> {label: thunk}, "numpy" the plain expression (its temporaries are
+    why ``_interleaved`` runs the others once untimed after it)."""
+    from initdiag.kernels import available_backends
+
+    rng = np.random.default_rng(1)
+    skip = rng.standard_normal((B, N)).astype(DT)
+    x = rng.standard_normal((B, N)).astype(DT)
+    mask = (rng.random((B, N)) >= 0.1).astype(np.uint8)
+    y = np.empty((B, N), DT)
+    s32, k32 = DT(SCALE), DT(1 / 0.9)
+    groups = {
+        "residual_add": {
+            "numpy": lambda: np.add(skip, s32 * x, out=y),
+            "numba": lambda: residual._residual_add_numba(skip, x, SCALE, y),
+            "c": lambda: residual._residual_add_c(skip, x, SCALE, y),
+        },
+        "masked_scale": {
+            "numpy": lambda: np.multiply(x, mask * k32, out=y),
+            "numba": lambda: residual._masked_scale_numba(x, mask, 1 / 0.9, y),
+            "c": lambda: residual._masked_scale_c(x, mask, 1 / 0.9, y),
+        },
+    }
+    have_c = available_backends()["c"]["available"]
+    for g in groups.values():
+        g["copy"] = lambda: np.copyto(y, x)
+        if not have_c:
+            del g["c"]
+    return groups
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=300)
@@ -107,6 +142,19 @@ def main() -> None:
             )
     finally:
         numba.set_num_threads(old)
+    # the element-wise ops alone (their thread count: residual.elementwise_threads)
+    threads = residual.elementwise_threads(B * N)
+    print(f"\nelement-wise ops ({threads} thread(s) at this size), medians in us")
+    print("| op | numpy | numba | c | copy | numpy / numba | c / numba |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for op, fns in elementwise_groups().items():
+        m = {k: 1e6 * v for k, v in _interleaved(fns, args.rounds).items()}
+        c = m.get("c", float("nan"))
+        print(
+            f"| {op} | {m['numpy']:.0f} | {m['numba']:.0f} | {c:.0f} "
+            f"| {m['copy']:.0f} | {m['numpy'] / m['numba']:.2f} "
+            f"| {c / m['numba']:.2f} |"
+        )
     print(f"load average: {os.getloadavg()}")
 
 
