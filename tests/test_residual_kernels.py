@@ -208,6 +208,26 @@ def test_masked_scale_against_loops(backend, dtype):
     assert_ieee(g, ref, eps(dtype) * np.abs(ref))
 
 
+def test_device_arrays_in_and_out():
+    # numba device arrays (the simulator's fakes here) are used in place
+    from numba import cuda
+
+    rng = np.random.default_rng(12)
+    x = data(rng, (5, 6), np.float32)
+    skip = data(rng, (5, 6), np.float32)
+    mask = (rng.random((5, 6)) < 0.5).astype(np.uint8)
+    d_skip, d_x, d_m = cuda.to_device(skip), cuda.to_device(x), cuda.to_device(mask)
+    got = K.residual_add(d_skip, d_x, 0.3, out=d_skip)  # auto: cuda for device input
+    assert got is d_skip
+    # a real GPU may fuse the multiply-add (one rounding fewer)
+    ref = naive.naive_residual_add(skip, x, 0.3)
+    assert_ieee(got.copy_to_host(), ref, add_tol(skip, x, 0.3, np.float32))
+    y = K.masked_scale(d_x, d_m, 2.0).copy_to_host()
+    np.testing.assert_array_equal(y, K.masked_scale(x, mask, 2.0))
+    with pytest.raises(TypeError, match="mask must be uint8 .*got float32"):
+        K.masked_scale(d_x, d_x, 2.0)
+
+
 def test_masked_scale_matches_torch_dropout_bit_for_bit():
     torch = pytest.importorskip("torch")
     p = 0.3

@@ -680,10 +680,18 @@ def residual_add(
 def _mask(mask: Any, shape: tuple) -> Any:
     """A C-contiguous uint8 (B, n) mask of zeros and ones (device arrays pass)."""
     if _is_device(mask):
-        if mask.dtype != np.uint8:
-            raise TypeError(f"mask must be uint8 (0 or 1); got {mask.dtype}")
-        _shape(mask, "mask", shape)
-        return mask
+        from numba import cuda
+
+        # CuPy / PyTorch CUDA tensors: a numba view (NumPy dtype, contiguity)
+        arr = mask if hasattr(mask, "is_c_contiguous") else cuda.as_cuda_array(mask)
+        if arr.dtype != np.uint8:
+            raise TypeError(f"mask must be uint8 (0 or 1); got {arr.dtype}")
+        if not arr.is_c_contiguous():
+            raise TypeError(
+                f"mask: device arrays must be C-contiguous; got strides {arr.strides}"
+            )
+        _shape(arr, "mask", shape)
+        return arr
     if not isinstance(mask, np.ndarray):
         raise TypeError(
             f"mask must be a NumPy uint8 array (0 = dropped, 1 = kept); got "

@@ -1,5 +1,6 @@
 """The fused passes of ``simulate``: layer statistics, BatchNorm + activation units,
-Gram matrices (the hot path of the numba backend).
+residual adds with their statistics, Gram matrices (the hot path of the numba
+backend).
 
 The generic path of :mod:`initdiag.empirical` calls one kernel dispatcher per op and
 per statistic (each a pass over a B x n array, each allocating).  Here one pass
