@@ -2,7 +2,7 @@
 
 Command (repository root; results go to bench/KERNELS.md by hand)::
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_residual.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/bench_residual_kernels.py
 
 For 1 and then 2 Numba threads, interleaved round after round (``_interleaved``
 of bench_kernels.py, so the load of a shared machine hits every function alike),
