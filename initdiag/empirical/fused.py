@@ -157,6 +157,10 @@ class FusedExecutor:
     def __init__(self, net: Any, B: int, dt: np.dtype) -> None:
         f, row_chunks, self._gram_parts = _fused_kernels()
         self.f = f
+        from ..kernels._registry import resolve
+
+        # the raw numba add: this executor owns (and has checked) its buffers
+        self.f_residual_add = resolve("residual_add", "numba")
         self.lanes = Lanes(1)  # set per call by pooled_executor
         self.net = net
         infos = net.infos
@@ -473,10 +477,14 @@ class FusedExecutor:
         """The add into the block's kept buffer, then every statistic of the
         stream (and its column moments, for a BatchNorm next)."""
         layer = self.net.infos[b.row].layer
+        n = xs.shape[1]
         y = self.buf(("h", "merge", b.row), xs.shape)
-        np.multiply(xb, self.dt.type(layer.multiplier), out=y)
-        np.add(y, xs, out=y)
-        st = self._stats(y, y.shape[1], np.empty(10))
+        st = np.empty(10)
+        # one pass: the add and every statistic of its result (bench/KERNELS.md)
+        self.f.residual_add_stats(
+            xs, xb, layer.multiplier, y, self.acc[1], self.sc[1], st,
+            self.colmean[:n], self.colvar[:n],
+        )  # fmt: skip
         self._colstats_of = y
         return y, [(b.row, st)]
 
@@ -485,24 +493,20 @@ class FusedExecutor:
         """The gradient of both paths, each in a buffer of the block's own (the
         units below write their ping-pong buffers, where ``g`` may lie)."""
         layer = self.net.infos[b.row].layer
-        gb = self.buf(("gbranch", b.row), g.shape)
-        np.multiply(g, self.dt.type(layer.multiplier), out=gb)
-        gs = self.buf(("gskip", b.row), g.shape)
-        np.copyto(gs, g)
+        add = self.f_residual_add
+        gb = add(None, g, layer.multiplier, self.buf(("gbranch", b.row), g.shape))
+        gs = add(None, g, 1.0, self.buf(("gskip", b.row), g.shape))
         self._colsum_of = None
         return gb, gs, [(b.row, sumsq64(g), {})]
 
     def keep_grad(self, b: Block, g: np.ndarray) -> np.ndarray:
         """The branch's input gradient, kept while the shortcut's backward runs."""
-        out = self.buf(("gkeep", b.row), g.shape)
-        np.copyto(out, g)
-        return out
+        return self.f_residual_add(None, g, 1.0, self.buf(("gkeep", b.row), g.shape))
 
     def add_grads(self, b: Block, g1: Any, g2: Any) -> Any:
         if g1 is None or g2 is None:
             return None
-        out = self.buf(("gsum", b.row), g2.shape)
-        np.add(g1, g2, out=out)
+        out = self.f_residual_add(g2, g1, 1.0, self.buf(("gsum", b.row), g2.shape))
         self._colsum_of = None
         return out
 
