@@ -270,6 +270,20 @@ def _name_rows(
 
 
 _NORMS: dict[str, type[Layer]] = {"batchnorm": BatchNorm, "layernorm": LayerNorm}
+_NORM_TAGS = {"batchnorm": "-bn", "layernorm": "-ln"}
+
+
+def _check_norm(norm: Any) -> str | None:
+    """A preset's ``norm``: a key of :data:`_NORMS`, None, or ``"none"`` (a TOML
+    file has no null)."""
+    if norm == "none":
+        return None
+    if norm is not None and norm not in _NORMS:
+        raise ValueError(
+            f"norm must be one of {', '.join(map(repr, _NORMS))}, 'none' or None, "
+            f"got {norm!r}"
+        )
+    return norm
 
 
 def mlp(
@@ -323,10 +337,7 @@ def mlp(
     if batchnorm and norm not in (None, "batchnorm"):
         raise ValueError(f"batchnorm=True contradicts norm={norm!r}")
     norm = "batchnorm" if batchnorm else norm
-    if norm is not None and norm not in _NORMS:
-        raise ValueError(
-            f"norm must be one of {', '.join(map(repr, _NORMS))} or None, got {norm!r}"
-        )
+    norm = _check_norm(norm)
     _limits.check_mlp(depth, width, input_dim, 3 if norm else 2, output_dim)
     act = make_activation(activation)
     layers: list[Layer] = []
@@ -341,7 +352,7 @@ def mlp(
     if output_dim is not None:
         layers.append(Dense(check_positive_int(output_dim, "output_dim"), bias=bias))
     if name is None:
-        tag = {"batchnorm": "-bn", "layernorm": "-ln"}.get(norm or "", "")
+        tag = _NORM_TAGS.get(norm or "", "")
         name = f"mlp{depth}x{width}-{act.name}{tag}"
     return Network(
         input_dim=width if input_dim is None else input_dim,
@@ -400,13 +411,7 @@ def resnet_mlp(
     check_bool(zero_init_residual, "zero_init_residual")
     check_bool(skipinit, "skipinit")
     check_bool(bias, "bias")
-    if norm == "none":  # a TOML file has no null
-        norm = None
-    if norm is not None and norm not in _NORMS:
-        raise ValueError(
-            f"norm must be one of {', '.join(map(repr, _NORMS))}, 'none' or None, "
-            f"got {norm!r}"
-        )
+    norm = _check_norm(norm)
     if norm_position not in ("pre", "post"):
         raise ValueError(
             f"norm_position must be 'pre' or 'post', got {norm_position!r}"
@@ -448,7 +453,7 @@ def resnet_mlp(
         family = _NORMS[norm].prefix
         scheme = scheme.with_overrides({f"block*.{family}[-1]": {"weight": "zeros"}})
     if name is None:
-        tag = {"batchnorm": "-bn", "layernorm": "-ln"}.get(norm or "", "")
+        tag = _NORM_TAGS.get(norm or "", "")
         extra = "-zero" if zero_init_residual else "-skipinit" if skipinit else ""
         name = f"resnet{blocks}x{m}x{width}-{act.name}{tag}-{norm_position}{extra}"
     return Network(
