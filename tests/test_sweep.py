@@ -218,7 +218,7 @@ def test_max_points(tmp_path):
 
 
 def test_study_base_with_variants_is_refused(tmp_path):
-    with pytest.raises(GridError, match=r"8 networks.*one base network"):
+    with pytest.raises(GridError, match=r"12 networks.*one base network"):
         idg.sweep(
             ROOT / "examples/bias_question.toml", {"depth": [2]}, db=tmp_path / "x"
         )
