@@ -21,9 +21,9 @@ def test_default_study_example_loads():
     for net in study.networks[:8]:
         assert net.depth == 30 and net.widths[0] == 512
     for net in study.networks[8:]:
-        # the residual half: a stem and 15 blocks, width 512 (mlp keys dropped)
-        assert net.depth == 16 and net.widths[0] == 512
-        assert "block16.out" in net.names
+        # the residual half: a stem and 10 blocks, width 512 (mlp keys dropped)
+        assert net.depth == 11 and net.widths[0] == 512
+        assert "block11.out" in net.names
     torch_bias = study.networks[2].param_inits()[0]["bias"]
     assert torch_bias.variance(512, 512) == pytest.approx(1 / (3 * 512))
     assert study.networks[6].param_inits()[1]["weight"] == idg.initializers.uniform(

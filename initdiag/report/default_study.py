@@ -17,7 +17,7 @@ DEFAULT_STUDY_TOML = """\
 #
 # A 30-block, width-512 ReLU MLP with Kaiming-normal weights (the ReLU edge of chaos), and
 # eight ways of initialising the biases or the BatchNorm parameters; then the residual half:
-# 15-block ResNets (x + BN(W2 relu(BN(W1 x)))) with gamma = 1 or 0 on the last BatchNorm of
+# 10-block ResNets (x + BN(W2 relu(BN(W1 x)))) with gamma = 1 or 0 on the last BatchNorm of
 # each block (Goyal et al. 2017), SkipInit (alpha = 0) and Fixup, without normalisation.
 #   initdiag report examples/bias_question.toml
 
@@ -75,19 +75,19 @@ init = { bn_bias = "normal(0, 0.1)" }
 
 [[variants]]
 name = "ResNet BN, last gamma = 1"
-network = { blocks = 15, norm = "batchnorm", norm_position = "post" }
+network = { blocks = 10, norm = "batchnorm", norm_position = "post" }
 
 [[variants]]
 name = "ResNet BN, last gamma = 0"
-network = { blocks = 15, norm = "batchnorm", norm_position = "post", zero_init_residual = true }
+network = { blocks = 10, norm = "batchnorm", norm_position = "post", zero_init_residual = true }
 
 [[variants]]
 name = "ResNet SkipInit (alpha = 0)"
-network = { blocks = 15, norm = "none", skipinit = true }
+network = { blocks = 10, norm = "none", skipinit = true }
 
 [[variants]]
 name = "ResNet Fixup"
-network = { blocks = 15, norm = "none", fixup = true }
+network = { blocks = 10, norm = "none", fixup = true }
 """
 
 
