@@ -393,7 +393,7 @@ def _identity_cause(net: Any, ident: list[dict[str, Any]]) -> str:
     if info.kind in ("batchnorm", "layernorm"):
         return f"gamma = 0 on {where}"
     if info.kind == "scale":
-        return f"alpha = 0 on {where} (SkipInit)"
+        return f"alpha = 0 on {where}"
     return f"zero weights on {where}"
 
 
@@ -680,7 +680,8 @@ def _stream_law(s: Mapping[str, Any]) -> tuple[str, list[str]]:
     if kind == "linear":
         law = f"grows linearly, {'+' if rate > 0 else ''}{fmt(rate)} per block"
     elif kind == "quadratic":
-        law = f"grows quadratically ({'+' if rate > 0 else ''}{fmt(rate)} per block in sqrt(q))"
+        sign = "+" if rate > 0 else ""
+        law = f"grows quadratically ({sign}{fmt(rate)} per block in sqrt(q))"
     else:
         law = f"changes {_factor(rate)} per block"
     return f"the stream's second moment {law} ({fmt(q0)} -> {fmt(q1)})", keys
@@ -711,38 +712,53 @@ def _residual_law(s: Mapping[str, Any]) -> tuple[str, list[str]]:
 
 
 def _residual_answer(summaries: Sequence[Mapping[str, Any]]) -> list[Sentence]:
-    """The residual half of the answer: each residual variant's growth law of the
-    stream and of its gradient, side by side."""
+    """The residual half of the answer: the variants whose stream changes (its law
+    and its gradient's) against those whose blocks all start as the identity."""
     res = [i for i, s in enumerate(summaries) if s.get("residual")]
     if not res:
         return []
-    parts, keys = [], []
-    for i in res:
-        law, k = _stream_law(summaries[i])
-        parts.append(f"{summaries[i]['name']}: {law}")
-        keys += [(i, key) for key in k]
-    flat = [
+    ident = [
         i
         for i in res
-        if summaries[i].get("q_shape") == "flat" and summaries[i].get("identity_blocks")
+        if summaries[i].get("q_shape") == "flat"
+        and summaries[i].get("identity_blocks") == summaries[i]["n_residual"]
     ]
-    grow = [i for i in res if summaries[i].get("q_shape") != "flat"]
-    lead = "In the residual networks"
-    if flat and grow:
-        lead += (
-            ", starting the branches at zero keeps the stream flat ("
-            + ", ".join(
-                f"{summaries[i]['name']}: {summaries[i]['identity_blocks']} of "
-                f"{summaries[i]['n_residual']} blocks start as the identity"
-                for i in flat
-            )
-            + ") where the others "
-            f"let it change ({', '.join(summaries[i]['name'] for i in grow)})"
+    keys: list[tuple[int | None, str]] = []
+    parts = []
+    for i in (i for i in res if i not in ident):
+        s = summaries[i]
+        law, k = _stream_law(s)
+        parts.append(
+            f"with {s['name']} {law} and its gradient changes "
+            f"{_factor(s['grad_ratio'])} from the last block back to the first"
         )
-        keys += [(i, "q_shape") for i in res]
-        keys += [(i, k) for i in flat for k in ("identity_blocks", "n_residual")]
-    text = f"{lead}: " + "; ".join(parts) + "."
-    return [Sentence("answer:residual", text, keys)]
+        keys += [(i, key) for key in (*k, "grad_ratio")]
+    if ident:
+        names = ", ".join(
+            f"{summaries[i]['name']} ({summaries[i]['identity_cause_text']})"
+            for i in ident
+        )
+        values = sorted({fmt(summaries[i]["q_last"]) for i in ident})
+        grads = sorted({_factor(summaries[i]["grad_ratio"]) for i in ident})
+        parts.append(
+            f"starting every branch at zero holds it at {' / '.join(values)} and "
+            f"its gradient changes {' / '.join(grads)}: {names}, every block "
+            "starting as the identity"
+        )
+        for i in ident:
+            keys += [
+                (i, k)
+                for k in (
+                    "q_shape",
+                    "q_last",
+                    "grad_ratio",
+                    "identity_blocks",
+                    "n_residual",
+                    "identity_cause_text",
+                )
+            ]
+    text = "In the residual networks, " + "; ".join(parts) + "."
+    return [Sentence("answer:residual", text[0].upper() + text[1:], keys)]
 
 
 def _answer(
