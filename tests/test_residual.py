@@ -515,3 +515,32 @@ def test_bad_residual_specs_say_what_would_work():
     with pytest.raises(NotImplementedError, match="constant alpha"):
         analyze(net)
     assert not simulate(net, batch_size=8, seeds=2).findings
+
+
+@pytest.mark.parametrize("backend", ["c"])
+def test_every_backend_runs_residual_networks_alike(backend):
+    """Residual add, Scale and Dropout through the C kernels give the NumPy
+    reference's numbers (same masks: the counter-based sampler).  The CUDA kernels
+    are checked one by one under the simulator (tests/test_residual_kernels.py); a
+    whole network through the simulator takes over a minute."""
+    if backend not in idg.available_backends() or not idg.available_backends()[
+        backend
+    ].get("available"):
+        pytest.skip(f"backend {backend} unavailable here")
+    net = idg.Network(
+        8,
+        (
+            idg.Dense(8),
+            idg.Residual(
+                (idg.ReLU(), idg.Dense(8), idg.Dropout(0.2)),
+                scale=idg.Scale("constant(0.5)"),
+            ),
+            idg.ReLU(),
+            idg.Dense(4),
+        ),
+    )
+    kw = dict(batch_size=4, seeds=2, dtype="float64", rng=2)
+    ref = simulate(net, backend="numpy", **kw)
+    got = simulate(net, backend=backend, **kw)
+    for c in ref.columns:
+        np.testing.assert_allclose(got.columns[c], ref.columns[c], rtol=1e-12)
