@@ -1,0 +1,314 @@
+"""Real PyTorch models: read a model as an initdiag network, audit its
+parameters, diagnose it (theory, the model itself, initdiag's kernels side by
+side) and fix its initialisation.
+
+Needs the ``torch`` extra (``pip install "initdiag[torch]"``); ``import initdiag``
+never imports this module.
+
+- :func:`read`: the :class:`~initdiag.Network` a model maps to, and a
+  :class:`Coverage` table of every module;
+- :func:`audit`: every parameter tensor against the law its fan and its apparent
+  initializer imply (no input needed);
+- :func:`diagnose`: per mapped output, the analytic prediction, the measurement
+  of the model itself over fresh initialisations, and ``simulate`` of the mapped
+  network;
+- :func:`fix`: a per-layer rescaling to the edge of chaos or to unit variance.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:  # pragma: no cover - exercised without torch only
+    raise ImportError(
+        'initdiag.integrations.torch needs PyTorch: pip install "initdiag[torch]"'
+    ) from exc
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..initializers import InitScheme
+from ..initializers import Normal as _Normal
+from ..network import Network
+from . import _torch_graph as G
+from . import _torch_map as M
+from ._torch_laws import TensorLaw, module_fans, tensor_law
+
+__all__ = [
+    "read",
+    "Coverage",
+    "CoverageRow",
+    "UnsupportedModuleError",
+    "Mapping",
+]
+
+
+class UnsupportedModuleError(ValueError):
+    """``read(..., strict=True)`` met modules initdiag cannot map."""
+
+
+@dataclass(frozen=True)
+class CoverageRow:
+    """One module (or functional op) of the model: ``name`` (qualified name, or
+    ``F.relu@node`` for a function), ``type``, ``status`` (``mapped``, ``passed
+    through``, ``unsupported``, ``container``, ``not called``), ``row`` (the
+    initdiag row it maps to, or ""), ``note``."""
+
+    name: str
+    type: str
+    status: str
+    row: str = ""
+    note: str = ""
+
+
+@dataclass
+class Coverage:
+    """The coverage table of :func:`read`; ``method`` says how the graph was read
+    (``"fx"``, ``"recorded forward"``, ``"module order"``)."""
+
+    rows: list[CoverageRow]
+    method: str
+    warnings: list[str] = field(default_factory=list)
+    mapping: Mapping | None = None
+
+    def unsupported(self) -> list[CoverageRow]:
+        return [r for r in self.rows if r.status == "unsupported"]
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.rows] + [4])
+        t = max([len(r.type) for r in self.rows] + [4])
+        lines = [
+            f"coverage (graph: {self.method})",
+            f"{'name':<{w}}  {'type':<{t}}  {'status':<14}  row",
+        ]
+        for r in self.rows:
+            note = f"  ({r.note})" if r.note else ""
+            lines.append(f"{r.name:<{w}}  {r.type:<{t}}  {r.status:<14}  {r.row}{note}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Mapping:
+    """How a model maps to its network, for the measurement: the graph's nodes,
+    the node key of every network row, and how the graph was read."""
+
+    nodes: list[G.Node]
+    row_keys: list[str]
+    method: str
+    modules: dict[str, nn.Module]
+
+
+def _as_input(example_input: Any) -> torch.Tensor:
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(
+            f"example_input must be a torch.Tensor of shape (batch, features) or "
+            f"(batch, channels, ...), got {type(example_input).__name__}"
+        )
+    if example_input.dim() < 2 or example_input.shape[0] < 2:
+        raise ValueError(
+            f"example_input needs a batch of at least 2 examples and a feature "
+            f"dimension, got shape {tuple(example_input.shape)}"
+        )
+    return example_input
+
+
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _graph(model: nn.Module, x: torch.Tensor) -> tuple[list[G.Node], str, tuple, str]:
+    """(nodes, method, (items, keys on the data path), warning): fx first, then a
+    recorded forward, then the leaf modules in execution order."""
+    why = ""
+    try:
+        nodes = G.trace_fx(model)
+        kinds = {n.key: M.classify(n) for n in nodes}
+        return nodes, "fx", M.sequence(nodes, kinds), ""
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+        why = f"torch.fx could not trace the model ({type(exc).__name__}: {exc})"
+    with torch.no_grad():
+        nodes, _ = G.record_forward(model, x)
+    kinds = {n.key: M.classify(n) for n in nodes}
+    try:
+        return nodes, "recorded forward", M.sequence(nodes, kinds), why
+    except M.GraphError as exc:
+        why += f"; the recorded forward is not a chain of residual blocks ({exc})"
+    chain = [n for n in nodes if n.op == "module" and kinds[n.key].layer is not None]
+    items = [(kinds[n.key].layer, n.key) for n in chain]
+    path = {n.key for n in nodes}
+    return (
+        nodes,
+        "module order",
+        (items, path),
+        (
+            why
+            + "; read as the leaf modules in execution order: residual structure is "
+            "unknown"
+        ),
+    )
+
+
+def _coverage(model, nodes, kinds, row_of, method, path) -> Coverage:
+    """One row per module (a module called several times, such as a shared
+    ``nn.ReLU``, lists every row it maps to) and per functional op on the data
+    path."""
+    called: dict[str, list[str]] = {}
+    for n in nodes:
+        if n.op == "module" and n.key in path:
+            called.setdefault(n.qualname, []).append(n.key)
+    rows = []
+    for q, m in model.named_modules():
+        tname = type(m).__name__
+        if any(m.children()):
+            rows.append(CoverageRow(q or "(model)", tname, "container"))
+        elif q not in called:
+            rows.append(CoverageRow(q, tname, "not called"))
+        else:
+            k = kinds[called[q][0]]
+            mapped = ", ".join(row_of[c] for c in called[q] if c in row_of)
+            rows.append(CoverageRow(q, tname, k.status, mapped, k.note))
+    for n in nodes:
+        if n.op == "function" and n.key in path:
+            k = kinds[n.key]
+            status = "mapped" if k.status == "add" else k.status
+            rows.append(
+                CoverageRow(
+                    f"{n.target}@{n.key}",
+                    "function",
+                    status,
+                    row_of.get(n.key, ""),
+                    k.note,
+                )
+            )
+    return Coverage(rows, method)
+
+
+def read(
+    model: nn.Module, example_input: torch.Tensor, *, strict: bool = False
+) -> tuple[Network, Coverage]:
+    """The initdiag network a PyTorch model maps to, and its coverage table.
+
+    The graph comes from ``torch.fx`` symbolic tracing with every childless
+    module a leaf; when tracing fails (data-dependent control flow) from one real
+    forward pass of ``example_input`` (the residual adds and functional
+    activations it sees, by tensor identity); when that is not a chain of
+    residual blocks, from the leaf modules in execution order (with a warning
+    that the residual structure is unknown).  ``nn.Linear`` -> Dense,
+    ``nn.Conv1d/2d`` -> Dense on channels (an approximation, labelled),
+    BatchNorm1d/2d in training mode -> BatchNorm, LayerNorm, Dropout,
+    activation modules and their functional forms -> activations,
+    ``x + f(x)`` / ``out += identity`` -> Residual (branch: the longer path from
+    the fork to the add; shortcut: the other, e.g. a downsample Linear + BN),
+    flatten / pooling passed through.
+
+    The network's InitScheme gives every row the law of the model's *current*
+    parameters (:func:`audit`): a weight as a Normal of its law's mean and
+    variance rescaled so that ``fan_in E[W^2]`` is the model's (a convolution's
+    ``C_in k / groups``, a Linear after a flatten its real fan_in), a bias, gamma
+    or beta as its recognised law (``U(+-1/sqrt(fan_in))``, ``ones``, ...) or a
+    Normal of its measured moments.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    example_input : torch.Tensor (B, features) or (B, channels, ...)
+        B >= 2; the forward pass of the fallback uses it (no gradient).
+    strict : bool
+        Raise :class:`UnsupportedModuleError` listing every unsupported module
+        instead of passing them through with a warning.
+
+    Returns
+    -------
+    network : Network
+    coverage : Coverage
+        ``coverage.mapping`` (:class:`Mapping`) ties every network row to its
+        node of the model's graph.
+
+    Raises
+    ------
+    TypeError
+        For a model that is not an ``nn.Module`` or an input that is not a tensor.
+    UnsupportedModuleError
+        With ``strict=True``, naming each unsupported module and its type.
+    """
+    model = _check_model(model)
+    x = _as_input(example_input)
+    nodes, method, (items, path), why = _graph(model, x)
+    kinds = {n.key: M.classify(n) for n in nodes}
+    keys = M.flatten_keys(items)
+    layers = M.to_layers(items)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} maps to no initdiag layer; supported: Linear, "
+            "Conv1d/2d, BatchNorm1d/2d, LayerNorm, Dropout, activations"
+        )
+    net0 = Network(input_dim=int(x.shape[1]), layers=layers, name=type(model).__name__)
+    row_of = dict(zip(keys, net0.names, strict=True))
+    cov = _coverage(model, nodes, kinds, row_of, method, path)
+    bad = cov.unsupported()
+    if bad and strict:
+        raise UnsupportedModuleError(
+            "unsupported modules: "
+            + "; ".join(f"{r.name} ({r.type}: {r.note})" for r in bad)
+            + "; remove strict=True to pass them through"
+        )
+    if why:
+        cov.warnings.append(why)
+    if bad:
+        cov.warnings.append(
+            "passed through without a model of their effect: "
+            + ", ".join(f"{r.name} ({r.type})" for r in bad)
+        )
+    for w in cov.warnings:
+        warnings.warn(w, stacklevel=2)
+    mods = dict(model.named_modules())
+    cov.mapping = Mapping(nodes, keys, method, mods)
+    network = net0.with_init(_actual_init(net0, nodes, keys))
+    return network, cov
+
+
+def _actual_init(net: Network, nodes: list[G.Node], keys: list[str]) -> InitScheme:
+    """Per-row overrides with the laws of the model's current parameters."""
+    by_key = {n.key: n for n in nodes}
+    over: dict[str, dict[str, Any]] = {}
+    for info, key in zip(net.infos, keys, strict=True):
+        node = by_key[key]
+        if node.op != "module" or not info.layer.slots():
+            continue
+        laws = module_laws(node.qualname, node.target)
+        table = {}
+        for slot in info.layer.slots():
+            law = laws.get(slot.name)
+            if law is None:
+                continue
+            if slot.matrix:
+                table[slot.name] = _dense_equivalent(law, info.fan_in)
+            else:
+                table[slot.name] = law.law
+        if table:
+            over[info.name] = table
+    return InitScheme(overrides=over)
+
+
+def _dense_equivalent(law: TensorLaw, net_fan_in: int) -> Any:
+    """The Normal weight law of a Dense of fan_in ``net_fan_in`` with the same
+    ``fan_in E[W]`` and ``fan_in Var[W]`` as the model's tensor (exact for the
+    Dense rule, which reads the weight through its mean and variance only)."""
+    s = law.fan_in / net_fan_in
+    mean = law.law.mean(law.fan_in, law.fan_out)
+    return _Normal(mean * s, math.sqrt(law.implied_var * s))
+
+
+def module_laws(qualname: str, m: nn.Module) -> dict[str, TensorLaw]:
+    """:class:`TensorLaw` of each direct parameter of ``m`` (a bias gets its
+    weight's fans, as torch's default initialisation does)."""
+    fans = module_fans(m)
+    return {
+        pname: tensor_law(f"{qualname}.{pname}" if qualname else pname, p, fans)
+        for pname, p in m.named_parameters(recurse=False)
+    }
