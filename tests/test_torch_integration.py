@@ -211,3 +211,75 @@ def test_read_bad_input():
         itorch.read(mlp(), np.zeros((4, 16)))
     with pytest.raises(ValueError, match="at least 2 examples"):
         itorch.read(mlp(), torch.randn(1, 16))
+
+
+# -- audit ----------------------------------------------------------------------------
+def _audit_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.BatchNorm1d(128),
+        nn.Tanh(),
+        nn.Conv1d(128, 96, 3),
+        nn.Tanh(),
+        nn.Linear(96, 10),
+    )
+    nn.init.kaiming_normal_(m[0].weight, mode="fan_out", nonlinearity="relu")
+    nn.init.trunc_normal_(m[2].weight, std=0.02)
+    nn.init.zeros_(m[3].weight)
+    return m
+
+
+def test_audit_measures_every_tensor_and_names_its_law():
+    m = _audit_model()
+    table = itorch.audit(m)
+    by = {r.name: r for r in table.rows}
+    assert list(by) == [n for n, _ in m.named_parameters()]
+    for name, p in m.named_parameters():
+        law = by[name].law
+        x = p.detach().double()
+        assert law.mean == pytest.approx(float(x.mean()), rel=1e-12, abs=1e-15)
+        assert law.var == pytest.approx(float(x.var(unbiased=False)), rel=1e-12)
+    for k in ("0.weight", "2.weight", "5.weight", "7.weight"):
+        fi, fo = nn.init._calculate_fan_in_and_fan_out(dict(m.named_parameters())[k])
+        assert (by[k].law.fan_in, by[k].law.fan_out) == (fi, fo)
+    assert "fan_out" in by["0.weight"].law.source
+    assert by["0.weight"].law.implied_var == pytest.approx(2 / 128)
+    assert "trunc_normal(std=0.02)" in by["2.weight"].law.source
+    assert by["3.weight"].law.source == "zeros" and by["3.bias"].law.source == "zeros"
+    assert "kaiming_uniform(a=sqrt(5))" in by["5.weight"].law.source
+    assert by["5.weight"].law.fan_in == 128 * 3
+    assert by["5.bias"].law.implied_var == pytest.approx(1 / (3 * 384))
+    assert "default bias" in by["7.bias"].law.source
+    assert "zero-gamma" in by["3.weight"].verdict
+    assert "BatchNorm1d follows" in by["2.weight"].verdict
+    assert "readout" in by["7.weight"].verdict
+    text = str(table)
+    assert "0.weight" in text and "apparent initializer" in text
+
+
+def test_audit_verdict_numbers_come_from_meanfield():
+    torch.manual_seed(1)
+    m = nn.Sequential(
+        nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)
+    )
+    by = {r.name: r for r in itorch.audit(m).rows}
+    # nn.Linear's default: sigma_w2 = fan_in / (3 fan_in) = 1/3, chi1 = 1/6 for ReLU
+    assert "sigma_w2 = fan_in E[W^2] = 0.333" in by["2.weight"].verdict
+    assert "chi1 = 0.167 for relu" in by["2.weight"].verdict
+    chi = idg.meanfield.chi1("tanh", 1 / 3, 1 / (3 * 64))
+    assert f"chi1 = {chi:.3g} for tanh" in by["0.weight"].verdict
+    edge = idg.meanfield.critical_sigma_w2("tanh", 1 / (3 * 64))
+    assert f"sigma_w2 = {edge:.3g}" in by["0.weight"].verdict
+
+
+def test_audit_unrecognised_law_is_its_measured_moments():
+    m = nn.Linear(100, 200)
+    with torch.no_grad():
+        m.weight.normal_(0.3, 0.7)
+    law = {r.name: r for r in itorch.audit(m).rows}["weight"].law
+    assert law.source == ""
+    assert law.law.mean(1, 1) == pytest.approx(law.mean)
+    assert law.law.variance(1, 1) == pytest.approx(law.var)

@@ -51,6 +51,11 @@ class TensorLaw:
     source: str
     implied_var: float
 
+    @property
+    def law_second_moment(self) -> float:
+        """``E[x^2]`` under ``law`` (the measured moments when none matched)."""
+        return float(self.law.second_moment(self.fan_in, self.fan_out))
+
 
 def module_fans(m: nn.Module) -> tuple[int, int] | None:
     """The fans of a module's weight (what its bias's default law uses too)."""

@@ -35,10 +35,16 @@ from ..initializers import Normal as _Normal
 from ..network import Network
 from . import _torch_graph as G
 from . import _torch_map as M
+from ._torch_audit import Audit, AuditRow
+from ._torch_audit import audit as _audit
 from ._torch_laws import TensorLaw, module_fans, tensor_law
 
 __all__ = [
     "read",
+    "audit",
+    "Audit",
+    "AuditRow",
+    "TensorLaw",
     "Coverage",
     "CoverageRow",
     "UnsupportedModuleError",
@@ -312,3 +318,33 @@ def module_laws(qualname: str, m: nn.Module) -> dict[str, TensorLaw]:
         pname: tensor_law(f"{qualname}.{pname}" if qualname else pname, p, fans)
         for pname, p in m.named_parameters(recurse=False)
     }
+
+
+def audit(model: nn.Module) -> Audit:
+    """Every parameter tensor of ``model`` against the law it apparently came
+    from, and a verdict per layer; needs no input.
+
+    For each tensor: the measured mean and (biased) variance, the fans in torch's
+    ``_calculate_fan_in_and_fan_out`` convention (a bias takes its weight's), the
+    torch default it matches (``nn.Linear``'s ``kaiming_uniform(a=sqrt(5))`` =
+    ``U(+-1/sqrt(fan_in))`` of variance ``1/(3 fan_in)``, ``kaiming_normal`` fan_in
+    / fan_out, xavier, ``trunc_normal(std=0.02)``, ``ones`` / ``zeros``; matched
+    within 4 standard errors of the sample variance and by kurtosis, see
+    :mod:`initdiag.integrations._torch_laws`) and the variance that law implies.
+    A Linear / Conv weight's verdict gives ``sigma_w2 = fan_in E[W^2]``,
+    ``sigma_b2`` and ``chi1 = sigma_w2 E[phi'(h)^2]`` at the fixed point for the
+    activation that follows (Poole et al. 2016; :func:`initdiag.meanfield.chi1`)
+    beside the edge of chaos; a normalisation's, its gamma and beta.
+
+    Returns
+    -------
+    Audit
+        ``audit.rows`` (one :class:`AuditRow` per tensor); ``str(audit)`` is the
+        table and the verdicts.
+
+    Raises
+    ------
+    TypeError
+        For a model that is not an ``nn.Module``.
+    """
+    return _audit(_check_model(model))
