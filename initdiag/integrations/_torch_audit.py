@@ -85,7 +85,7 @@ def _followers(model: nn.Module) -> dict[str, tuple[str, Any]]:
             for m, q in leaves.items()
         ]
     out: dict[str, tuple[str, Any]] = {}
-    for i, (node, kind) in enumerate(order):
+    for i, (node, _) in enumerate(order):
         if node.op != "module" or not isinstance(node.target, _WEIGHTED):
             continue
         nxt: tuple[str, Any] = ("none", None)
