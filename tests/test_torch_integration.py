@@ -282,3 +282,213 @@ def test_audit_unrecognised_law_is_its_measured_moments():
     assert law.source == ""
     assert law.law.mean(1, 1) == pytest.approx(law.mean)
     assert law.law.variance(1, 1) == pytest.approx(law.var)
+
+
+# -- diagnose -------------------------------------------------------------------------
+def _stats(h, g, m_out):
+    """The Profile columns of one row, from its tensors, with plain torch ops."""
+    h = h.detach().double()
+    if h.dim() > 2:
+        h = h.movedim(1, -1).reshape(-1, h.shape[1])
+    u = h / h.norm(dim=1, keepdim=True)
+    cos = u @ u.T
+    B = h.shape[0]
+    out = {
+        "mean": h.mean(),
+        "second_moment": (h * h).mean(),
+        "variance": h.var(dim=0, unbiased=False).mean(),
+        "squared_mean": (h.mean(dim=0) ** 2).mean(),
+        "correlation": (cos.sum() - cos.diagonal().sum()) / (B * (B - 1)),
+        "active_fraction": (h > 0).double().mean(),
+        "dead_fraction": (h <= 0).all(dim=0).double().mean(),
+        "grad_second_moment": (g.double() ** 2).mean() / m_out,
+    }
+    return {k: float(v) for k, v in out.items()}
+
+
+def _direct_resnet(model, x, seed):
+    """Every row of ResNet by hand, as diagnose re-initialises and runs it for
+    seed ``seed`` (torch.manual_seed(seed), reset_parameters in module order, g_out
+    from Generator().manual_seed(seed)); non-in-place ops, retain_grad."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    rows, mods = [], []
+
+    def keep(t, name, mod=None):
+        t.retain_grad()
+        rows.append((name, t))
+        mods.append(mod)
+        return t
+
+    h = keep(model.stem(x), "dense1", model.stem)
+    h = keep(model.bn(h), "bn1", model.bn)
+    h = keep(F.relu(h), "relu1")
+    k = 2
+    for blk in [*model.layer1, *model.layer2]:
+        p = f"block{k}."
+        a = keep(blk.fc1(h), p + "dense1", blk.fc1)
+        a = keep(blk.bn1(a), p + "bn1", blk.bn1)
+        a = keep(F.relu(a), p + "relu1")
+        a = keep(blk.fc2(a), p + "dense2", blk.fc2)
+        a = keep(blk.bn2(a), p + "bn2", blk.bn2)
+        s = h
+        if blk.downsample is not None:
+            s = keep(blk.downsample[0](h), p + "shortcut.dense1", blk.downsample[0])
+            s = keep(blk.downsample[1](s), p + "shortcut.bn1", blk.downsample[1])
+        h = keep(a + s, p + "out")
+        h = keep(F.relu(h), f"relu{k}")
+        k += 1
+    y = keep(model.fc(h), f"dense{k}", model.fc)
+    g_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    y.backward(g_out)
+    m_out = float((g_out.double() ** 2).mean())
+    out = {}
+    for (name, t), mod in zip(rows, mods, strict=True):
+        st = _stats(t, t.grad, m_out)
+        if mod is not None:
+            w, b = (
+                ("weight", "bias") if isinstance(mod, nn.Linear) else ("gamma", "beta")
+            )
+            st[f"{w}_grad_norm2"] = float(mod.weight.grad.double().pow(2).sum()) / (
+                x.shape[0] * m_out
+            )
+            if mod.bias is not None:
+                st[f"{b}_grad_norm2"] = float(mod.bias.grad.double().pow(2).sum()) / (
+                    x.shape[0] * m_out
+                )
+        out[name] = st
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_diagnose_measured_column_equals_direct_statistics():
+    torch.manual_seed(3)
+    model = ResNet()
+    x = torch.randn(16, 16)
+    d = itorch.diagnose(model, x, seeds=2, rng=10, kernels=False)
+    assert d.analytic is None and "no mean-field rule" in d.notes["analytic"]
+    direct = [_direct_resnet(model, x, 10 + s) for s in range(2)]
+    e = d.measured
+    assert e.name == list(direct[0])
+    checked = 0
+    for i, name in enumerate(e.name):
+        for c, v0 in direct[0][name].items():
+            want = (v0 + direct[1][name][c]) / 2
+            # the same float32 forward and backward; statistics in float64
+            assert e.columns[c][i] == pytest.approx(want, rel=1e-6, abs=1e-12), (
+                name,
+                c,
+            )
+            checked += 1
+    assert checked >= 240  # 28 rows x 8 columns + the parameter-gradient cells
+
+
+def _snapshot_of(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in model.modules()
+        ),
+        torch.get_rng_state(),
+    )
+
+
+def test_diagnose_leaves_the_model_as_it_was():
+    torch.manual_seed(4)
+    model = ResNet()
+    model.layer1[0].bn1.eval()  # a mixed mode, to see it restored
+    model(torch.randn(8, 16)).sum().backward()  # .grad set, running stats moved
+    x = torch.randn(16, 16)
+    before = _snapshot_of(model)
+    with pytest.warns(UserWarning, match=r"layer1.0.bn1 \(BatchNorm1d\)"):
+        itorch.diagnose(model, x, seeds=2, kernels=False)
+    after = _snapshot_of(model)
+    assert before[0].keys() == after[0].keys()
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1] == after[1]
+    assert all(
+        (a is None and b is None) or torch.equal(a, b)
+        for a, b in zip(before[2], after[2], strict=True)
+    )
+    assert before[3] == after[3] == 0
+    assert torch.equal(before[4], after[4])
+
+
+def _init_mlp(model):
+    # LeCun-normal weights (sigma_w2 = 1) and nn.Linear's default bias: laws the
+    # audit recognises exactly, so the analytic column uses the laws themselves
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
+            bound = m.in_features**-0.5
+            nn.init.uniform_(m.bias, -bound, bound)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.fc1 = nn.Linear(w, w)
+        self.fc2 = nn.Linear(w, w)
+
+    def forward(self, x):
+        return x + self.fc2(F.relu(self.fc1(F.relu(x))))
+
+
+def _residual_mlp(w=256, blocks=3):
+    return nn.Sequential(
+        nn.Linear(32, w),
+        *[PlainBlock(w) for _ in range(blocks)],
+        nn.ReLU(),
+        nn.Linear(w, 10),
+    )
+
+
+@pytest.mark.parametrize("which", ["tanh_mlp", "residual_mlp"])
+def test_diagnose_analytic_and_kernels_agree_with_the_measurement(which):
+    torch.manual_seed(5)
+    if which == "tanh_mlp":
+        model = mlp(width=256, depth=3, act=nn.Tanh)
+        x = torch.randn(64, 16)
+    else:
+        model = _residual_mlp()
+        x = torch.randn(64, 32)
+    _init_mlp(model)
+    d = itorch.diagnose(model, x, seeds=8, init_fn=_init_mlp, rng=1)
+    a, e, k = d.analytic, d.measured, d.kernels
+    assert "resample" not in d.notes
+    # finite width: the mean-field value is the N -> infinity limit; the leading
+    # correction of squared activations and gradients is of relative order
+    # beta = 5 sum_l 1/n_l over the dense layers below the row (Hanin & Nica
+    # 2019, "Products of many large random matrices and gradients in deep neural
+    # networks": log-variance 5 sum 1/n_l; a ratio estimator's bias is of that
+    # order), and float32 rounding of the measured statistic
+    dense = np.cumsum([i.kind == "dense" for i in d.network.infos])
+    widths = np.array(d.network.widths, dtype=float)
+    beta = 5 * np.cumsum(
+        np.where([i.kind == "dense" for i in d.network.infos], 1 / widths, 0.0)
+    )
+    assert dense[-1] >= 4
+    for c in ("second_moment", "grad_second_moment"):
+        ana, mea, se = a.columns[c], e.columns[c], e.columns[f"{c}_se"]
+        ok = np.isfinite(ana)
+        tol = 4 * np.nan_to_num(se) + beta * np.abs(ana) + 1e-6 * np.abs(ana)
+        assert np.all(np.abs(mea - ana)[ok] <= tol[ok]), (c, mea - ana, tol)
+        # simulate draws its own parameters from the same laws: within the
+        # standard errors of the two Monte Carlo estimates
+        kse = np.hypot(np.nan_to_num(se), np.nan_to_num(k.columns[f"{c}_se"]))
+        both = np.isfinite(k.columns[c])
+        z = np.abs(mea - k.columns[c])[both] / np.maximum(kse[both], 1e-12)
+        assert np.all(z <= 4.5), (c, z)
+
+
+def test_diagnose_bad_input():
+    with pytest.raises(ValueError, match="seeds must be an integer >= 2"):
+        itorch.diagnose(mlp(), torch.randn(8, 16), seeds=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        itorch.diagnose(mlp(), torch.randn(8, 16), batch_size=1)

@@ -25,16 +25,22 @@ except ImportError as exc:  # pragma: no cover - exercised without torch only
         'initdiag.integrations.torch needs PyTorch: pip install "initdiag[torch]"'
     ) from exc
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from ..analytic import analyze
+from ..empirical import _aggregate, simulate
 from ..initializers import InitScheme
 from ..initializers import Normal as _Normal
 from ..network import Network
 from . import _torch_graph as G
 from . import _torch_map as M
+from . import _torch_measure as MS
 from ._torch_audit import Audit, AuditRow
 from ._torch_audit import audit as _audit
 from ._torch_laws import TensorLaw, module_fans, tensor_law
@@ -49,6 +55,8 @@ __all__ = [
     "CoverageRow",
     "UnsupportedModuleError",
     "Mapping",
+    "diagnose",
+    "Diagnosis",
 ]
 
 
@@ -348,3 +356,264 @@ def audit(model: nn.Module) -> Audit:
         For a model that is not an ``nn.Module``.
     """
     return _audit(_check_model(model))
+
+
+# -- diagnose ---------------------------------------------------------------------
+@dataclass
+class Diagnosis:
+    """What :func:`diagnose` returns: three Profiles of the mapped network side by
+    side (rows ``network.names``).
+
+    ``analytic``: ``analyze`` of the network with the model's parameter laws (None
+    with ``notes["analytic"]`` saying why, e.g. a ReLU after a residual add, whose
+    input is not Gaussian); ``measured``: the model itself in PyTorch, mean and
+    standard error over seeds; ``kernels``: ``simulate`` of the network through
+    initdiag's kernels, over fresh draws from the same laws (not the model's
+    tensors: ``simulate`` samples its own), so it agrees with ``measured`` within
+    their standard errors, not to float32 tolerance (None outside the MLP /
+    residual-MLP subset, and for a 4-D input).
+    """
+
+    network: Network
+    coverage: Coverage
+    analytic: Any
+    measured: Any
+    kernels: Any
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def table(
+        self, columns: tuple[str, ...] = ("second_moment", "grad_second_moment")
+    ) -> str:
+        """One line per row: each column as analytic / measured +- se / kernels."""
+        out = [f"diagnosis of {self.network.name} (analytic / measured / kernels)"]
+        for i, name in enumerate(self.network.names):
+            cells = [f"{name:<24}"]
+            for c in columns:
+                a = _cell(self.analytic, c, i)
+                m = _cell(self.measured, c, i, se=True)
+                k = _cell(self.kernels, c, i, se=True)
+                cells.append(f"{c}: {a} / {m} / {k}")
+            out.append("  ".join(cells))
+        out += [f"note ({k}): {v}" for k, v in self.notes.items()]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _cell(p: Any, c: str, i: int, se: bool = False) -> str:
+    if p is None:
+        return "-"
+    v = p.columns[c][i]
+    if se and f"{c}_se" in p.columns:
+        return f"{v:.4g}+-{p.columns[f'{c}_se'][i]:.2g}"
+    return f"{v:.4g}"
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    return {
+        "state": copy.deepcopy(model.state_dict()),
+        "modes": {m: m.training for m in model.modules()},
+        "grads": {
+            p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()
+        },
+    }
+
+
+def _restore(model: nn.Module, snap: dict[str, Any]) -> None:
+    with torch.no_grad():
+        model.load_state_dict(snap["state"])
+    for m, mode in snap["modes"].items():
+        m.training = mode
+    for p, g in snap["grads"].items():
+        p.grad = g
+
+
+def _reinit(model: nn.Module, init_fn: Any) -> None:
+    with torch.no_grad():
+        if init_fn is not None:
+            init_fn(model)
+            return
+        for m in model.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+
+
+def _law_changes(model: nn.Module, before: dict[str, TensorLaw]) -> list[str]:
+    """Tensors whose re-initialisation matches a different law than they had."""
+    now = _all_laws(model)
+    return [
+        k
+        for k, a in before.items()
+        if (a.source, a.source and a.implied_var)
+        != (now[k].source, now[k].source and now[k].implied_var)
+    ]
+
+
+def _all_laws(model: nn.Module) -> dict[str, TensorLaw]:
+    out = {}
+    for q, m in model.named_modules():
+        out.update(module_laws(q, m))
+    return out
+
+
+def _measure(model, x_of, network, mapping, seeds, resample, init_fn, rng, notes):
+    targets = _measure_targets(mapping)
+    by_key = {n.key: n for n in mapping.nodes}
+    mods = [
+        by_key[k].target if by_key[k].op == "module" else None for k in mapping.row_keys
+    ]
+    before = _all_laws(model) if resample else {}
+    stats = []
+    for s in range(seeds):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng + s)
+            gen = torch.Generator().manual_seed(rng + s)
+            if resample:
+                _reinit(model, init_fn)
+                if s == 0:
+                    changed = _law_changes(model, before)
+                    if changed:
+                        notes["resample"] = (
+                            "re-initialisation draws "
+                            + ", ".join(changed[:6])
+                            + " from another law than the model had: pass init_fn "
+                            "(the model's own init function) or resample=False"
+                        )
+                        warnings.warn(notes["resample"], stacklevel=3)
+            stats.append(MS.measure_seed(model, x_of(gen), network, targets, mods, gen))
+    return _aggregate(network, np.stack(stats))
+
+
+def _measure_targets(mapping: Mapping) -> list[tuple[Any, int]]:
+    return MS.occurrences(mapping.nodes, mapping.row_keys)
+
+
+def _is_mlp_subset(network: Network, cov: Coverage) -> bool:
+    ok = {"dense", "batchnorm", "layernorm", "activation", "residual", "dropout"}
+    return all(i.kind in ok for i in network.infos) and not any(
+        "approximation" in r.note for r in cov.rows
+    )
+
+
+def diagnose(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    seeds: int = 8,
+    resample: bool = True,
+    batch_size: int | None = None,
+    init_fn: Any = None,
+    rng: int = 0,
+    kernels: bool = True,
+) -> Diagnosis:
+    """Profile a PyTorch model at initialisation three ways, row by row of its
+    mapped network (:func:`read`).
+
+    - analytic: ``initdiag.analyze`` of the network whose InitScheme holds the
+      model's actual parameter laws (:func:`read`), for the input batch's second
+      moment and mean correlation, at its batch size when it is 2-D (large batch
+      for a 4-D one); convolutions are a dense-on-channels approximation
+      (flagged in ``coverage``);
+    - measured: the model itself, ``seeds`` times, re-initialised each time by
+      ``init_fn(model)`` or every module's ``reset_parameters()`` when
+      ``resample`` (a warning when that draws a tensor from another law than the
+      model had, as torchvision's constructors re-initialise after it), with
+      forward hooks, the recorder's function hooks and tensor hooks on the outputs
+      (:mod:`initdiag.integrations._torch_measure`);
+    - kernels: ``initdiag.simulate`` of the network (MLP / residual-MLP subset),
+      fresh draws from the same laws: equal to the measurement within standard
+      errors.
+
+    The model is left exactly as it was: parameters, buffers (BatchNorm running
+    statistics), ``.grad``, training modes, hooks, and torch's global RNG.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    example_input : torch.Tensor (B, ...)
+        The batch fed every seed (B >= 2).
+    seeds : int
+        Initialisations measured (>= 2 for standard errors).
+    resample : bool
+        Re-initialise for every seed; False measures the current parameters
+        (seeds then differ in the output gradient and dropout masks only).
+    batch_size : int, optional
+        Feed a fresh standard Gaussian batch of this size (the example's feature
+        shape) every seed instead of ``example_input``.
+    init_fn : callable, optional
+        ``init_fn(model)`` re-initialises in place (the model's own init).
+    rng : int
+        Seeds torch's RNG per seed (``rng + s``), inside ``fork_rng``.
+    kernels : bool
+        Also run ``simulate`` where it applies.
+
+    Returns
+    -------
+    Diagnosis
+    """
+    model = _check_model(model)
+    x0 = _as_input(example_input)
+    seeds = _check_count(seeds, "seeds", 2)
+    if batch_size is not None:
+        batch_size = _check_count(batch_size, "batch_size", 2)
+    network, cov = read(model, x0)
+    notes: dict[str, str] = {}
+
+    def x_of(gen: torch.Generator) -> torch.Tensor:
+        if batch_size is None:
+            return x0
+        return torch.randn((batch_size, *x0.shape[1:]), generator=gen, dtype=x0.dtype)
+
+    snap = _snapshot(model)
+    try:
+        measured = _measure(
+            model, x_of, network, cov.mapping, seeds, resample, init_fn, rng, notes
+        )
+    finally:
+        _restore(model, snap)
+    analytic = _analytic(network, x0, batch_size, notes)
+    kern = None
+    if kernels and _is_mlp_subset(network, cov) and x0.dim() == 2:
+        given = {"inputs": x0.detach().double().numpy()}
+        if batch_size is not None:
+            given = {"batch_size": batch_size}
+        kern = simulate(network, **given, seeds=seeds, rng=rng)
+    elif kernels:
+        notes["kernels"] = "simulate covers the MLP / residual-MLP subset only"
+    return Diagnosis(network, cov, analytic, measured, kern, notes)
+
+
+def _check_count(v: Any, what: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _input_moments(x0: torch.Tensor) -> dict[str, Any]:
+    """The exchangeable description ``analyze`` takes of a batch: its second
+    moment per feature and mean correlation between rows (rows: the examples of
+    a 2-D batch, the positions of a 4-D one, as the dense-on-channels view), and
+    for a 2-D batch its size (finite-batch statistics, BatchNorm included).  The
+    full ``inputs=`` kernel would be exact for the batch but costs seconds per
+    BatchNorm row (its finite-batch rule is a Monte Carlo over the kernel)."""
+    st = MS.row_statistics(MS.rows_2d(x0))
+    kw = {
+        "input_second_moment": st["second_moment"],
+        "input_correlation": min(max(st["correlation"], 0.0), 1.0),
+    }
+    if x0.dim() == 2:
+        kw["batch_size"] = int(x0.shape[0])
+    return kw
+
+
+def _analytic(network, x0, batch_size, notes) -> Any:
+    kw = _input_moments(x0)
+    if batch_size is not None:
+        kw.update(input_second_moment=1.0, input_correlation=0.0)
+        kw["batch_size"] = batch_size
+    try:
+        return analyze(network, **kw)
+    except NotImplementedError as exc:
+        notes["analytic"] = f"no mean-field rule: {exc}"
+        return None
