@@ -492,3 +492,76 @@ def test_diagnose_bad_input():
         itorch.diagnose(mlp(), torch.randn(8, 16), seeds=1)
     with pytest.raises(ValueError, match="batch_size"):
         itorch.diagnose(mlp(), torch.randn(8, 16), batch_size=1)
+
+
+# -- fix ------------------------------------------------------------------------------
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fix_tanh_mlp_to_the_edge_of_chaos():
+    torch.manual_seed(0)
+    model = mlp(width=256, depth=5, act=nn.Tanh)  # nn.Linear's default init
+    x = torch.randn(128, 16)
+    before = _state(model)
+    res = itorch.fix(model, x, seeds=8, rng=0)
+    assert _same(before, _state(model))  # dry run: a no-op
+    assert not res.applied
+    c = res.chi1
+    # nn.Linear's default is deep in the ordered phase: chi1 about 1/3
+    assert c["analytic_before"] < 0.4 and c["measured_before"] < 0.4
+    assert abs(c["analytic_after"] - 1) <= 0.01
+    assert abs(c["measured_after"] - 1) <= 0.01
+    assert abs(c["measured_after"] - 1) <= 4 * c["measured_after_se"] + 1e-3
+    # the patched hidden weights have sigma_w2 = 1 / E[tanh'(z)^2] exactly
+    w2 = 1 / idg.meanfield.expect_dphi2("tanh", 0.0, 1.0)
+    hidden = [r for r in res.rows if r.tensor == "2.weight"]
+    assert hidden[0].after == pytest.approx(w2, rel=1e-9)
+    assert "edge of chaos" in str(res)
+    applied = itorch.fix(model, x, seeds=2, dry_run=False)
+    assert applied.applied
+    state = model.state_dict()
+    for k, v in applied.patch.items():
+        assert torch.equal(state[k], v)
+    fi = 256
+    assert fi * float(state["2.weight"].double().pow(2).mean()) == pytest.approx(
+        w2, rel=1e-5
+    )
+
+
+def test_fix_relu_resnet_with_zero_init_branches():
+    torch.manual_seed(1)
+    model = _residual_mlp(w=128, blocks=3)
+    x = torch.randn(64, 32)
+    before = _state(model)
+    res = itorch.fix(model, x, residual="zero_gamma", seeds=4, rng=2)
+    assert _same(before, _state(model))
+    c = res.chi1
+    assert abs(c["analytic_before"] - 1) > 0.01
+    assert abs(c["analytic_after"] - 1) <= 0.01
+    assert abs(c["measured_after"] - 1) <= 0.01
+    zeroed = {r.tensor for r in res.rows if r.scale == 0.0}
+    assert {"1.fc2.weight", "2.fc2.weight", "3.fc2.weight"} <= zeroed
+    relu_w = [r for r in res.rows if r.tensor == "1.fc1.weight"][0]
+    assert relu_w.after == pytest.approx(2.0, rel=1e-9)  # ReLU's edge: Kaiming
+
+
+def test_fix_unit_variance_puts_pre_activations_at_one():
+    torch.manual_seed(2)
+    model = mlp(width=128, depth=3, act=nn.Tanh)
+    x = torch.randn(64, 16)
+    res = itorch.fix(model, x, target="unit_variance", seeds=2)
+    a = res.analytic["after"]
+    pre = [i for i, n in enumerate(a.name) if n.startswith("dense")][:-1]
+    assert np.allclose(a.columns["second_moment"][pre], 1.0, rtol=1e-9)
+
+
+def test_fix_bad_input():
+    with pytest.raises(ValueError, match="target must be"):
+        itorch.fix(mlp(), torch.randn(8, 16), target="lsuv")
+    with pytest.raises(ValueError, match="residual must be"):
+        itorch.fix(mlp(), torch.randn(8, 16), residual="skip")

@@ -37,12 +37,14 @@ from ..analytic import analyze
 from ..empirical import _aggregate, simulate
 from ..initializers import InitScheme
 from ..initializers import Normal as _Normal
+from ..layers.base import check_bool
 from ..network import Network
 from . import _torch_graph as G
 from . import _torch_map as M
 from . import _torch_measure as MS
 from ._torch_audit import Audit, AuditRow
 from ._torch_audit import audit as _audit
+from ._torch_fix import FixRow, plan_fix
 from ._torch_laws import TensorLaw, module_fans, tensor_law
 
 __all__ = [
@@ -57,6 +59,10 @@ __all__ = [
     "Mapping",
     "diagnose",
     "Diagnosis",
+    "fix",
+    "FixResult",
+    "FixRow",
+    "measured_chi1",
 ]
 
 
@@ -617,3 +623,212 @@ def _analytic(network, x0, batch_size, notes) -> Any:
     except NotImplementedError as exc:
         notes["analytic"] = f"no mean-field rule: {exc}"
         return None
+
+
+# -- fix ----------------------------------------------------------------------------
+@dataclass
+class FixResult:
+    """What :func:`fix` returns.
+
+    ``rows``: one :class:`FixRow` per rescaled tensor; ``patch``: ``{state_dict
+    key: new tensor}``; ``network`` / ``fixed``: the mapped network before and
+    after (laws scaled); ``analytic``: ``analyze`` of both (None where the
+    network has no mean-field rule); ``measured``: the model's measured Profile
+    before and after (current parameters, ``resample=False``); ``chi1``: the
+    analytic summary's chi1 and the measured per-block gradient gain, before and
+    after; ``applied``: whether the model was changed (``dry_run=False``).
+    """
+
+    rows: list[FixRow]
+    patch: dict[str, torch.Tensor]
+    network: Network
+    fixed: Network
+    analytic: dict[str, Any]
+    measured: dict[str, Any]
+    chi1: dict[str, float]
+    applied: bool
+
+    def __str__(self) -> str:
+        lines = [
+            f"{'tensor':<28} {'row':<22} {'scale':>8} {'before':>9} "
+            f"{'after':>9}  reason"
+        ]
+        for r in self.rows:
+            lines.append(
+                f"{r.tensor:<28} {r.row:<22} {r.scale:>8.4g} {r.before:>9.4g} "
+                f"{r.after:>9.4g}  {r.reason}"
+            )
+        lines.append(
+            "chi1 analytic {analytic_before:.4g} -> {analytic_after:.4g}, measured "
+            "{measured_before:.4g} -> {measured_after:.4g}".format(**self.chi1)
+        )
+        lines.append("applied" if self.applied else "dry run: the model is unchanged")
+        return "\n".join(lines)
+
+
+def measured_chi1(model: nn.Module, x: torch.Tensor, seeds: int = 2) -> float:
+    """chi1 of the model's current parameters, measured on one forward pass.
+
+    A residual network: the per-block gain of the residual stream's gradient
+    second moment in the measured Profile (``seeds`` output gradients; the
+    definition ``analyze``'s summary uses for residual networks).  Otherwise the
+    definition itself, ``chi1 = sigma_w2 E[phi'(h)^2]`` (Poole et al. 2016,
+    eq. 7), with ``sigma_w2 = fan_in mean(W^2)`` of the actual tensor and the
+    mean of ``phi'(h)^2`` over the pre-activations ``h`` of the forward pass of
+    ``x``: the geometric mean over the Dense layers followed by an activation,
+    the first excepted (its input is the data, not a layer's output).
+    """
+    from ..analytic import _residual_summary
+    from ..meanfield import _dphi
+
+    network, cov = read(model, x)
+    if any(i.branch for i in network.infos):
+        d = diagnose(model, x, seeds=seeds, resample=False, kernels=False)
+        return float(_residual_summary(d.measured, {})["chi1"])
+    by_key = {n.key: n for n in cov.mapping.nodes}
+    wanted = {}
+    for r, (info, key) in enumerate(
+        zip(network.infos, cov.mapping.row_keys, strict=True)
+    ):
+        nxt = network.infos[r + 1].layer if r + 1 < len(network.infos) else None
+        if info.kind == "dense" and nxt is not None and nxt.kind == "activation":
+            wanted[r] = (by_key[key].target, nxt)
+    targets = MS.occurrences(cov.mapping.nodes, cov.mapping.row_keys)
+    want = {targets[r]: r for r in wanted}
+    logs: dict[int, float] = {}
+    seen: dict = {}
+
+    def on_output(node: G.Node, out: torch.Tensor) -> None:
+        sig = node.signature()
+        r = want.get((sig, seen.get(sig, 0)))
+        seen[sig] = seen.get(sig, 0) + 1
+        if r is None:
+            return
+        m, act = wanted[r]
+        fi = nn.init._calculate_fan_in_and_fan_out(m.weight)[0]
+        w2 = fi * float(m.weight.detach().double().pow(2).mean())
+        d2 = float(np.mean(_dphi(act, MS.rows_2d(out)) ** 2))
+        logs[r] = math.log(w2 * d2)
+
+    with torch.no_grad():
+        G.record_forward(model, x, on_output)
+    vals = [logs[r] for r in sorted(logs)][1:]
+    return math.exp(sum(vals) / len(vals)) if vals else math.nan
+
+
+def _plan(model: nn.Module, x: torch.Tensor, target: str, residual: Any) -> tuple:
+    """(network, fixed network, FixRows, patch) for the model's current tensors."""
+    network, cov = read(model, x)
+    by_key = {n.key: n for n in cov.mapping.nodes}
+    rows = {
+        info.name: (by_key[k].qualname, by_key[k].target)
+        for info, k in zip(network.infos, cov.mapping.row_keys, strict=True)
+        if by_key[k].op == "module" and info.layer.slots()
+    }
+    q_in = _input_moments(x)["input_second_moment"]
+    fixes, fixed = plan_fix(network, rows, target, residual, q_in)
+    state = model.state_dict()
+    patch = {f.tensor: state[f.tensor].detach() * f.scale for f in fixes}
+    return network, fixed, fixes, patch
+
+
+def _chi1_ensemble(model, x, target, residual, seeds, init_fn, rng, fixed):
+    """Mean and standard error of :func:`measured_chi1` over ``seeds`` fresh
+    networks (re-initialised as :func:`diagnose` does; with ``fixed``, each draw
+    then fixed by the same rule)."""
+    vals = []
+    for s in range(seeds):
+        m = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng + s)
+            _reinit(m, init_fn)
+        if fixed:
+            _apply(m, _plan(m, x, target, residual)[3])
+        vals.append(measured_chi1(m, x))
+    v = np.array(vals)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
+
+
+def fix(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    target: str = "edge_of_chaos",
+    *,
+    residual: str | None = None,
+    dry_run: bool = True,
+    seeds: int = 8,
+    init_fn: Any = None,
+    rng: int = 0,
+) -> FixResult:
+    """Rescale a model's initialisation, computed analytically on its mapped
+    network (:mod:`initdiag.integrations._torch_fix` has the formulas).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    example_input : torch.Tensor
+        The batch the measurements use; its per-feature second moment sets the
+        first layer's scale.
+    target : {"edge_of_chaos", "unit_variance"}
+        ``edge_of_chaos``: every Dense followed by an activation at chi1 = 1
+        (the edge point with q* = 1; ReLU: sigma_w2 = 2, bias zeroed);
+        ``unit_variance``: unit second moment of every such pre-activation.
+    residual : {None, "zero_gamma", "fixup"}
+        Also make every residual block start as its shortcut.
+    dry_run : bool
+        True (default): compute the scales, the patch and the before / after
+        profiles on copies; the model is not touched.  False: apply the patch to
+        the model's parameters in place.
+    seeds : int
+        Fresh networks over which chi1 is measured before and after (each drawn
+        as :func:`diagnose` re-initialises, then fixed by the same rule).
+    init_fn : callable, optional
+        The model's own init function (else every ``reset_parameters()``).
+
+    Returns
+    -------
+    FixResult
+        ``chi1`` holds ``analytic_before`` / ``analytic_after`` (``analyze``'s
+        summary) and ``measured_before`` / ``measured_after`` (mean over the
+        seeds of :func:`measured_chi1`) with ``*_se``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``target`` / ``residual``.
+    """
+    model = _check_model(model)
+    x = _as_input(example_input)
+    if target not in ("edge_of_chaos", "unit_variance"):
+        raise ValueError(
+            f"target must be 'edge_of_chaos' or 'unit_variance', got {target!r}"
+        )
+    if residual not in (None, "zero_gamma", "fixup"):
+        raise ValueError(
+            f"residual must be None, 'zero_gamma' or 'fixup', got {residual!r}"
+        )
+    check_bool(dry_run, "dry_run")
+    seeds = _check_count(seeds, "seeds", 2)
+    network, fixed, fixes, patch = _plan(model, x, target, residual)
+    after_model = copy.deepcopy(model)
+    _apply(after_model, patch)
+    analytic, measured, chi = {}, {}, {}
+    for when, net, m in (("before", network, model), ("after", fixed, after_model)):
+        analytic[when] = a = _analytic(net, x, None, {})
+        d = diagnose(m, x, seeds=2, resample=False, kernels=False, rng=rng)
+        measured[when] = d.measured
+        chi[f"analytic_{when}"] = math.nan if a is None else float(a.summary["chi1"])
+        mean, se = _chi1_ensemble(
+            model, x, target, residual, seeds, init_fn, rng, when == "after"
+        )
+        chi[f"measured_{when}"], chi[f"measured_{when}_se"] = mean, se
+    if not dry_run:
+        _apply(model, patch)
+    return FixResult(fixes, patch, network, fixed, analytic, measured, chi, not dry_run)
+
+
+def _apply(model: nn.Module, patch: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    with torch.no_grad():
+        for k, v in patch.items():
+            state[k].copy_(v)
