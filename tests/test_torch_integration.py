@@ -565,3 +565,46 @@ def test_fix_bad_input():
         itorch.fix(mlp(), torch.randn(8, 16), target="lsuv")
     with pytest.raises(ValueError, match="residual must be"):
         itorch.fix(mlp(), torch.randn(8, 16), residual="skip")
+
+
+# -- the command line -------------------------------------------------------------------
+def test_cli_torch_reports_a_model(tmp_path, capsys):
+    from initdiag.cli import main
+
+    rc = main(
+        [
+            "torch",
+            f"{__name__}:mlp",
+            "--input-shape",
+            "16",
+            "--seeds",
+            "2",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "coverage (graph: fx)" in out and "dense1" in out
+    assert "apparent initializer" in out and "chi1 = " in out
+    assert (tmp_path / "report.json").exists() and (tmp_path / "signal.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nomodule_xyz:f", "--input-shape", "3"], "cannot import module"),
+        ([f"{__name__}:nope", "--input-shape", "3"], "has no attribute"),
+        ([f"{__name__}:mlp", "--input-shape", "3,x"], "--input-shape"),
+        ([f"{__name__}:mlp", "--input-shape", "7"], "mlp"),
+        ([f"{__name__}", "--input-shape", "7"], "MODULE:FACTORY"),
+    ],
+)
+def test_cli_torch_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    from initdiag.cli import main
+
+    assert main(["torch", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

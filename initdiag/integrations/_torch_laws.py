@@ -29,6 +29,9 @@ __all__ = ["TensorLaw", "tensor_law", "module_fans", "Z_MATCH"]
 
 #: standard errors within which a measured variance matches a candidate law
 Z_MATCH = 4.0
+#: entries below which the kurtosis (standard error sqrt(24/n) > 0.6) cannot tell
+#: a uniform law (9/5) from a normal one (3): both shapes are candidates
+SMALL = 64
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,14 @@ def tensor_law(name: str, t: torch.Tensor, fans: tuple[int, int] | None) -> Tens
         k_c = 1.8 if shape == "uniform" else 3.0
         for desc, sh, vc in _candidates(kind, fi, fo):
             z = abs(var - vc) / (vc * math.sqrt((k_c - 1) / n))
-            if sh == shape and z <= Z_MATCH and (best is None or z < best[0]):
+            # below SMALL entries the kurtosis cannot tell the shapes apart
+            fits = sh == shape or n < SMALL
+            if fits and z <= Z_MATCH and (best is None or z < best[0]):
                 best = (z, desc, vc)
     # a mean within 4 standard errors of 0 is the sampling noise of a centred law
     m = mean if abs(mean) > Z_MATCH * math.sqrt(var / n) else 0.0
     if best is not None:
+        shape = next(sh for d, sh, _ in _candidates(kind, fi, fo) if d == best[1])
         return TensorLaw(
             **base, law=_law(shape, best[2]), source=best[1], implied_var=best[2]
         )

@@ -106,6 +106,12 @@ _KNOWN_UNSUPPORTED_FN = {
     "conv2d",
 }
 
+_POOL_MODULES = _PASS_MODULES[3:]
+POOL_NOTE = (
+    "pooling is not modelled: averaging k positions divides the gradient per "
+    "position by k, so the rows below it are on another gradient scale than the "
+    "analytic column's"
+)
 CONV_NOTE = (
     "approximation: a Dense on channels, fan_in = C_in k / groups; every spatial "
     "position counts as an example, so the correlation of neighbouring pixels "
@@ -147,6 +153,8 @@ def _module(m: nn.Module) -> Mapped:
             )
         kw = {"negative_slope": m.negative_slope} if isinstance(m, nn.LeakyReLU) else {}
         return Mapped("mapped", L.activation(_ACT_MODULES[type(m)], **kw))
+    if isinstance(m, _POOL_MODULES):
+        return Mapped("passed through", note=POOL_NOTE)
     if isinstance(m, _PASS_MODULES):
         return Mapped("passed through")
     return Mapped("unsupported", note="no initdiag layer kind")

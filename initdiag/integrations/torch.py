@@ -63,6 +63,8 @@ __all__ = [
     "FixResult",
     "FixRow",
     "measured_chi1",
+    "load_factory",
+    "report",
 ]
 
 
@@ -832,3 +834,86 @@ def _apply(model: nn.Module, patch: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for k, v in patch.items():
             state[k].copy_(v)
+
+
+# -- the command line -------------------------------------------------------------
+def load_factory(spec: str) -> nn.Module:
+    """The model built by ``MODULE:FACTORY`` (imported by module path, no eval;
+    the factory is called without arguments).
+
+    Raises
+    ------
+    ValueError
+        For a spec without ``:``, a missing module or attribute, or a factory
+        that does not return an ``nn.Module``.
+    """
+    import importlib
+
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise ValueError(
+            f"expected MODULE:FACTORY (e.g. mypkg.models:resnet), got {spec!r}"
+        )
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {mod!r}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {mod!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"{spec} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def report(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch_size: int = 64,
+    seeds: int = 4,
+    out: str | None = None,
+) -> tuple[str, list[str]]:
+    """``initdiag torch``: coverage, diagnosis, verdicts and audit of ``model`` for
+    a standard Gaussian batch of ``(batch_size, *input_shape)``; with ``out``, the
+    plots of ``initdiag report`` (analytic and measured profiles overlaid) and
+    ``report.json``.  Returns (the text, the files written)."""
+    import json
+    import os
+
+    from ..verdicts import diagnose as verdicts
+
+    x = torch.randn(
+        (batch_size, *input_shape), generator=torch.Generator().manual_seed(0)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = diagnose(model, x, seeds=seeds, kernels=False)
+    parts = [str(d.coverage), "", d.table(), ""]
+    parts += [f"warning: {w.message}" for w in caught]
+    found = verdicts(d.analytic or d.measured, d.network)
+    parts += (
+        ["verdicts:"] + [f"- {v}" for v in found] + ["", "audit:", str(audit(model))]
+    )
+    files: list[str] = []
+    if out:
+        from ..report.plots import write_plots
+
+        profiles = [p for p in (d.analytic, d.measured) if p is not None]
+        files = write_plots(profiles, out, title=d.network.name)
+        path = os.path.join(out, "report.json")
+        with open(path, "w") as fh:
+            json.dump(
+                {
+                    k: (p.to_dict() if p is not None else None)
+                    for k, p in (("analytic", d.analytic), ("measured", d.measured))
+                },
+                fh,
+                indent=1,
+            )
+        files.append(path)
+    return "\n".join(parts), files
