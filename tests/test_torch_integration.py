@@ -567,7 +567,7 @@ def test_fix_bad_input():
         itorch.fix(mlp(), torch.randn(8, 16), residual="skip")
 
 
-# -- the command line -------------------------------------------------------------------
+# -- the command line -----------------------------------------------------------------
 def test_cli_torch_reports_a_model(tmp_path, capsys):
     from initdiag.cli import main
 
