@@ -120,43 +120,70 @@ CONV_NOTE = (
 )
 
 
+def _linear(m: nn.Module) -> Mapped:
+    return Mapped("mapped", L.Dense(m.out_features, bias=m.bias is not None))
+
+
+def _conv(m: nn.Module) -> Mapped:
+    layer = L.Dense(m.out_channels, bias=m.bias is not None)
+    return Mapped("mapped", layer, CONV_NOTE, approx=True)
+
+
+def _batchnorm(m: nn.Module) -> Mapped:
+    if not m.training:
+        return Mapped(
+            "unsupported",
+            note="eval-mode BatchNorm is the affine map of its running statistics, "
+            "not a BatchNorm of the batch; call model.train() to read it as one",
+        )
+    return Mapped("mapped", L.BatchNorm(eps=m.eps, affine=m.affine))
+
+
+def _layernorm(m: nn.Module) -> Mapped:
+    if len(m.normalized_shape) != 1:
+        return Mapped("unsupported", note="LayerNorm over more than one dim")
+    return Mapped("mapped", L.LayerNorm(eps=m.eps, affine=m.elementwise_affine))
+
+
+def _dropout(m: nn.Module) -> Mapped:
+    if not m.training or m.p == 0:
+        return Mapped("passed through", note="dropout off (eval mode or p=0)")
+    return Mapped("mapped", L.Dropout(m.p))
+
+
+def _act(m: nn.Module) -> Mapped:
+    name = next(_ACT_MODULES[t] for t in type(m).__mro__ if t in _ACT_MODULES)
+    if getattr(m, "approximate", "none") != "none":
+        return Mapped(
+            "mapped",
+            L.GELU(),
+            "approximation: tanh-GELU read as the exact (erf) GELU",
+            approx=True,
+        )
+    kw = {"negative_slope": m.negative_slope} if name == "leaky_relu" else {}
+    return Mapped("mapped", L.activation(name, **kw))
+
+
+#: torch module type -> how it maps (looked up along the module's MRO, so a
+#: subclass of nn.Linear maps as one)
+_HANDLERS: dict[type, Any] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.BatchNorm1d: _batchnorm,
+    nn.BatchNorm2d: _batchnorm,
+    nn.LayerNorm: _layernorm,
+    nn.Dropout: _dropout,
+    **{t: _act for t in _ACT_MODULES},
+    **{t: lambda m: Mapped("passed through", note=POOL_NOTE) for t in _POOL_MODULES},
+    **{t: lambda m: Mapped("passed through") for t in _PASS_MODULES[:3]},
+}
+
+
 def _module(m: nn.Module) -> Mapped:
-    if isinstance(m, nn.Linear):
-        return Mapped("mapped", L.Dense(m.out_features, bias=m.bias is not None))
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        layer = L.Dense(m.out_channels, bias=m.bias is not None)
-        return Mapped("mapped", layer, CONV_NOTE, approx=True)
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if not m.training:
-            return Mapped(
-                "unsupported",
-                note="eval-mode BatchNorm is the affine map of its "
-                "running statistics, not a BatchNorm of the batch; call "
-                "model.train() to read it as one",
-            )
-        return Mapped("mapped", L.BatchNorm(eps=m.eps, affine=m.affine))
-    if isinstance(m, nn.LayerNorm):
-        if len(m.normalized_shape) != 1:
-            return Mapped("unsupported", note="LayerNorm over more than one dim")
-        return Mapped("mapped", L.LayerNorm(eps=m.eps, affine=m.elementwise_affine))
-    if isinstance(m, nn.Dropout):
-        if not m.training or m.p == 0:
-            return Mapped("passed through", note="dropout off (eval mode or p=0)")
-        return Mapped("mapped", L.Dropout(m.p))
-    if type(m) in _ACT_MODULES:
-        if isinstance(m, nn.GELU) and m.approximate != "none":
-            return Mapped(
-                "mapped",
-                L.GELU(),
-                "approximation: tanh-GELU read as the exact (erf) GELU",
-                approx=True,
-            )
-        kw = {"negative_slope": m.negative_slope} if isinstance(m, nn.LeakyReLU) else {}
-        return Mapped("mapped", L.activation(_ACT_MODULES[type(m)], **kw))
-    if isinstance(m, _POOL_MODULES):
-        return Mapped("passed through", note=POOL_NOTE)
-    if isinstance(m, _PASS_MODULES):
-        return Mapped("passed through")
+    for t in type(m).__mro__:
+        if t in _HANDLERS:
+            return _HANDLERS[t](m)
     return Mapped("unsupported", note="no initdiag layer kind")
 
 
