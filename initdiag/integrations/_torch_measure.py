@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from .. import kernels as K
-from ..empirical.engine import COL
+
+# the forward columns the engine records, in its order (one home)
+from ..empirical.engine import _FWD, COL
 from . import _torch_graph as G
 
 __all__ = ["rows_2d", "row_statistics", "measure_seed", "occurrences"]
@@ -41,14 +43,6 @@ _PARAM_COLS = {
     "batchnorm": {"weight": "gamma_grad_norm2", "bias": "beta_grad_norm2"},
     "layernorm": {"weight": "gamma_grad_norm2", "bias": "beta_grad_norm2"},
 }
-_FWD = (
-    "mean",
-    "second_moment",
-    "variance",
-    "squared_mean",
-    "active_fraction",
-    "dead_fraction",
-)
 
 
 def rows_2d(t: torch.Tensor) -> np.ndarray:
