@@ -608,3 +608,42 @@ def test_cli_torch_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(["torch", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+class Concat(nn.Module):
+    """Control flow and a concatenation: neither fx nor the residual fold reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.b = nn.Linear(8, 4)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.abs().sum() >= 0:
+            x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(x)
+
+
+def test_read_last_fallback_is_module_order_with_a_warning():
+    with pytest.warns(UserWarning, match="residual structure is unknown"):
+        net, cov = itorch.read(Concat(), torch.randn(8, 8))
+    assert cov.method == "module order"
+    # the branch's condition is off the data path; the concatenation is flagged
+    assert [r.name for r in cov.unsupported()] == ["cat@n7"]
+    assert [r.row for r in cov.rows if r.type == "Linear"] == [
+        "dense1",
+        "dense2",
+        "dense3",
+    ]
+    # the last Linear's law keeps its real fan_in (8), not the chain's width (4)
+    w = net.param_inits()[2]["weight"]
+    assert 4 * w.second_moment(4, 2) == pytest.approx(8 / (3 * 8), rel=1e-12)
+
+
+def test_diagnose_labels_the_convolution_approximation():
+    torch.manual_seed(6)
+    d = itorch.diagnose(SmallCNN(), torch.randn(4, 3, 8, 8), seeds=2)
+    assert d.kernels is None and "subset" in d.notes["kernels"]
+    assert "conv (dense1)" in d.notes["approximation"]
+    assert d.measured.name == d.network.names

@@ -162,7 +162,7 @@ def _graph(model: nn.Module, x: torch.Tensor) -> tuple[list[G.Node], str, tuple,
         why += f"; the recorded forward is not a chain of residual blocks ({exc})"
     chain = [n for n in nodes if n.op == "module" and kinds[n.key].layer is not None]
     items = [(kinds[n.key].layer, n.key) for n in chain]
-    path = {n.key for n in nodes}
+    path = _ancestors(nodes)
     return (
         nodes,
         "module order",
@@ -173,6 +173,19 @@ def _graph(model: nn.Module, x: torch.Tensor) -> tuple[list[G.Node], str, tuple,
             "unknown"
         ),
     )
+
+
+def _ancestors(nodes: list[G.Node]) -> set[str]:
+    """The keys the last node depends on (the data path of a recorded forward)."""
+    by_key = {n.key: n for n in nodes}
+    seen: set[str] = set()
+    todo = [nodes[-1].key]
+    while todo:
+        k = todo.pop()
+        if k not in seen:
+            seen.add(k)
+            todo.extend(by_key[k].inputs)
+    return seen
 
 
 def _coverage(model, nodes, kinds, row_of, method, path) -> Coverage:
@@ -581,6 +594,12 @@ def diagnose(
     finally:
         _restore(model, snap)
     analytic = _analytic(network, x0, batch_size, notes)
+    approx = [f"{r.name} ({r.row})" for r in cov.rows if "approximation" in r.note]
+    if approx and analytic is not None:
+        notes["approximation"] = (
+            "the analytic rows of " + ", ".join(approx) + " are an approximation "
+            "(see the coverage table's notes)"
+        )
     kern = None
     if kernels and _is_mlp_subset(network, cov) and x0.dim() == 2:
         given = {"inputs": x0.detach().double().numpy()}
