@@ -316,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--format", choices=("text", "json"), default="text")
     ph.add_argument("-q", "--quiet", action="store_true")
     ph.set_defaults(func=cmd_phase)
+    t = sub.add_parser(
+        "torch",
+        help="diagnose and audit a PyTorch model built by MODULE:FACTORY",
+        description="The model read as an initdiag network (coverage table), its "
+        "profile analytic / measured side by side, verdicts and the audit of its "
+        "parameters, for a standard Gaussian batch (needs the torch extra).",
+    )
+    t.add_argument("factory", metavar="MODULE:FACTORY")
+    t.add_argument("--input-shape", required=True, metavar="N[,N...]")
+    t.add_argument("--batch-size", type=_positive_int(2), default=64)
+    t.add_argument("--seeds", type=_positive_int(2), default=4)
+    t.add_argument("--out", metavar="DIR", help="write the plots and report.json here")
+    t.set_defaults(func=cmd_torch)
     from .sweeps.cli import register as register_sweep_commands
 
     register_sweep_commands(sub)
@@ -909,6 +922,35 @@ def _phase_text(record: dict[str, Any], files: Sequence[str]) -> str:
 
 
 # -- entry point ----------------------------------------------------------------------
+
+
+def cmd_torch(args: argparse.Namespace) -> int:
+    """``initdiag torch MODULE:FACTORY --input-shape 3,32,32 [--out DIR]``."""
+    try:
+        from .integrations import torch as itorch
+    except ImportError as exc:
+        raise BadInput(str(exc)) from None
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise BadInput(
+            f"--input-shape: expected positive integers such as 3,32,32, got "
+            f"{args.input_shape!r}"
+        )
+    _prepare_out(args.out)
+    try:
+        model = itorch.load_factory(args.factory)
+        text, files = itorch.report(
+            model, shape, batch_size=args.batch_size, seeds=args.seeds, out=args.out
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise BadInput(f"{args.factory}: {exc}") from None
+    print(text)
+    for f in files:
+        print(f"wrote {f}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
