@@ -140,6 +140,9 @@ DEFAULT_PLOT_COLUMNS = (
     "weight_update_ratio",
 )
 _FUSED_BACKENDS = ("numpy", "numba")
+#: host tensors with fewer entries go through the NumPy kernels when no backend
+#: is named (Monitor._host_backend)
+SMALL_TENSOR = 1 << 16
 _FLOATS = ("float32", "float64")
 _WIDEN = ("float16", "bfloat16")
 
@@ -258,16 +261,22 @@ def _activation_stats(x: Any, device: bool, backend: str) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def _moments(x: Any, device: bool, backend: str, rows: bool) -> tuple[float, ...]:
+def _moments(x: Any, device: bool, backend: str) -> tuple[float, ...]:
     """``(mean, second_moment, variance of the entries, sum of squares,
-    nonfinite_count)`` of any tensor; ``rows``: view it as (B, rest)."""
-    flat = x.reshape(x.shape[0] if rows and x.ndim else 1, -1)
-    if not rows:
-        flat = flat.reshape(-1, 1)  # one column: its variance is over all entries
+    nonfinite_count)`` of any tensor, viewed as (shape[0], rest)."""
+    # (n, 1) for a vector; a matrix keeps its rows (a (size, 1) view of a large
+    # one is slow in the row-parallel kernels)
+    flat = (
+        x.reshape(x.shape[0] if x.ndim else 1, -1) if x.ndim > 1 else x.reshape(-1, 1)
+    )
     buf = _alloc(8, device)
     kernels.layer_summary_array(flat, buf, backend=None if device else backend)
-    r = _to_host(buf, device)
-    return float(r[0]), float(r[1]), float(r[2]), float(r[1]) * flat.size, float(r[7])
+    r = [float(v) for v in _to_host(buf, device)]
+    mean, m2, var_in, sq = r[0], r[1], r[2], r[3]
+    # the variance of all entries: within the columns plus between their means
+    # (the law of total variance; the second term is >= 0 but for rounding)
+    var = var_in + max(sq - mean * mean, 0.0)
+    return mean, m2, var, m2 * flat.size, r[7]
 
 
 def _named(a: Any, what: str) -> dict[str, Any]:
@@ -476,8 +485,9 @@ class Monitor:
     sink : path, sink object, SummaryWriter or list, optional
         Where each record also goes (module docstring).
     backend : {"numpy", "numba", "c"} or None
-        Kernel backend for host arrays (None: the kernels' default); device
-        arrays always run on ``cuda``.
+        Kernel backend for host arrays; None: NumPy for tensors of fewer than
+        :data:`SMALL_TENSOR` entries, the kernels' default above.  Device arrays
+        always run on ``cuda``.
     max_findings : int
         Findings kept (later ones are counted in :attr:`findings_dropped`).
 
@@ -513,7 +523,8 @@ class Monitor:
                 f"backend must be 'numpy', 'numba', 'c' or None; got {backend!r} "
                 "(device arrays always run on cuda)"
             )
-        self._backend = backend or kernels.get_backend()
+        self._backend = backend
+        self._default = kernels.get_backend()
         self._sinks = _sinks(sink)
         self._lock = threading.Lock()
         self._rows: OrderedDict[tuple[int, str], dict[str, float]] = OrderedDict()
@@ -521,6 +532,14 @@ class Monitor:
         self._hist: dict[tuple[str, str], _Histogram] = {}
         self._findings: list[dict[str, Any]] = []
         self.findings_dropped = 0
+
+    def _host_backend(self, a: Any) -> str:
+        if self._backend is not None:
+            return self._backend
+        # a small tensor costs less in NumPy than waking a thread pool (which,
+        # next to PyTorch's own OpenMP pool still spinning after its last op,
+        # can wait for a time slice): bench/MONITOR.md
+        return "numpy" if a.size < SMALL_TENSOR else self._default
 
     # -- recording ------------------------------------------------------------------
     def sampled(self, step: int) -> bool:
@@ -575,11 +594,11 @@ class Monitor:
         values: dict[str, float] = {}
         nonfinite: list[tuple[str, float]] = []
         hists: list[tuple[str, np.ndarray]] = []
-        be = self._backend
+        be = self._host_backend
 
         if activations is not None:
             a, dev = _host_or_device(activations, "activations")
-            st = _activation_stats(a, dev, be)
+            st = _activation_stats(a, dev, be(a))
             values.update(st)
             if st["nonfinite_count"]:
                 nonfinite.append(("activations", st["nonfinite_count"]))
@@ -592,7 +611,7 @@ class Monitor:
             g, out_grad = {}, grads
         if out_grad is not None:
             a, dev = _host_or_device(out_grad, "grads")
-            _, m2, _, s2, bad = _moments(a, dev, be, rows=True)
+            _, m2, _, s2, bad = _moments(a, dev, be(a))
             values.update(
                 grad_second_moment=m2, grad_norm2=s2, grad_nonfinite_count=bad
             )
@@ -602,7 +621,7 @@ class Monitor:
                 hists.append(("grads", _finite_values(a, dev)))
         for name, t in g.items():
             a, dev = _host_or_device(t, f"grads[{name!r}]")
-            *_, s2, bad = _moments(a, dev, be, rows=False)
+            *_, s2, bad = _moments(a, dev, be(a))
             values[f"{name}_grad_norm2"] = s2
             if bad:
                 nonfinite.append((f"{name} gradient", bad))
@@ -615,7 +634,7 @@ class Monitor:
             )
         for name, t in p.items():
             a, dev = _host_or_device(t, f"params[{name!r}]")
-            mean, _, var, s2, bad = _moments(a, dev, be, rows=False)
+            mean, _, var, s2, bad = _moments(a, dev, be(a))
             values.update(
                 {f"{name}_mean": mean, f"{name}_variance": var, f"{name}_norm2": s2}
             )
@@ -623,7 +642,7 @@ class Monitor:
                 nonfinite.append((name, bad))
             if name in u:
                 b, dev = _host_or_device(u[name], f"updates[{name!r}]")
-                *_, d2, bad = _moments(b, dev, be, rows=False)
+                *_, d2, bad = _moments(b, dev, be(b))
                 with np.errstate(all="ignore"):
                     values[f"{name}_update_ratio"] = float(np.sqrt(np.float64(d2) / s2))
                 if bad:

@@ -4,6 +4,7 @@ sinks (files survive a killed process), the plot and ``initdiag monitor-report``
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
@@ -215,8 +216,10 @@ def test_memory_does_not_grow_with_steps_beyond_the_history():
     run(0, 200)  # fills the history and every lazily built structure
     tracemalloc.start()
     run(200, 400)
+    gc.collect()  # count what is live, not cycles awaiting the collector
     base = tracemalloc.take_snapshot()
     run(400, 2000)
+    gc.collect()
     grown = sum(
         s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename")
     )

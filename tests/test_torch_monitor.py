@@ -5,6 +5,7 @@ memory, torch.compile.  Skipped without torch."""
 
 from __future__ import annotations
 
+import gc
 import math
 import tracemalloc
 import warnings
@@ -129,7 +130,9 @@ def test_training_loop_statistics_equal_direct_computation(make, shape):
                     want[f"{pn}_grad_norm2"] = (
                         pgrads[full].astype(np.float64) ** 2
                     ).sum()
-                    want[f"{pn}_update_ratio"] = np.linalg.norm(d) / np.linalg.norm(p64)
+                    with np.errstate(divide="ignore"):  # BatchNorm's beta = 0
+                        ratio = np.linalg.norm(d) / np.linalg.norm(p64)
+                    want[f"{pn}_update_ratio"] = ratio
             for k, v in want.items():
                 assert r[k] == pytest.approx(v, rel=2e-5, abs=1e-7), (step, layer, k)
                 checked += 1
@@ -242,18 +245,20 @@ def test_memory_is_bounded_over_2000_steps():
             loss.backward()
             opt.step()
 
-    with TorchMonitor(model, optimizer=opt, history=60, bins=16) as tm:
+    with TorchMonitor(model, every=5, optimizer=opt, history=60, bins=16) as tm:
         train(tm, 200)
         tracemalloc.start()
         train(tm, 200)
+        gc.collect()  # count what is live, not cycles awaiting the collector
         base = tracemalloc.take_snapshot()
         train(tm, 1600)
+        gc.collect()
         snap = tracemalloc.take_snapshot()
         tracemalloc.stop()
     grown = sum(s.size_diff for s in snap.compare_to(base, "filename"))
     assert tm.current_step is None and len(tm.monitor.rows()) == 60
-    assert tm.monitor.summary()["0"]["mean"]["count"] == 2000
-    assert grown < 64 * 1024, grown
+    assert tm.monitor.summary()["0"]["mean"]["count"] == 400
+    assert grown < 32 * 1024, grown
 
 
 def test_cpu_tensors_reach_the_kernels_without_copies(monkeypatch):
