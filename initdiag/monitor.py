@@ -591,6 +591,17 @@ class Monitor:
         step = int(step)
         if not self.sampled(step):
             return None
+        # NaN / inf are findings: NumPy's warnings about them are noise here
+        with np.errstate(all="ignore"):
+            values, nonfinite, hists = self._measure(
+                activations, grads, params, updates
+            )
+        with self._lock:
+            self._store(step, layer, values, nonfinite, hists)
+        return values
+
+    def _measure(self, activations, grads, params, updates) -> tuple:
+        """The kernels' part of :meth:`record` (no shared state touched)."""
         values: dict[str, float] = {}
         nonfinite: list[tuple[str, float]] = []
         hists: list[tuple[str, np.ndarray]] = []
@@ -643,14 +654,10 @@ class Monitor:
             if name in u:
                 b, dev = _host_or_device(u[name], f"updates[{name!r}]")
                 *_, d2, bad = _moments(b, dev, be(b))
-                with np.errstate(all="ignore"):
-                    values[f"{name}_update_ratio"] = float(np.sqrt(np.float64(d2) / s2))
+                values[f"{name}_update_ratio"] = float(np.sqrt(np.float64(d2) / s2))
                 if bad:
                     nonfinite.append((f"{name} update", bad))
-
-        with self._lock:
-            self._store(step, layer, values, nonfinite, hists)
-        return values
+        return values, nonfinite, hists
 
     def _store(self, step, layer, values, nonfinite, hists) -> None:
         key = (step, layer)
