@@ -107,6 +107,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
+from .kernels import LAYER_STATS_FIELDS
 from .profile import _from_json_number, _jsonable
 
 __all__ = [
@@ -119,17 +120,9 @@ __all__ = [
     "ACTIVATION_FIELDS",
 ]
 
-ACTIVATION_FIELDS = (
-    "mean",
-    "second_moment",
-    "variance",
-    "squared_mean",
-    "correlation",
-    "active_fraction",
-    "zero_fraction",
-    "dead_fraction",
-    "nonfinite_count",
-)
+#: the statistics of an activation tensor (the kernels' LAYER_STATS_FIELDS less
+#: ``any_nonzero``)
+ACTIVATION_FIELDS = LAYER_STATS_FIELDS[:9]
 #: columns Monitor.plot draws when none are named (those present)
 DEFAULT_PLOT_COLUMNS = (
     "second_moment",
@@ -236,17 +229,8 @@ def _activation_stats(x: Any, device: bool, backend: str) -> dict[str, float]:
         cols = tuple(buf[10 + i * m : 10 + (i + 1) * m] for i in range(4))
         kernels.column_stats(flat, backend=None if device else backend, out=cols)
     r = _to_host(buf, device)
-    out = {
-        "mean": r[0],
-        "second_moment": r[1],
-        "variance": r[2],
-        "squared_mean": r[3],
-        "correlation": r[8],
-        "active_fraction": r[4],
-        "zero_fraction": r[6],
-        "dead_fraction": r[5],
-        "nonfinite_count": r[7],
-    }
+    # layer_stats' order, which layer_summary_array + the correlation cell share
+    out = dict(zip(ACTIVATION_FIELDS, r[:9], strict=True))
     if nd:
         C = x.shape[1]
         mean_bs, var_bs, le0 = (
@@ -774,20 +758,20 @@ class Monitor:
         return plot_rows(self.rows(), columns, layers, pyplot=pyplot)
 
     # -- lifetime -------------------------------------------------------------------
-    def flush(self) -> None:
+    def _each_sink(self, method: str) -> None:
         with self._lock:
             for s in self._sinks:
-                fl = getattr(s, "flush", None)
-                if callable(fl):
-                    fl()
+                fn = getattr(s, method, None)
+                if callable(fn):
+                    fn()
+
+    def flush(self) -> None:
+        """Flush every sink (the file sinks flush after each record anyway)."""
+        self._each_sink("flush")
 
     def close(self) -> None:
         """Close the file sinks (a SummaryWriter is flushed, not closed)."""
-        with self._lock:
-            for s in self._sinks:
-                cl = getattr(s, "close", None)
-                if callable(cl):
-                    cl()
+        self._each_sink("close")
 
     def __enter__(self) -> Monitor:
         return self
