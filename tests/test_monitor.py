@@ -14,6 +14,7 @@ import textwrap
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,9 @@ import pytest
 from initdiag import Monitor
 from initdiag.cli import main
 from initdiag.monitor import ACTIVATION_FIELDS, read_rows
+
+#: the checkout whose initdiag the subprocesses import (python -c puts the cwd first)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ references
@@ -343,7 +347,7 @@ _WRITER = textwrap.dedent(
 def test_a_killed_process_keeps_what_was_written(tmp_path):
     csv_path, jl_path = tmp_path / "run.csv", tmp_path / "run.jsonl"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(csv_path), str(jl_path)]
+        [sys.executable, "-c", _WRITER, str(csv_path), str(jl_path)], cwd=ROOT
     )
     try:
         deadline = time.monotonic() + 120
@@ -497,3 +501,29 @@ def test_monitor_report_bad_input_exits_2_with_one_line(
     assert main(["monitor-report", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err, err
+
+
+def test_without_torch_the_monitor_works_and_torchmonitor_says_what_to_install():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None  # as if torch were not installed
+        import numpy as np
+        import initdiag
+        m = initdiag.Monitor(backend="numpy")
+        assert m.record(0, "a", activations=np.ones((2, 2)))["mean"] == 1.0
+        try:
+            import initdiag.integrations._torch_monitor
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr
+    assert 'pip install "initdiag[torch]"' in res.stdout
