@@ -6,10 +6,11 @@ Command (repository root; figures go to bench/MONITOR.md by hand)::
     python bench/bench_monitor.py [--rounds 3] [--steps 10]
 
 The reference step: an MLP of depth 20 (20 x [Linear(1024, 1024), ReLU]), batch
-512, float32, torch CPU, MSE loss, SGD; one *block* is ``--steps`` training steps
-(steps 0 .. steps-1, so ``every=10`` samples one step in ten).  The variants run
-in turn, block after block, ``--rounds`` times, so the load of a shared machine
-hits each alike; medians per step:
+512, float32, torch CPU, MSE loss, SGD.  Each variant trains its own copy of the
+model; the variants run in turn, step after step, so the load of a shared machine
+hits each alike.  A round is ``--steps`` steps (``every=10`` samples one step in
+ten); the figures are the median over ``--rounds`` rounds of the mean time per
+step, and the overhead is the median over the rounds of variant / bare:
 
 ``bare``
     the training step alone;
@@ -18,13 +19,15 @@ hits each alike; medians per step:
     40 output-gradient hooks, 40 parameter-gradient hooks, 20 parameter copies
     for the update ratios on a sampled step);
 ``peer every=10`` / ``peer every=1``
-    the same statistics from forward hooks and output-gradient hooks written
-    with torch ops (``h.mean()``, ``h.var(0)``, ``(h > 0).float().mean()``,
-    normalised-row Gram for the correlation ...), each statistic a ``.item()``,
-    as fastai's ``ActivationStats`` computes its mean and std.
+    the activation statistics, output-gradient second moments, parameter-gradient
+    norms and update ratios from forward and tensor hooks written with torch ops
+    (``h.mean()``, ``h.var(0)``, ``(h > 0).float().mean()``, the sum of the
+    normalised rows for the correlation ...), each statistic a ``.item()``, as
+    fastai's ``ActivationStats`` computes its mean and std (the monitor also
+    computes each parameter's mean, variance and norm, and the non-finite counts).
 
-Before timing, one monitored step and one peer step are compared statistic by
-statistic (they must agree to float32 rounding).
+Before timing, one monitored step and one peer step from the same state are
+compared statistic by statistic (they agree to float32 rounding).
 """
 
 from __future__ import annotations
@@ -223,15 +226,18 @@ def main() -> None:
     for v in variants.values():
         v.close()
     med = {k: float(np.median(v)) for k, v in times.items()}
+    # the variants share each round's load: the overhead is the median of the
+    # per-round ratios (paired), steadier than a ratio of medians
+    bare = np.array(times["bare"])
+    ratio = {k: float(np.median(np.array(v) / bare)) for k, v in times.items()}
     print(
         f"\nmedian over {args.rounds} rounds of the mean seconds per step of "
-        f"{args.steps} steps"
+        f"{args.steps} steps; overhead: median over the rounds of variant / bare"
     )
-    print(f"{'variant':<18} {'s / step':>9} {'overhead':>9}  (rounds)")
+    print(f"{'variant':<18} {'s / step':>9} {'overhead':>9}  (rounds, s / step)")
     for k, v in med.items():
-        over = v / med["bare"] - 1
         raw = " ".join(f"{t:.3f}" for t in times[k])
-        print(f"{k:<18} {v:9.3f} {over:+9.1%}  ({raw})")
+        print(f"{k:<18} {v:9.3f} {ratio[k] - 1:+9.1%}  ({raw})")
 
 
 if __name__ == "__main__":
