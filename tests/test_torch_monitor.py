@@ -313,3 +313,17 @@ def test_bad_arguments():
     assert [n for n, _ in tm.modules] == ["0", "2", "4"]
     with pytest.raises(RuntimeError, match="inside"):
         tm.step(0)
+
+
+class TwoHeads(nn.Module):
+    def forward(self, x):
+        return x, -x
+
+
+def test_outputs_that_are_not_float_tensors_are_skipped_with_a_reason():
+    model = nn.Sequential(nn.Linear(3, 4), TwoHeads())
+    with TorchMonitor(model) as tm:
+        tm.step(0)
+        model(torch.randn(2, 3))
+    assert tm.skipped == {"1": "its output is a tuple, not a tensor"}
+    assert [r["layer"] for r in tm.monitor.rows()] == ["0"]
