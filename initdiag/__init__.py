@@ -46,6 +46,7 @@ _LAZY = {
     "analyze": ("analytic", "analyze"),
     "simulate": ("empirical", "simulate"),
     "Profile": ("profile", "Profile"),
+    "Monitor": ("monitor", "Monitor"),
     "compare": ("profile", "compare"),
     "available_backends": ("kernels", "available_backends"),
     "BackendUnavailableError": ("kernels", "BackendUnavailableError"),

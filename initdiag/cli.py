@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}"
     )
-    sub = parser.add_subparsers(dest="command", metavar="{report,compare,phase}")
+    sub = parser.add_subparsers(dest="command", metavar="{report,compare,phase,sweep,sweep-report,torch,monitor-report}")
     r = sub.add_parser(
         "report",
         help="profile a network or a study (no arguments: the default study)",
@@ -329,6 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=_positive_int(2), default=4)
     t.add_argument("--out", metavar="DIR", help="write the plots and report.json here")
     t.set_defaults(func=cmd_torch)
+    mr = sub.add_parser(
+        "monitor-report",
+        help="plot a training-monitor file (CSV or JSON lines)",
+        description="Per-layer statistics against the step, from the file a "
+        "Monitor sink wrote; writes DIR/monitor.png.",
+    )
+    mr.add_argument("file", metavar="FILE")
+    mr.add_argument("--out", metavar="DIR", help="default: the directory of FILE")
+    mr.set_defaults(func=cmd_monitor_report)
     from .sweeps.cli import register as register_sweep_commands
 
     register_sweep_commands(sub)
@@ -717,6 +726,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 # -- phase diagram --------------------------------------------------------------------
+
+
+def cmd_monitor_report(args: argparse.Namespace) -> int:
+    """``initdiag monitor-report FILE [--out DIR]``: the plot of a monitor file."""
+    from .monitor import plot_rows, read_rows
+
+    try:
+        rows = read_rows(args.file)
+        fig = plot_rows(rows)
+    except OSError as exc:
+        raise BadInput(f"{args.file}: cannot read: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{args.file}: {exc}") from None
+    out_dir = args.out or os.path.dirname(os.path.abspath(args.file))
+    _prepare_out(out_dir)
+    path = os.path.join(out_dir, "monitor.png")
+    fig.savefig(path, dpi=110)
+    steps = {r["step"] for r in rows}
+    layers = {r["layer"] for r in rows}
+    sys.stdout.write(f"{len(layers)} layers, {len(steps)} steps: {path}\n")
+    return 0
 
 
 def _phase_values(act: str, w: Any, b: Any, quantity: str, depth: int):

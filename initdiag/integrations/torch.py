@@ -45,6 +45,7 @@ from . import _torch_measure as MS
 from ._torch_audit import Audit, AuditRow
 from ._torch_audit import audit as _audit
 from ._torch_fix import FixRow, plan_fix
+from ._torch_monitor import TorchMonitor
 from ._torch_laws import TensorLaw, module_fans, tensor_law
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "measured_chi1",
     "load_factory",
     "report",
+    "TorchMonitor",
 ]
 
 
