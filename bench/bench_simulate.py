@@ -91,6 +91,43 @@ def blas_info() -> str:
     )
 
 
+def run_rounds(engines: list[tuple], rounds: int) -> tuple[list[dict], list[float]]:
+    """The rounds of one bench run, shared by the bench scripts.
+
+    ``engines``: ``(name, group, seeds, fn)`` tuples, ``fn(seeds)`` one timed run
+    (each is called once with 2 seeds first, to compile and warm up).  Every round
+    measures the sgemm rate, then every engine (order rotated from round to round,
+    a 0.3 s pause before each), then the sgemm rate again.  Returns one dict per
+    round (``row[group, name]``: seconds per seed; for a ``sim*`` engine also
+    ``row[group, f"{name}_{phase}"]``, its ``meta["timing"]`` per seed;
+    ``row["sgemm_gflops"]``: the mean of the round's two sgemm rates) and the
+    1-min load average after each round.
+    """
+    for _, _, _, fn in engines:  # compile / warm up
+        fn(2)
+    per_round: list[dict] = []
+    load = []
+    for r in range(rounds):
+        row: dict = {}
+        rates = [sgemm_rate()]
+        order = engines[r % len(engines) :] + engines[: r % len(engines)]
+        for name, group, n, fn in order:
+            # let the previous engine's thread pools go idle (OpenBLAS workers spin
+            # ~50 ms after a call, OpenMP workers too): every engine starts clean
+            time.sleep(0.3)
+            t = time.perf_counter()
+            out = fn(n)
+            row[group, name] = (time.perf_counter() - t) / n
+            if name.startswith("sim"):
+                for k, v in out.meta["timing"].items():
+                    row[group, f"{name}_{k}"] = v / n
+        rates.append(sgemm_rate())
+        row["sgemm_gflops"] = statistics.mean(rates) / 1e9
+        per_round.append(row)
+        load.append(os.getloadavg()[0])
+    return per_round, load
+
+
 def measure(
     seeds: tuple[int, ...] = (1, 2, 8), rounds: int = 3, peer_seeds: int = 2
 ) -> dict:
@@ -116,27 +153,9 @@ def measure(
             lambda s: numpy_peer.run(DEPTH, WIDTH, BATCH, s),
         )
     )
-    for _, _, _, fn in engines:  # compile / warm up
-        fn(2)
-    per_round: list[dict] = []
-    load = []
-    for r in range(rounds):
-        row: dict = {}
-        rates = [sgemm_rate()]
-        order = engines[r % len(engines) :] + engines[: r % len(engines)]
-        for name, norm, n, fn in order:
-            # let the previous engine's thread pools go idle (OpenBLAS workers spin
-            # ~50 ms after a call, OpenMP workers too): every engine starts clean
-            time.sleep(0.3)
-            t = time.perf_counter()
-            out = fn(n)
-            row[norm, name] = (time.perf_counter() - t) / n
-            if name.startswith("sim"):
-                for k, v in out.meta["timing"].items():
-                    row[norm, f"{name}_{k}"] = v / n
-        rates.append(sgemm_rate())
-        rate = statistics.mean(rates)
-        row["sgemm_gflops"] = rate / 1e9
+    per_round, load = run_rounds(engines, rounds)
+    for row in per_round:
+        rate = row["sgemm_gflops"] * 1e9
         row["floor"] = FLOPS_FLOOR / rate
         row["floor_sim"] = FLOPS_SIM / rate
         for norm in NORMS:
@@ -147,8 +166,6 @@ def measure(
                 row[norm, f"sim{s}/floor_sim"] = t / row["floor_sim"]
                 if (norm, "numpy") in row:
                     row[norm, f"numpy/sim{s}"] = row[norm, "numpy"] / t
-        per_round.append(row)
-        load.append(os.getloadavg()[0])
     med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
     return {
         "median": med,
