@@ -32,15 +32,15 @@ Floors (seconds per seed at the sgemm rate measured in the same round), defined 
 
 from __future__ import annotations
 
-import statistics
-
 from bench_simulate import (
     BATCH,
     FLOPS_GEMM,
     THREADS,
     WIDTH,
     _setup_threads,
-    blas_info,
+    main,
+    results,
+    run_benchmark,
     run_rounds,
 )
 
@@ -92,16 +92,9 @@ def measure(
             row[f"torch/sim{s}"] = row[GROUP, "torch"] / t
             row[f"sim{s}/floor"] = t / row["floor"]
             row[f"sim{s}/floor_sim"] = t / row["floor_sim"]
-    med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
-    return {
-        "median": med,
-        "rounds": per_round,
-        "load": load,
-        "blas": blas_info(),
-        "seeds": seeds,
-        "peer_seeds": peer_seeds,
-        "network": net.describe(),
-    }
+    return results(
+        per_round, load, seeds=seeds, peer_seeds=peer_seeds, network=net.describe()
+    )
 
 
 def report(res: dict) -> str:
@@ -151,32 +144,8 @@ def report(res: dict) -> str:
 
 
 def test_residual_vs_torch(benchmark):
-    res = benchmark.pedantic(
-        measure, kwargs={"seeds": (1, 2), "rounds": 1}, rounds=1, iterations=1
-    )
-    benchmark.extra_info.update(
-        {
-            "/".join(k) if isinstance(k, tuple) else k: v
-            for k, v in res["median"].items()
-        }
-    )
-    print("\n" + report(res))
+    run_benchmark(benchmark, measure, report)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[1, 2, 8],
-        help="simulate's seeds counts",
-    )
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument(
-        "--peer-seeds", type=int, default=2, help="PyTorch peer seeds per round"
-    )
-    a = ap.parse_args()
-    print(report(measure(tuple(a.seeds), a.rounds, a.peer_seeds)))
+    main(__doc__, measure, report, "PyTorch peer seeds per round")

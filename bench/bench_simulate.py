@@ -128,6 +128,19 @@ def run_rounds(engines: list[tuple], rounds: int) -> tuple[list[dict], list[floa
     return per_round, load
 
 
+def results(per_round: list[dict], load: list[float], **extra) -> dict:
+    """A bench run's result: medians over rounds of every figure (ratios included:
+    the median of the per-round ratios), the rounds, the load, the BLAS kernel."""
+    med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+    return {
+        "median": med,
+        "rounds": per_round,
+        "load": load,
+        "blas": blas_info(),
+        **extra,
+    }
+
+
 def measure(
     seeds: tuple[int, ...] = (1, 2, 8), rounds: int = 3, peer_seeds: int = 2
 ) -> dict:
@@ -166,15 +179,7 @@ def measure(
                 row[norm, f"sim{s}/floor_sim"] = t / row["floor_sim"]
                 if (norm, "numpy") in row:
                     row[norm, f"numpy/sim{s}"] = row[norm, "numpy"] / t
-    med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
-    return {
-        "median": med,
-        "rounds": per_round,
-        "load": load,
-        "blas": blas_info(),
-        "seeds": seeds,
-        "peer_seeds": peer_seeds,
-    }
+    return results(per_round, load, seeds=seeds, peer_seeds=peer_seeds)
 
 
 def report(res: dict) -> str:
@@ -233,7 +238,8 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def test_simulate_vs_peers(benchmark):
+def run_benchmark(benchmark, measure, report) -> None:
+    """The pytest-benchmark entry of a bench script: one round at seeds 1 and 2."""
     res = benchmark.pedantic(
         measure, kwargs={"seeds": (1, 2), "rounds": 1}, rounds=1, iterations=1
     )
@@ -246,10 +252,11 @@ def test_simulate_vs_peers(benchmark):
     print("\n" + report(res))
 
 
-if __name__ == "__main__":
+def main(doc: str, measure, report, peer_help: str) -> None:
+    """A bench script's command line: ``--seeds``, ``--rounds``, ``--peer-seeds``."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument(
         "--seeds",
         type=int,
@@ -258,8 +265,14 @@ if __name__ == "__main__":
         help="simulate's seeds counts",
     )
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument(
-        "--peer-seeds", type=int, default=2, help="seeds per peer per round"
-    )
+    ap.add_argument("--peer-seeds", type=int, default=2, help=peer_help)
     a = ap.parse_args()
     print(report(measure(tuple(a.seeds), a.rounds, a.peer_seeds)))
+
+
+def test_simulate_vs_peers(benchmark):
+    run_benchmark(benchmark, measure, report)
+
+
+if __name__ == "__main__":
+    main(__doc__, measure, report, "seeds per peer per round")
