@@ -78,7 +78,7 @@ def network_parameters(network: Network) -> dict[str, Any]:
         first normalisation's kind or None), ``batchnorm`` (bool), ``gamma_mean``,
         ``gamma_var``, ``gamma2``, ``beta_mean``, ``beta_var``, ``beta2`` (NaN
         without a normalisation), ``n_blocks``, ``n_batchnorm``, ``n_norm``,
-        ``width``.
+        ``width``, ``residual`` (the network has residual blocks).
     """
     infos = network.infos
     inits = network.param_inits()
@@ -99,6 +99,7 @@ def network_parameters(network: Network) -> dict[str, Any]:
         "n_blocks": len(dense),
         "n_batchnorm": sum(d["norm"] == "batchnorm" for _, d in norms),
         "n_norm": len(norms),
+        "residual": any(info.branch for info in infos),
         "width": int(dense[0][0].width if dense else infos[0].width),
     }
     for key in (

@@ -71,7 +71,7 @@ DYING_ACTIVATIONS = ("relu",)
 #: relative distance to the critical sigma_w2 within which a network counts as critical
 CRITICAL_TOLERANCE = 0.01
 
-Severity = Literal["warning", "problem"]
+Severity = Literal["note", "warning", "problem"]
 
 
 @dataclass
@@ -226,6 +226,14 @@ def signal_rows(profile: Profile) -> np.ndarray:
     the second moment between a dense row and its activation row is not mistaken
     for vanishing."""
     kinds = profile.kind
+    stream = [
+        i
+        for i, k in enumerate(kinds)
+        if k == "residual" and profile.name[i].count(".") == 1
+    ]
+    if stream:
+        # a residual network: the stream after each top-level block's add
+        return np.asarray(stream, dtype=np.int64)
     rows = [
         i - 1
         for i in range(1, len(kinds))
@@ -274,12 +282,25 @@ def _forward(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
     first = profile.name[rows[0]]
     last = profile.name[rows[-1]]
     kind = "forward_explosion" if up else "forward_vanishing"
+    dq = np.diff(q)
+    linear = len(dq) > 1 and float(np.ptp(dq)) <= 0.05 * abs(float(np.mean(dq)))
+    how = (
+        f"linearly, by {_g(float(np.mean(dq)))} per block"
+        if linear
+        else f"by x{_g(rate)} per block"
+    )
     msg = (
-        f"the forward signal {'grows' if up else 'shrinks'} by x{_g(rate)} per block: "
+        f"the forward signal {'grows' if up else 'shrinks'} {how}: "
         f"second moment {_g(float(q[0]))} at {first} -> {_g(float(q[-1]))} at {last} "
         f"(x{_g(total)})"
     )
-    if p["batchnorm"]:
+    if p["residual"]:
+        sug = (
+            "each block adds its branch's second moment to the stream; start the "
+            "branches at zero (zero_init_residual=True on the last norm, "
+            "skipinit=True, or init='fixup') or scale them by 1/sqrt(blocks)"
+        )
+    elif p["batchnorm"]:
         sug = "check gamma and beta: BatchNorm should hold the scale fixed"
     else:
         sug = _fix_weights(p)
@@ -363,11 +384,13 @@ def _gradients(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
         return []
     up = ratio > 1
     sev: Severity = "problem" if (ratio > t_p or ratio < 1 / t_p) else "warning"
-    n_blocks = max(p["n_blocks"], 2)
+    sig = signal_rows(profile)
+    residual = profile.kind[int(sig[0])] == "residual"
+    n_blocks = max(len(sig) if residual else p["n_blocks"], 2)
     per = ratio ** (1.0 / (n_blocks - 1))
-    first = profile.name[int(signal_rows(profile)[0])]
+    first = profile.name[int(sig[0])]
     ev = {"gradient_ratio": ratio, "rate_per_block": per}
-    if up and p["batchnorm"] and p["n_batchnorm"] > 1:
+    if up and p["batchnorm"] and p["n_batchnorm"] > 1 and not residual:
         per_bn = ratio ** (1.0 / (p["n_batchnorm"] - 1))
         budget = THRESHOLDS["bn_growth_budget"]
         afford = int(math.log(budget) / math.log(per_bn)) + 1 if per_bn > 1 else 0
@@ -394,22 +417,123 @@ def _gradients(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
             )
         ]
     kind = "gradient_explosion" if up else "gradient_vanishing"
+    top = f"that at {profile.name[int(sig[-1])]}" if residual else "that at the output"
     msg = (
         f"gradients {'explode' if up else 'vanish'}: the gradient second moment at "
-        f"{first} is x{_g(ratio)} that at the output (x{_g(per)} per block)"
+        f"{first} is x{_g(ratio)} {top} (x{_g(per)} per block)"
     )
-    sug = (
-        _fix_weights(p)
-        if not p["batchnorm"]
-        else (f"check gamma (E[gamma^2] = {_g(p['gamma2'])}) and beta")
-    )
+    if residual:
+        sug = (
+            "the stream's gradient gains each branch's share on the way down; start "
+            "the branches at zero (zero_init_residual=True, skipinit=True or "
+            "init='fixup') or scale them by 1/sqrt(blocks)"
+        )
+    elif p["batchnorm"]:
+        sug = f"check gamma (E[gamma^2] = {_g(p['gamma2'])}) and beta"
+    else:
+        sug = _fix_weights(p)
     return [Verdict(kind, sev, msg, sug, layer=first, evidence=ev)]
 
 
-def _dead(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
+def identity_blocks(profile: Profile, network: Any) -> list[dict[str, Any]]:
+    """Residual blocks whose branch output is exactly zero in ``profile`` (zero
+    gamma on the last norm, SkipInit's alpha = 0, Fixup's zero last layer): for
+    each, the block row, the first branch row whose output is zero by design (the
+    cause), the rows after it (zero by design) and the parameter-gradient columns
+    upstream of it that are exactly 0."""
+    out = []
+    q = profile.columns["second_moment"]
+    inits = network.param_inits()
+    for info in network.infos:
+        if not info.branch or q[info.branch[-1]] != 0.0:
+            continue
+        zero = next(
+            (
+                r
+                for r in info.branch
+                if network.infos[r].layer.output_zero_by_design(
+                    inits[r], network.infos[r].fan_in, network.infos[r].width
+                )
+                and q[r] == 0.0
+            ),
+            None,
+        )
+        if zero is None:
+            continue
+        k = info.branch.index(zero)
+        upstream = [
+            (profile.name[r], c)
+            for r in info.branch[:k]
+            for c in ("weight_grad_norm2", "bias_grad_norm2", "gamma_grad_norm2")
+            if profile.columns[c][r] == 0.0
+        ]
+        out.append(
+            {
+                "block": info.name,
+                "cause": profile.name[zero],
+                "after": list(info.branch[k:]),
+                "upstream_zero": upstream,
+            }
+        )
+    return out
+
+
+def _cause(network: Any, name: str) -> str:
+    info = next(i for i in network.infos if i.name == name)
+    if info.kind in ("batchnorm", "layernorm"):
+        return f"gamma = beta = 0 on {name}"
+    if info.kind == "scale":
+        return f"alpha = 0 on {name}"
+    return f"zero weights in {name}"
+
+
+def _identity(profile: Profile, network: Any) -> list[Verdict]:
+    blocks = identity_blocks(profile, network)
+    if not blocks:
+        return []
+    total = sum(1 for i in network.infos if i.branch)
+    local = {b["cause"].rpartition(".")[2] for b in blocks}
+    if len(local) == 1:
+        first = blocks[0]["cause"]
+        shown = _cause(network, first).replace(first, f"block*.{local.pop()}")
+    else:
+        shown = ", ".join(_cause(network, b["cause"]) for b in blocks[:2]) + ", ..."
+    n_zero = sum(len(b["upstream_zero"]) for b in blocks)
+    msg = (
+        f"{len(blocks)} of {total} residual blocks start as the identity: their "
+        f"branch output is exactly 0 ({shown})"
+    )
+    if n_zero:
+        ex = blocks[0]["upstream_zero"][0][0]
+        msg += (
+            f"; the {n_zero} parameter gradients upstream of the zero in the "
+            f"branches (e.g. {ex}) are exactly 0 at step 0 by design, not vanishing"
+        )
+    sug = (
+        "nothing to fix: the zeroed parameter gets a non-zero gradient at step 0, "
+        "so the branch opens after the first update (Goyal et al. 2017; De & Smith "
+        "2020; Zhang et al. 2019)"
+    )
+    return [
+        Verdict(
+            "identity_blocks",
+            "note",
+            msg,
+            sug,
+            layer=blocks[0]["block"],
+            evidence={"blocks": len(blocks), "upstream_zero_gradients": n_zero},
+        )
+    ]
+
+
+def _dead(
+    profile: Profile, p: Mapping[str, Any], by_design: set[int] | None = None
+) -> list[Verdict]:
     if p["activation"] not in DYING_ACTIVATIONS:
         return []
-    d = profile.columns["dead_fraction"]
+    d = profile.columns["dead_fraction"].copy()
+    for r in by_design or ():
+        d[r] = np.nan  # zero by design in an identity block: not dying units
     if not np.any(np.isfinite(d)):
         return []
     t_w, t_p = THRESHOLDS["dead_warning"], THRESHOLDS["dead_problem"]
@@ -452,7 +576,8 @@ def _dead(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
             "size (it is not a finite-width effect); "
             + (
                 "BatchNorm would hold the batch's centred correlation at -1/(B-1); "
-                "or use fewer blocks or residual connections"
+                + ("or use fewer blocks" if p["residual"] else
+                   "or use fewer blocks or residual connections")
                 if not p["batchnorm"]
                 else "check gamma and beta"
             )
@@ -543,5 +668,7 @@ def diagnose(profile: Profile, network: Any = None) -> list[Verdict]:
     out += _forward(profile, p)
     out += _correlation(profile, p)
     out += _gradients(profile, p)
-    out += _dead(profile, p)
+    by_design = {r for b in identity_blocks(profile, network) for r in b["after"]}
+    out += _dead(profile, p, by_design)
+    out += _identity(profile, network)
     return out

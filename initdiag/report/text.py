@@ -274,7 +274,8 @@ def verdict_lines(
     out = []
     for v in verdicts:
         tag = style(
-            f"{v.severity.upper():<7}", "red" if v.severity == "problem" else "yellow"
+            f"{v.severity.upper():<7}",
+            {"problem": "red", "warning": "yellow"}.get(v.severity, "cyan"),
         )
         body = textwrap.wrap(v.message, width=wrap)
         out.append(f"  {tag} {body[0]}")
