@@ -103,10 +103,11 @@ ffibuilder.set_source(
     extra_compile_args=_cflags,
     extra_link_args=_ldflags,
     libraries=["m"],
-    # the template body is #included, so list it for rebuild tracking
+    # the template bodies are #included, so list them for rebuild tracking
     depends=[
         os.path.relpath(os.path.join(HERE, f))
-        for f in ("initdiag.h", "kernels_tmpl.inc")
+        for f in sorted(os.listdir(HERE))
+        if f == "initdiag.h" or f.endswith("_tmpl.inc")
     ],
 )
 

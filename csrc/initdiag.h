@@ -107,3 +107,16 @@ int idg_row_correlation_f32(const float *x, long B, long n, double *scratch,
                             double *out, int nthr);
 int idg_row_correlation_f64(const double *x, long B, long n, double *scratch,
                             double *out, int nthr);
+
+/* Residual add out = skip + scale * x over N elements (skip NULL: out = scale * x),
+ * and inverted-dropout masking out = x * (mask ? scale : 0) (mask: N bytes, nonzero
+ * = kept), in the element type with scale rounded to it; out may equal skip or x;
+ * on nthr threads (1: serial).  csrc/residual_tmpl.inc. */
+int idg_residual_add_f32(const float *skip, const float *x, long N, double scale,
+                         float *out, int nthr);
+int idg_residual_add_f64(const double *skip, const double *x, long N, double scale,
+                         double *out, int nthr);
+int idg_masked_scale_f32(const float *x, const unsigned char *mask, long N,
+                         double scale, float *out, int nthr);
+int idg_masked_scale_f64(const double *x, const unsigned char *mask, long N,
+                         double scale, double *out, int nthr);

@@ -1,6 +1,7 @@
 /* initdiag C core: the CPU kernels (activation, dense epilogue, BatchNorm,
- * statistics) for float and double.  The bodies live in kernels_tmpl.inc, included
- * once per element type.  Formulas: initdiag/kernels/{activation,batchnorm,stats}.py.
+ * statistics, residual add / dropout masking) for float and double.  The bodies
+ * live in kernels_tmpl.inc and residual_tmpl.inc, included once per element type.
+ * Formulas: initdiag/kernels/{activation,batchnorm,stats,residual}.py.
  *
  * Rules: plain C99 (+ OpenMP when available); no allocation (fixed-size stack
  * scratch per column block only); no error other than a negative return code;
@@ -73,11 +74,13 @@ static inline double act_grad_d(double g, double v, int code, double slope)
 #define T float
 #define SUF(name) name##_f32
 #include "kernels_tmpl.inc"
+#include "residual_tmpl.inc"
 #undef T
 #undef SUF
 
 #define T double
 #define SUF(name) name##_f64
 #include "kernels_tmpl.inc"
+#include "residual_tmpl.inc"
 #undef T
 #undef SUF

@@ -20,6 +20,15 @@ the float64 ones rounded: they agree to float32 rounding except in the far tail
 (tests/test_empirical.py).  Uniforms use the top 24 bits
 (``u = (k + 0.5) / 2^24``, never exactly 0 or 1).
 
+Dropout keep masks (:func:`fill_keep_mask`) read the same words as the float64
+uniforms: entry ``i`` is kept (1) iff ``u_i >= p`` with ``u_i = (m_i + 0.5) / 2^24``,
+``m_i`` the top 24 bits of word ``i``; compared as integers, ``m_i >= ceil(p 2^24 -
+0.5)``, which is the same test exactly (``p 2^24`` and the subtraction are exact in
+float64), so ``fill_keep_mask(out, key, s, p)`` equals ``fill_uniform(u, key, s) >= p``
+for a float64 ``u`` (a float32 ``u`` rounds ``u_i`` to 24 bits and may differ at
+ties).  P(keep) = ``(2^24 - t) / 2^24`` with ``t = ceil(p 2^24 - 0.5)``, i.e. 1 - p
+to within 2^-25.
+
 Keys: :func:`derive_key` hashes ``(entropy, *words)`` with numpy's
 :class:`~numpy.random.SeedSequence` (so ``(rng, seed, layer)`` give independent keys).
 """
@@ -27,6 +36,7 @@ Keys: :func:`derive_key` hashes ``(entropy, *words)`` with numpy's
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -37,6 +47,7 @@ __all__ = [
     "derive_key",
     "entropy_of",
     "fill",
+    "fill_keep_mask",
     "fill_normal",
     "fill_uniform",
     "numpy_generator",
@@ -154,6 +165,30 @@ def _philox_block(j0, nb, stream, k0, k1, w0, w1, w2, w3):
 
 
 @njit(cache=True, error_model="numpy")
+def _chunk_words(c, n, stream, k0, k1):
+    """(start, stop, w0, w1, w2, w3): entries start .. stop - 1 of chunk ``c`` (of
+    ``_CHUNK`` entries, the last one shorter) and the Philox words covering them;
+    entry ``start + i`` takes :func:`_word` ``i``."""
+    start = c * _CHUNK
+    stop = min(start + _CHUNK, n)
+    nb = (stop - start + 3) // 4
+    w0 = np.empty(nb, np.uint32)
+    w1 = np.empty(nb, np.uint32)
+    w2 = np.empty(nb, np.uint32)
+    w3 = np.empty(nb, np.uint32)
+    _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
+    return start, stop, w0, w1, w2, w3
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _word(w0, w1, w2, w3, i):
+    """Word ``i % 4`` of counter ``i // 4`` of a chunk (selects: no branch)."""
+    t = i >> 2
+    q = i & 3
+    return w0[t] if q == 0 else (w1[t] if q == 1 else (w2[t] if q == 2 else w3[t]))
+
+
+@njit(cache=True, error_model="numpy")
 def _radius_block(w, nb, d, r):
     """r[t] = sqrt(-2 ln((w[t] + 1) / 2^32)) for 32-bit words ``w`` (d: scratch).
 
@@ -218,17 +253,11 @@ def _fill_normal_kernel(out, k0, k1, stream, mean, std):
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in prange(nchunks):
-        start = c * _CHUNK
-        stop = min(start + _CHUNK, n)
-        nb = (stop - start + 3) // 4
-        w0 = np.empty(nb, np.uint32)
-        w1 = np.empty(nb, np.uint32)
-        w2 = np.empty(nb, np.uint32)
-        w3 = np.empty(nb, np.uint32)
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
+        nb = w0.size
         d = np.empty(nb, np.float64)
         r0 = np.empty(nb, np.float64)
         r1 = np.empty(nb, np.float64)
-        _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
         if stop - start == 4 * nb:  # whole counters: straight into the output
             _box_muller_block(w0, w1, w2, w3, nb, out[start:stop], d, r0, r1, mean, std)
         else:
@@ -337,17 +366,11 @@ def _fill_normal_kernel32(out, k0, k1, stream, mean, std):
     n = out.size
     nchunks = (n + _CHUNK - 1) // _CHUNK
     for c in prange(nchunks):
-        start = c * _CHUNK
-        stop = min(start + _CHUNK, n)
-        nb = (stop - start + 3) // 4
-        w0 = np.empty(nb, np.uint32)
-        w1 = np.empty(nb, np.uint32)
-        w2 = np.empty(nb, np.uint32)
-        w3 = np.empty(nb, np.uint32)
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
+        nb = w0.size
         d = np.empty(nb, np.float32)
         r0 = np.empty(nb, np.float32)
         r1 = np.empty(nb, np.float32)
-        _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
         if stop - start == 4 * nb:
             _box_muller_block32(
                 w0, w1, w2, w3, nb, out[start:stop], d, r0, r1, mean, std
@@ -367,19 +390,26 @@ def _fill_uniform_kernel(out, k0, k1, stream, lo, hi):
     w = (hi - lo) * 5.960464477539063e-08
     sh = np.uint32(8)
     for c in prange(nchunks):
-        start = c * _CHUNK
-        stop = min(start + _CHUNK, n)
-        nb = (stop - start + 3) // 4
-        w0 = np.empty(nb, np.uint32)
-        w1 = np.empty(nb, np.uint32)
-        w2 = np.empty(nb, np.uint32)
-        w3 = np.empty(nb, np.uint32)
-        _philox_block(np.uint64(start // 4), nb, stream, k0, k1, w0, w1, w2, w3)
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
         for i in range(stop - start):
-            t = i >> 2
-            q = i & 3
-            x = w0[t] if q == 0 else (w1[t] if q == 1 else (w2[t] if q == 2 else w3[t]))
+            x = _word(w0, w1, w2, w3, i)
             out[start + i] = lo + w * (float(x >> sh) + 0.5)
+
+
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+def _fill_keep_mask_kernel(out, k0, k1, stream, thr):
+    """out[i] = 1 if the 24-bit uniform of (key, stream, i) is kept (its top 24
+    bits >= ``thr``), else 0; out uint8."""
+    n = out.size
+    nchunks = (n + _CHUNK - 1) // _CHUNK
+    sh = np.uint32(8)
+    one = np.uint8(1)
+    zero = np.uint8(0)
+    for c in prange(nchunks):
+        start, stop, w0, w1, w2, w3 = _chunk_words(c, n, stream, k0, k1)
+        for i in range(stop - start):
+            x = _word(w0, w1, w2, w3, i)
+            out[start + i] = one if (x >> sh) >= thr else zero
 
 
 def entropy_of(rng: Any) -> int:
@@ -462,6 +492,74 @@ def fill_uniform(
         np.uint64(stream),
         float(low),
         float(high),
+    )
+    return out
+
+
+def fill_keep_mask(
+    out: np.ndarray,
+    key: tuple[int, int],
+    stream: int = 0,
+    p: float = 0.5,
+) -> np.ndarray:
+    """Fill a dropout keep mask in place: 1 where entry i is kept, 0 where dropped.
+
+    Entry ``i`` is kept iff ``u_i >= p``, ``u_i`` the 24-bit uniform of
+    ``(key, stream, i)`` that :func:`fill_uniform` draws (module docstring), so
+    P(keep) = 1 - p (to within 2^-25) independently per entry, as the Bernoulli(1 - p)
+    mask of inverted dropout (Srivastava et al. 2014).  Bit-identical for any
+    ``numba.set_num_threads``.
+
+    Parameters
+    ----------
+    out : ndarray, uint8, C-contiguous, any shape
+    key : (int, int)
+        Philox key (:func:`derive_key`).
+    stream : int
+        Counter word 2 (independent streams under one key).
+    p : float in [0, 1)
+        Drop probability; 0 keeps every entry.
+
+    Returns
+    -------
+    ndarray
+        ``out``.
+
+    Raises
+    ------
+    TypeError
+        ``out`` not a C-contiguous uint8 ndarray, or ``p`` not a real number.
+    ValueError
+        ``p`` outside [0, 1).
+    """
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8:
+        got = out.dtype if isinstance(out, np.ndarray) else type(out).__name__
+        raise TypeError(
+            f"out must be a NumPy uint8 array; got {got}; allocate it with "
+            "np.empty(shape, dtype=np.uint8)"
+        )
+    if not out.flags.c_contiguous:
+        raise TypeError(
+            "out must be C-contiguous (it is written in place); pass "
+            "np.ascontiguousarray(out) and use that array"
+        )
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a real number in [0, 1); got {p!r}")
+    pf = float(p)
+    if not 0.0 <= pf < 1.0:
+        raise ValueError(
+            f"p (the drop probability) must be in [0, 1); got {pf}; p = 1 would "
+            "drop everything and make the inverted-dropout scale 1 / (1 - p) infinite"
+        )
+    ensure_configured()
+    # u = (m + 0.5) 2^-24 >= p  <=>  m >= p 2^24 - 0.5 (exact in float64)
+    thr = max(0, math.ceil(pf * 16777216.0 - 0.5))
+    _fill_keep_mask_kernel(
+        out.reshape(-1),
+        np.uint64(key[0]),
+        np.uint64(key[1]),
+        np.uint64(stream),
+        np.uint32(thr),
     )
     return out
 

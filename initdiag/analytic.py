@@ -438,6 +438,8 @@ def _summary(network: Network, prof: Profile, batch=None) -> dict[str, Any]:
     act = p["activation_layer"]
     if act is None:
         return out
+    if p["residual"]:
+        return _residual_summary(prof, out)
     if p["norm"] is not None:
         B = None if batch is None else batch.B
         if p["norm"] == "batchnorm" and B is not None and batch.equi:
@@ -513,6 +515,30 @@ def _summary(network: Network, prof: Profile, batch=None) -> dict[str, Any]:
         out["c_star"] = float(mf.fixed_point_c(act, w2, b2))
         xq, xc = mf.depth_scales(act, w2, b2)
         out["xi_q"], out["xi_c"] = float(xq), float(xc)
+    return out
+
+
+def _residual_summary(prof: Profile, out: dict[str, Any]) -> dict[str, Any]:
+    """A residual stream has no fixed point of a chain's length map (each block
+    adds its branch's share: q_l = q_0 + sum of the branches'), so the regime is
+    named "residual" and chi1 is the geometric-mean per-block gain of the
+    stream's gradient (1 for blocks that start as the identity)."""
+    from .verdicts import signal_rows
+
+    rows = signal_rows(prof)
+    g = prof.columns["grad_second_moment"][rows]
+    ok = np.isfinite(g) & (g > 0)
+    chi = math.nan
+    if ok.sum() >= 2:
+        g = g[ok]
+        chi = float((g[0] / g[-1]) ** (1.0 / (g.size - 1)))
+    out["chi1"] = chi
+    out["chi1_source"] = "per-block gain of the residual stream's gradient"
+    out["regime"] = "residual"
+    out["regime_reason"] = (
+        "a residual stream adds each branch's second moment to the skip's, so the "
+        "fixed points of a chain do not apply"
+    )
     return out
 
 

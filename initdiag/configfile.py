@@ -38,8 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .initializers import InitScheme
-from .initializers import fixup
+from .initializers import InitScheme, fixup
 from .network import Network, layer_from_dict, mlp, resnet_mlp
 
 __all__ = ["ConfigError", "Study", "load_config", "load_study", "save_config"]
@@ -164,6 +163,24 @@ class Study:
 
 def _where(source: str | None, key: str) -> str:
     return f"{source}: [{key}]" if source else f"[{key}]"
+
+
+#: what a [network] table is built by: its presence decides the family
+_FAMILY_KEYS = ("layers", "blocks", "depth")
+#: keys an mlp and a resnet_mlp table share, carried into a variant of the other kind
+_SHARED_KEYS = {"width", "activation", "input_dim", "output_dim", "bias", "norm"}
+
+
+def _merge_network(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict:
+    """A variant's [network]: the base patched; a variant of another kind (``blocks``
+    on an mlp base, ``depth`` on a resnet base, explicit ``layers``) keeps only the
+    keys both kinds share (width, activation, ...)."""
+    fam = next((k for k in _FAMILY_KEYS if k in patch), None)
+    if fam is not None and fam not in base:
+        base = {k: v for k, v in base.items() if k in _SHARED_KEYS | {"name"}}
+        if fam == "layers":
+            base = {}
+    return _merge(base, patch)
 
 
 def _merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,7 +360,7 @@ def _study_from_dict(d: Mapping[str, Any], source: str | None) -> Study:
                     f"{_where(source, key)} duplicate variant name {vname!r}"
                 )
             seen.add(vname)
-            net = _merge(base_net, v.get("network", {}) or {})
+            net = _merge_network(base_net, v.get("network", {}) or {})
             init = _merge(base_init, v.get("init", {}) or {})
             networks.append(_build_network(net, init, vname, source, f"{key}.network"))
     return Study(

@@ -380,7 +380,7 @@ def resnet_mlp(
     ----------
     blocks, width, branch_depth : int
         L, the stream width, m.
-    norm : {"batchnorm", "layernorm"} or None
+    norm : {"batchnorm", "layernorm", "none"} or None
     norm_position : {"pre", "post"}
     activation : str or Activation
     zero_init_residual : bool
@@ -400,12 +400,17 @@ def resnet_mlp(
     check_bool(zero_init_residual, "zero_init_residual")
     check_bool(skipinit, "skipinit")
     check_bool(bias, "bias")
+    if norm == "none":  # a TOML file has no null
+        norm = None
     if norm is not None and norm not in _NORMS:
         raise ValueError(
-            f"norm must be one of {', '.join(map(repr, _NORMS))} or None, got {norm!r}"
+            f"norm must be one of {', '.join(map(repr, _NORMS))}, 'none' or None, "
+            f"got {norm!r}"
         )
     if norm_position not in ("pre", "post"):
-        raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
+        raise ValueError(
+            f"norm_position must be 'pre' or 'post', got {norm_position!r}"
+        )
     if zero_init_residual and norm is None:
         raise ValueError(
             "zero_init_residual zeroes the gamma of each branch's last "
@@ -429,7 +434,9 @@ def resnet_mlp(
                 branch += [Dense(width, bias=bias), *nrm()]
                 if j < m - 1:
                     branch.append(act)
-        layers.append(Residual(tuple(branch), scale=Scale("zeros") if skipinit else None))
+        layers.append(
+            Residual(tuple(branch), scale=Scale("zeros") if skipinit else None)
+        )
     if pre:
         layers += [*nrm(), act]
     if output_dim is not None:

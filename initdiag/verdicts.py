@@ -68,6 +68,9 @@ THRESHOLDS: dict[str, float] = {
 #: dying-units rule applies to these only (a tanh unit with a negative output is alive)
 DYING_ACTIVATIONS = ("relu",)
 
+#: relative change of a second moment along the rows below which it "stays"
+FLAT_TOLERANCE = 0.02
+
 #: relative distance to the critical sigma_w2 within which a network counts as critical
 CRITICAL_TOLERANCE = 0.01
 
@@ -219,6 +222,39 @@ def _fix_weights(p: Mapping[str, Any]) -> str:
 # -- the rules ------------------------------------------------------------------------
 
 
+def growth_law(q: np.ndarray) -> tuple[str, float]:
+    """Classify a sequence of second moments: ("flat", 0), ("linear", increment of q
+    per block), ("quadratic", increment of sqrt(q) per block) or ("exponential",
+    factor per block), by the best of straight-line fits of q, sqrt(q) and log q
+    (relative residuals of q; ties go to the simpler law, in that order).  A
+    zero-mean bias at the ReLU edge of chaos adds sigma_b2 to q per block (linear);
+    a constant bias adds to sqrt(q) (quadratic)."""
+    q = np.asarray(q, dtype=float)
+    ok = np.isfinite(q) & (q > 0)
+    q = q[ok]
+    if q.size < 2:
+        return "flat", 0.0
+    rel = abs(q[-1] / q[0] - 1.0)
+    if rel < FLAT_TOLERANCE and np.all(np.abs(q / q[0] - 1.0) < FLAT_TOLERANCE):
+        return "flat", 0.0
+    x = np.arange(q.size, dtype=float)
+    if q.size < 3:
+        return "exponential", float((q[-1] / q[0]) ** (1.0 / (q.size - 1)))
+    lin = np.polyfit(x, q, 1)
+    r_lin = np.sqrt(np.mean(((np.polyval(lin, x) - q) / q) ** 2))
+    sq = np.polyfit(x, np.sqrt(q), 1)
+    r_sq = np.sqrt(np.mean((np.polyval(sq, x) ** 2 / q - 1.0) ** 2))
+    lg = np.polyfit(x, np.log(q), 1)
+    r_exp = np.sqrt(np.mean((np.exp(np.polyval(lg, x)) / q - 1.0) ** 2))
+    # a relative margin keeps rounding from preferring the more flexible law
+    if r_lin <= 1.05 * min(r_sq, r_exp) + 1e-12:
+        return "linear", float(lin[0])
+    if r_sq <= r_exp:
+        return "quadratic", float(sq[0])
+    # the rate quoted is the endpoints' geometric mean, as in the verdicts
+    return "exponential", float((q[-1] / q[0]) ** (1.0 / (q.size - 1)))
+
+
 def signal_rows(profile: Profile) -> np.ndarray:
     """Rows whose output feeds an activation: the pre-activations (dense rows, or
     BatchNorm rows in ``Dense -> BN -> act`` blocks); dense rows when there is no
@@ -282,11 +318,10 @@ def _forward(profile: Profile, p: Mapping[str, Any]) -> list[Verdict]:
     first = profile.name[rows[0]]
     last = profile.name[rows[-1]]
     kind = "forward_explosion" if up else "forward_vanishing"
-    dq = np.diff(q)
-    linear = len(dq) > 1 and float(np.ptp(dq)) <= 0.05 * abs(float(np.mean(dq)))
+    law, step = growth_law(q)
     how = (
-        f"linearly, by {_g(float(np.mean(dq)))} per block"
-        if linear
+        f"linearly, by {_g(step)} per block"
+        if law == "linear"
         else f"by x{_g(rate)} per block"
     )
     msg = (
@@ -576,8 +611,11 @@ def _dead(
             "size (it is not a finite-width effect); "
             + (
                 "BatchNorm would hold the batch's centred correlation at -1/(B-1); "
-                + ("or use fewer blocks" if p["residual"] else
-                   "or use fewer blocks or residual connections")
+                + (
+                    "or use fewer blocks"
+                    if p["residual"]
+                    else "or use fewer blocks or residual connections"
+                )
                 if not p["batchnorm"]
                 else "check gamma and beta"
             )

@@ -515,3 +515,29 @@ def naive_gram_dot(a, b) -> tuple[float, float]:
     B = a.shape[0]
     s = sum(a[i, k] * b[i, k] for i in range(B) for k in range(B))
     return s, sum(a[i, i] for i in range(B))
+
+
+# ------------------------------------------------------------------ residual ops
+def naive_residual_add(skip, x, scale: float) -> np.ndarray:
+    """skip + scale * x element by element (skip None: scale * x), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    out = np.empty((B, n))
+    for i in range(B):
+        for j in range(n):
+            v = float(scale) * float(x[i, j])
+            out[i, j] = v if skip is None else float(skip[i, j]) + v
+    return out
+
+
+def naive_masked_scale(x, mask, scale: float) -> np.ndarray:
+    """x * (mask * scale) element by element, float64: a dropped entry is x * 0,
+    i.e. NaN where x is NaN or +-inf (PyTorch's dropout multiplies too)."""
+    x = np.asarray(x, dtype=np.float64)
+    B, n = x.shape
+    out = np.empty((B, n))
+    for i in range(B):
+        for j in range(n):
+            w = float(scale) if mask[i, j] else 0.0
+            out[i, j] = float(x[i, j]) * w
+    return out

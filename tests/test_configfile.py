@@ -15,7 +15,7 @@ EXAMPLES = os.path.join(os.path.dirname(HERE), "examples")
 
 def test_default_study_example_loads():
     study = load_study(os.path.join(EXAMPLES, "bias_question.toml"))
-    assert len(study.networks) == 8
+    assert len(study.networks) == 12
     names = [n.name for n in study.networks]
     assert names[0] == "bias = 0" and len(set(names)) == 8
     for net in study.networks:

@@ -42,6 +42,7 @@ from initdiag.kernels import (  # noqa: E402
     _cuda_batchnorm,
     _cuda_dense,
     _cuda_layernorm,
+    _cuda_residual,
     _cuda_stats,
 )
 
@@ -460,6 +461,7 @@ def test_every_kernel_is_listed_for_ptx():
         _cuda_batchnorm,
         _cuda_layernorm,
         _cuda_stats,
+        _cuda_residual,
     )
     jitted = {
         n for m in mods for n in vars(m) if n.startswith("_") and n.endswith("_kernel")

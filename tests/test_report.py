@@ -330,9 +330,10 @@ def test_explanation_answers_first_and_names_what_each_number_is(default_analyti
     _, result = default_analytic
     sents = result.explanation()
     ids = [s.id for s in sents]
-    # the short answer leads: biases, the constant bias, BatchNorm
+    # the short answer leads: biases, the constant bias, BatchNorm, residual nets
     assert ids[0] == "answer:bias" and ids[1].startswith("answer:constant")
-    assert ids[2] == "answer:batchnorm" and ids[3] == "reference"
+    assert ids[2] == "answer:batchnorm" and ids[3] == "answer:residual"
+    assert ids[4] == "reference"
     by = {s.id: s.text for s in sents}
     const = by["variant:bias = 0.1"]
     # a constant bias is a mean: no "sigma_b2 = 0.01" (its square) in its sentence

@@ -62,9 +62,10 @@ class _Tape:
         fi, fo = info.fan_in, info.width
         if la.kind == "dense":
             W = _sample(p["weight"], (fo, fi), fi, fo, rng)
-            b = _sample(p["bias"], (fo,), fi, fo, rng) if p.get("bias") else 0.0
+            has_b = p.get("bias") is not None
+            b = _sample(p["bias"], (fo,), fi, fo, rng) if has_b else 0.0
 
-            def back(g, x=x, W=W, has_b=p.get("bias") is not None):
+            def back(g, x=x, W=W, has_b=has_b):
                 n = {"weight_grad_norm2": float(np.sum((g.T @ x) ** 2))}
                 if has_b:
                     n["bias_grad_norm2"] = float(np.sum(g.sum(0) ** 2))
@@ -88,7 +89,8 @@ class _Tape:
             def back(g, xh=xh, inv=inv, gam=gam, ax=ax):
                 dxh = g * gam
                 dx = inv * (
-                    dxh - dxh.mean(ax, keepdims=True)
+                    dxh
+                    - dxh.mean(ax, keepdims=True)
                     - xh * (dxh * xh).mean(ax, keepdims=True)
                 )
                 return dx, {
@@ -179,7 +181,9 @@ def _check_against_mc(net, prof, mc, cols, rel):
             if np.isnan(a) and np.isnan(m):
                 continue  # undefined in both (the cosine of an all-zero output)
             if not abs(a - m) <= 5 * se + rel * abs(m) + 1e-12:
-                bad.append(f"{info.name}.{c}: analytic {a:.5g} vs MC {m:.5g} +- {se:.2g}")
+                bad.append(
+                    f"{info.name}.{c}: analytic {a:.5g} vs MC {m:.5g} +- {se:.2g}"
+                )
     assert not bad, "\n".join(bad)
 
 
@@ -217,7 +221,11 @@ def test_rules_against_numpy_monte_carlo(key):
             m, se = mc[i][c]
             a = prof.columns[c][i]
             assert (np.isnan(a) and np.isnan(m)) or abs(a - m) <= 5 * se + slack, (
-                info.name, c, a, m, se
+                info.name,
+                c,
+                a,
+                m,
+                se,
             )
 
 
@@ -227,8 +235,13 @@ def test_dropout_and_projection_against_numpy_monte_carlo():
         (
             idg.Dense(WIDTH),
             idg.Residual(
-                (idg.ReLU(), idg.Dense(WIDTH), idg.ReLU(), idg.Dropout(0.3),
-                 idg.Dense(WIDTH)),
+                (
+                    idg.ReLU(),
+                    idg.Dense(WIDTH),
+                    idg.ReLU(),
+                    idg.Dropout(0.3),
+                    idg.Dense(WIDTH),
+                ),
             ),  # fmt: skip
             idg.Residual(
                 (idg.ReLU(), idg.Dense(512)), shortcut=idg.Dense(512), scale=0.5
@@ -264,7 +277,9 @@ def test_closed_forms_of_the_stream():
     q0 = 2.0  # the stem: Kaiming weights on unit-second-moment inputs
     # plain pre-activation He ResNet doubles q per block (De & Smith 2020)
     net = idg.resnet_mlp(L, 64, norm=None)
-    np.testing.assert_allclose(_stream(analyze(net), net), q0 * 2.0 ** np.arange(1, L + 1))
+    np.testing.assert_allclose(
+        _stream(analyze(net), net), q0 * 2.0 ** np.arange(1, L + 1)
+    )
     # BatchNorm in the branch: q grows by 1 per block (linear)
     for pos in ("pre", "post"):
         net = idg.resnet_mlp(L, 64, norm="batchnorm", norm_position=pos)
@@ -309,7 +324,9 @@ def test_plain_resnet_gradient_doubles_down_the_blocks():
 
 
 # -- simulate against analyze --------------------------------------------------------
-@pytest.mark.parametrize("key", ["bn-pre", "bn-post", "zero-gamma", "skipinit", "fixup"])
+@pytest.mark.parametrize(
+    "key", ["bn-pre", "bn-post", "zero-gamma", "skipinit", "fixup"]
+)
 def test_simulate_agrees_with_analyze(key):
     net = idg.resnet_mlp(3, 512, **NETS[key])
     a = analyze(net, batch_size=BATCH)
@@ -318,7 +335,7 @@ def test_simulate_agrees_with_analyze(key):
     for c in ("second_moment", "grad_second_moment", "weight_grad_norm2"):
         m, se, want = e.columns[c], e.columns[f"{c}_se"], a.columns[c]
         ok = np.isnan(want) | (np.abs(m - want) <= 5 * se + 0.04 * np.abs(want))
-        assert ok.all(), (c, [n for n, k in zip(net.names, ok) if not k])
+        assert ok.all(), (c, [n for n, k in zip(net.names, ok, strict=True) if not k])
 
 
 def test_fused_and_generic_executors_agree_on_residual_networks():
@@ -327,8 +344,15 @@ def test_fused_and_generic_executors_agree_on_residual_networks():
         (
             idg.Dense(64),
             idg.Residual(
-                (idg.BatchNorm(), idg.ReLU(), idg.Dense(48), idg.LayerNorm(),
-                 idg.ReLU(), idg.Dense(48), idg.Dropout(0.25)),
+                (
+                    idg.BatchNorm(),
+                    idg.ReLU(),
+                    idg.Dense(48),
+                    idg.LayerNorm(),
+                    idg.ReLU(),
+                    idg.Dense(48),
+                    idg.Dropout(0.25),
+                ),
                 shortcut=(idg.Dense(48), idg.BatchNorm()),
                 scale=idg.Scale("constant(0.5)"),
             ),  # fmt: skip
@@ -369,7 +393,9 @@ def test_dropout_masks_do_not_depend_on_the_thread_count():
         b = simulate(net, batch_size=32, seeds=2, rng=5)
     finally:
         numba.set_num_threads(old)
-    np.testing.assert_array_equal(a.columns["second_moment"], b.columns["second_moment"])
+    np.testing.assert_array_equal(
+        a.columns["second_moment"], b.columns["second_moment"]
+    )
 
 
 # -- spec: names, selectors, presets, TOML --------------------------------------------
@@ -419,8 +445,12 @@ def test_toml_round_trip_of_every_preset():
             (
                 idg.Dense(16),
                 idg.Residual(
-                    (idg.ReLU(), idg.Dense(32), idg.Dropout(0.2),
-                     idg.Residual((idg.Dense(32), idg.ReLU()), scale=0.5)),
+                    (
+                        idg.ReLU(),
+                        idg.Dense(32),
+                        idg.Dropout(0.2),
+                        idg.Residual((idg.Dense(32), idg.ReLU()), scale=0.5),
+                    ),
                     shortcut=idg.Dense(32),
                     scale=idg.Scale("normal(0, 0.1)"),
                 ),  # fmt: skip
@@ -436,8 +466,10 @@ def test_toml_round_trip_of_every_preset():
 
 def test_resnet_table_in_a_study_file():
     net = load_config(
-        tomllib.loads('[network]\nblocks = 4\nwidth = 32\nnorm = "batchnorm"\n'
-                      'norm_position = "post"\nfixup = true\n')  # fmt: skip
+        tomllib.loads(
+            '[network]\nblocks = 4\nwidth = 32\nnorm = "batchnorm"\n'
+            'norm_position = "post"\nfixup = true\n'
+        )  # fmt: skip
     )
     assert net.names[-1] == "block5.out"
     inits = dict(zip(net.names, net.param_inits(), strict=True))

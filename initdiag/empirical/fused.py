@@ -350,7 +350,11 @@ class FusedExecutor:
         mean = self.buf(("mean", il), (self.B,))
         invstd = self.buf(("invstd", il), (self.B,))
         # y: the output itself, or the activation's input (kept for backward)
-        y = self._keep_output(unit, n) if ia is None else self.buf(("lny", u), (self.B, n))
+        y = (
+            self._keep_output(unit, n)
+            if ia is None
+            else self.buf(("lny", u), (self.B, n))
+        )
         kernels.layernorm_forward(
             cur,
             gamma,
@@ -416,7 +420,6 @@ class FusedExecutor:
         f = self.f
         infos = self.net.infos
         _, ib, ia = unit
-        u = self._u(unit)
         n = cur.shape[1]
         if ib is not None:
             eps = infos[ib].layer.fusion()[1]

@@ -1,10 +1,10 @@
-"""Kernels of the empirical engine: dense, activation, BatchNorm, statistics, and
-the fused passes of ``simulate``.
+"""Kernels of the empirical engine: dense, activation, BatchNorm, statistics,
+residual add / scale / dropout masking, and the fused passes of ``simulate``.
 
 Every op exists in four backends behind one public dispatcher (the fused ops
-:func:`layer_stats`, :func:`unit_forward`, :func:`unit_backward`, :func:`gram` and
-:func:`gram_dot` in ``numpy`` and ``numba`` only: asking them for ``c`` or
-``cuda`` raises :class:`BackendUnavailableError`):
+:func:`layer_stats`, :func:`unit_forward`, :func:`unit_backward`, :func:`gram`,
+:func:`gram_dot` and :func:`residual_add_stats` in ``numpy`` and ``numba`` only:
+asking them for ``c`` or ``cuda`` raises :class:`BackendUnavailableError`):
 
 ``numpy``
     The reference, float32 and float64, always available.
@@ -61,6 +61,7 @@ measurements in ``initdiag.kernels._threading``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any
 
@@ -94,6 +95,9 @@ __all__ = [
     "layer_summary_array",
     "layernorm_backward",
     "layernorm_forward",
+    "masked_scale",
+    "residual_add",
+    "residual_add_stats",
     "row_correlation",
     "set_backend",
     "unit_backward",
@@ -576,6 +580,184 @@ def activation_backward(
     cu = _Cuda(name, (dy, x))
     y = cu.target(out, "out", x.shape, x.dtype)
     _call("activation_backward", name, cu.put(dy), cu.put(x), act, slope, y)
+    return cu.land(y, out)
+
+
+# ------------------------------------------------------------------ residual
+def _scale(scale: Any, dtype: np.dtype, name: str = "scale") -> float:
+    """A finite real ``scale`` that stays finite when rounded to ``dtype``."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a real number (a Python float); got {scale!r}")
+    s = float(scale)
+    if not math.isfinite(s):
+        raise ValueError(f"{name} must be finite; got {s}")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(dtype.type(s)):
+            raise ValueError(
+                f"{name} = {s} overflows {dtype}; use float64 arrays or a scale "
+                f"of magnitude <= {float(np.finfo(dtype).max):.4g}"
+            )
+    return s
+
+
+def _no_partial_overlap(out, op: str, arrays: dict) -> None:
+    """``out`` may be one of ``arrays`` itself (in place) but not overlap one
+    otherwise (the element-wise kernels would read entries already written)."""
+    if not isinstance(out, np.ndarray):
+        return
+    for nm, a in arrays.items():
+        if not isinstance(a, np.ndarray) or not np.may_share_memory(out, a):
+            continue
+        same = (
+            a.__array_interface__["data"][0] == out.__array_interface__["data"][0]
+            and a.strides == out.strides
+        )
+        if not same:
+            raise ValueError(
+                f"{op}: out overlaps {nm} without being {nm} itself; pass out={nm} "
+                "(in place) or a separate array"
+            )
+
+
+def _residual_inputs(skip: Any, x: Any, scale: Any) -> tuple:
+    """(skip or None, x, scale as float), validated: x (B, n) float, skip the same."""
+    x = _array(x, "x", 2)
+    s = _scale(scale, x.dtype)
+    if skip is not None:
+        skip = _array(skip, "skip", 2, x.dtype)
+        _shape(skip, "skip", x.shape)
+    return skip, x, s
+
+
+def residual_add(
+    skip: npt.NDArray[np.floating] | None,
+    x: npt.NDArray[np.floating],
+    scale: float = 1.0,
+    *,
+    backend: str | None = None,
+    out: npt.NDArray[np.floating] | None = None,
+):
+    """Residual stream ``out = skip + scale * x`` (``skip`` None: ``scale * x``).
+
+    The add of a residual block, ``y = skip + alpha * branch(x)`` (He et al. 2016
+    with the branch scale of SkipInit / ReZero), and with ``skip=None`` the Scale
+    layer ``alpha * x`` and the branch gradient ``alpha * g``.  Computed in the
+    array dtype with ``scale`` rounded to it first (numpy, numba and c agree bit
+    for bit; formulas and NaN semantics in ``initdiag.kernels.residual``).
+
+    Parameters
+    ----------
+    skip : ndarray, shape (B, n), or None
+        The shortcut; same dtype as x.
+    x : ndarray, shape (B, n), float32 or float64
+    scale : float
+        Finite, and finite in the dtype of x.
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
+    out : ndarray (B, n), dtype of x, optional
+        May be ``skip`` or ``x`` itself (in place), not a partial overlap.
+
+    Returns
+    -------
+    ndarray, shape (B, n)
+        ``out`` (a new array when None; also for ``skip=None, scale=1``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong dtype / shape / scale; BackendUnavailableError for an
+        unavailable backend.
+    """
+    skip, x, s = _residual_inputs(skip, x, scale)
+    (out,) = _outs(out, ("y",), "residual_add")
+    _no_partial_overlap(out, "residual_add", {"skip": skip, "x": x})
+    name = _resolve(backend, (skip, x))
+    cu = _Cuda(name, (skip, x))
+    y = cu.target(out, "out", x.shape, x.dtype)
+    _call("residual_add", name, cu.put(skip), cu.put(x), s, y)
+    return cu.land(y, out)
+
+
+def _mask(mask: Any, shape: tuple) -> Any:
+    """A C-contiguous uint8 (B, n) mask of zeros and ones (device arrays pass)."""
+    if _is_device(mask):
+        from numba import cuda
+
+        # CuPy / PyTorch CUDA tensors: a numba view (NumPy dtype, contiguity)
+        arr = mask if hasattr(mask, "is_c_contiguous") else cuda.as_cuda_array(mask)
+        if arr.dtype != np.uint8:
+            raise TypeError(f"mask must be uint8 (0 or 1); got {arr.dtype}")
+        if not arr.is_c_contiguous():
+            raise TypeError(
+                f"mask: device arrays must be C-contiguous; got strides {arr.strides}"
+            )
+        _shape(arr, "mask", shape)
+        return arr
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(
+            f"mask must be a NumPy uint8 array (0 = dropped, 1 = kept); got "
+            f"{type(mask).__name__}; build it with initdiag._rng.fill_keep_mask or "
+            "np.asarray(mask, dtype=np.uint8)"
+        )
+    if mask.dtype != np.uint8:
+        raise TypeError(
+            f"mask must be uint8 (0 = dropped, 1 = kept); got {mask.dtype}; "
+            "convert with mask.astype(np.uint8)"
+        )
+    _shape(mask, "mask", shape)
+    if mask.size and int(mask.max()) > 1:
+        raise ValueError(
+            f"mask must hold only 0 (dropped) and 1 (kept); found {int(mask.max())}; "
+            "use (mask != 0).astype(np.uint8)"
+        )
+    return np.ascontiguousarray(mask)
+
+
+def masked_scale(
+    x: npt.NDArray[np.floating],
+    mask: npt.NDArray[np.uint8],
+    scale: float,
+    *,
+    backend: str | None = None,
+    out: npt.NDArray[np.floating] | None = None,
+):
+    """Inverted-dropout masking ``out = x * (mask * scale)``.
+
+    Training-mode dropout (Srivastava et al. 2014) as PyTorch computes it:
+    ``y = x * m / (1 - p)`` with ``scale = 1 / (1 - p)``; its backward is the same
+    op on the gradient with the same mask and scale.  As in PyTorch (which
+    multiplies by the scaled mask), a dropped entry is ``x * 0``: 0 for finite
+    x, NaN where x is NaN or +-inf.
+
+    Parameters
+    ----------
+    x : ndarray, shape (B, n), float32 or float64
+    mask : ndarray, shape (B, n), uint8
+        1 where kept, 0 where dropped (``initdiag._rng.fill_keep_mask``).
+    scale : float
+        Finite, and finite in the dtype of x.
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
+    out : ndarray (B, n), dtype of x, optional
+        May be ``x`` itself (in place), not a partial overlap.
+
+    Returns
+    -------
+    ndarray, shape (B, n)
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong dtype / shape, a mask that is not uint8 0/1, a non-finite scale;
+        BackendUnavailableError for an unavailable backend.
+    """
+    x = _array(x, "x", 2)
+    s = _scale(scale, x.dtype)
+    mask = _mask(mask, x.shape)
+    (out,) = _outs(out, ("y",), "masked_scale")
+    _no_partial_overlap(out, "masked_scale", {"x": x})
+    name = _resolve(backend, (x, mask))
+    cu = _Cuda(name, (x, mask))
+    y = cu.target(out, "out", x.shape, x.dtype)
+    _call("masked_scale", name, cu.put(x), cu.put(mask), s, y)
     return cu.land(y, out)
 
 
@@ -1065,6 +1247,17 @@ def _scratch(B: int, n: int) -> tuple[np.ndarray, np.ndarray]:
 _NO_COLUMNS = np.empty(0)
 
 
+def _stats_outs(given: tuple, n: int, column_moments: bool) -> tuple:
+    """(stats, mean, var) outputs of a statistics pass, validated or allocated:
+    float64 (10,) and, with ``column_moments``, (n,) (else empty: not written)."""
+    f64 = np.dtype(np.float64)
+    st = _out(given[0], "out stats", (10,), f64, False)
+    if not column_moments:
+        return st, _NO_COLUMNS, _NO_COLUMNS
+    mean = _out(given[1], "out mean", (n,), f64, False)
+    return st, mean, _out(given[2], "out var", (n,), f64, False)
+
+
 def layer_stats(
     x: npt.NDArray[np.floating],
     *,
@@ -1103,16 +1296,59 @@ def layer_stats(
     labels = ("stats", "mean", "var") if column_moments else ("stats",)
     given = _outs(out, labels, "layer_stats")
     name = _resolve_op("layer_stats", backend, (x,))
-    f64 = np.dtype(np.float64)
-    st = _out(given[0], "out stats", (10,), f64, False)
-    if column_moments:
-        mean = _out(given[1], "out mean", (n,), f64, False)
-        var = _out(given[2], "out var", (n,), f64, False)
-    else:
-        mean = var = _NO_COLUMNS
+    st, mean, var = _stats_outs(given, n, column_moments)
     acc, sc = _scratch(B, n)
     _call("layer_stats", name, x, acc, sc, st, mean, var)
     return (st, mean, var) if column_moments else st
+
+
+def residual_add_stats(
+    skip: npt.NDArray[np.floating] | None,
+    x: npt.NDArray[np.floating],
+    scale: float = 1.0,
+    *,
+    column_moments: bool = False,
+    backend: str | None = None,
+    out: tuple | None = None,
+):
+    """:func:`residual_add` and :func:`layer_stats` of its result in one pass.
+
+    ``y = skip + scale * x`` (``skip`` None: ``scale * x``), bit for bit as
+    :func:`residual_add` computes it, and the 10 :data:`LAYER_STATS_FIELDS` of
+    ``y`` (equal to ``layer_stats(y)`` on the same backend).
+
+    Parameters
+    ----------
+    skip : ndarray, shape (B, n), or None
+    x : ndarray, shape (B, n), float32 or float64
+    scale : float
+    column_moments : bool
+        Also return the per-feature batch mean and biased variance of y.
+    backend : {"numpy", "numba", "auto"} or None
+    out : tuple (y, stats) or (y, stats, mean, var), optional
+        y (B, n) dtype of x (may be ``skip`` or ``x`` itself); the rest float64.
+
+    Returns
+    -------
+    (y, stats) or (y, stats, mean, var)
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong dtype / shape / scale; BackendUnavailableError for c, cuda or an
+        unavailable backend.
+    """
+    skip, x, s = _residual_inputs(skip, x, scale)
+    B, n = x.shape
+    labels = ("y", "stats", "mean", "var") if column_moments else ("y", "stats")
+    given = _outs(out, labels, "residual_add_stats")
+    name = _resolve_op("residual_add_stats", backend, (skip, x))
+    y = _out(given[0], "out y", (B, n), x.dtype, False)
+    _no_partial_overlap(y, "residual_add_stats", {"skip": skip, "x": x})
+    st, mean, var = _stats_outs(given[1:], n, column_moments)
+    acc, sc = _scratch(B, n)
+    _call("residual_add_stats", name, skip, x, s, y, acc, sc, st, mean, var)
+    return (y, st, mean, var) if column_moments else (y, st)
 
 
 def unit_forward(

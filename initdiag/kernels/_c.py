@@ -16,7 +16,11 @@ from ._threading import ensure_configured
 
 _STATE: tuple[Any, Any, str | None] | None = None  # (ffi, lib, error)
 _FN_CACHE: dict = {}
-_CTYPES = {np.dtype(np.float32): "float[]", np.dtype(np.float64): "double[]"}
+_CTYPES = {
+    np.dtype(np.float32): "float[]",
+    np.dtype(np.float64): "double[]",
+    np.dtype(np.uint8): "unsigned char[]",  # masks (idg_masked_scale)
+}
 _SUFFIX = {np.dtype(np.float32): "_f32", np.dtype(np.float64): "_f64"}
 _ERRORS = {-1: "IDG_EINVAL (invalid argument)", -2: "IDG_ENOTIMPL (not implemented)"}
 

@@ -362,6 +362,7 @@ def ptx_kernels() -> list[tuple[str, Any, Any]]:
         _cuda_batchnorm,
         _cuda_dense,
         _cuda_layernorm,
+        _cuda_residual,
         _cuda_stats,
     )
 
@@ -372,6 +373,7 @@ def ptx_kernels() -> list[tuple[str, Any, Any]]:
         _cuda_batchnorm,
         _cuda_layernorm,
         _cuda_stats,
+        _cuda_residual,
     )
     for mod in mods:
         out.extend(mod.PTX_KERNELS)

@@ -34,11 +34,20 @@ OPS = {
     "column_stats": "stats",
     "layer_summary": "stats",
     "row_correlation": "stats",
+    "residual_add": "residual",
+    "masked_scale": "residual",
 }
 BACKENDS = ("numpy", "numba", "c", "cuda")
 _PKG = "initdiag.kernels"
 
-FUSED_OPS = ("layer_stats", "unit_forward", "unit_backward", "gram", "gram_dot")
+FUSED_OPS = (
+    "layer_stats",
+    "unit_forward",
+    "unit_backward",
+    "gram",
+    "gram_dot",
+    "residual_add_stats",
+)
 OPS.update(dict.fromkeys(FUSED_OPS, "fused"))
 OP_BACKENDS = {op: ("numpy", "numba") if OPS[op] == "fused" else BACKENDS for op in OPS}
 

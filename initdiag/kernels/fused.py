@@ -1,5 +1,6 @@
 """The fused passes of ``simulate``: layer statistics, BatchNorm + activation units,
-Gram matrices (the hot path of the numba backend).
+residual adds with their statistics, Gram matrices (the hot path of the numba
+backend).
 
 The generic path of :mod:`initdiag.empirical` calls one kernel dispatcher per op and
 per statistic (each a pass over a B x n array, each allocating).  Here one pass
@@ -21,6 +22,12 @@ scratch of :func:`row_chunks` rows, ``code``/``slope`` the activation's
     _unit_backward_<b>(g, x, mean, invstd, gamma, beta, code, slope, has_bn,
                        need_dx, dx, part, sums, dgamma, dbeta, dxsum) -> dx
         see :func:`_unit_backward_numba`
+    _residual_add_stats_<b>(skip, x, scale, out, acc, sc, st, colmean, colvar)
+        -> out
+        out = skip + scale * x (skip None: scale * x) exactly as
+        ``kernels.residual`` computes it, and st (10,) / colmean / colvar its
+        layer_stats, in one pass: each chunk of rows is summed while it is in
+        cache; out may be skip or x itself
     _gram_<b>(a, out) -> out                    # a a^T in gram_layout(B, b)
     _gram_dot_<b>(a, b, layout) -> (sum_ij a_ij b_ij, trace a), float64
 
@@ -121,6 +128,14 @@ def _layer_stats_numpy(x, acc, sc, out, colmean, colvar):
     if colmean.shape[0] == n:
         colmean[:] = m
         colvar[:] = v
+    return out
+
+
+def _residual_add_stats_numpy(skip, x, scale, out, acc, sc, st, colmean, colvar):
+    """NumPy reference: ``kernels.residual``'s NumPy add, then
+    :func:`_layer_stats_numpy` of the result."""
+    _registry.resolve("residual_add", "numpy")(skip, x, scale, out)
+    _layer_stats_numpy(out, acc, sc, st, colmean, colvar)
     return out
 
 
@@ -389,6 +404,14 @@ def _acc1(r, inv, shift, t, one, zero):
 def _stats_rows(rows, b0, b1, shift, t, iv, sc, one, zero):
     """Chunk accumulators t[:4] of rows b0..b1 of ``rows`` (zeroed here)."""
     t[:4] = zero
+    _stats_more(rows, b0, b1, shift, t, iv, sc, one, zero)
+
+
+@njit(cache=True, error_model="numpy")
+def _stats_more(rows, b0, b1, shift, t, iv, sc, one, zero):
+    """Rows b0..b1 of ``rows`` into the chunk accumulators t[:4]: four rows per
+    sweep, then the remainder one by one (so feeding a chunk in groups of four
+    rows sums in exactly the order of one call over the chunk)."""
     b = b0
     while b + 4 <= b1:
         for q in range(4):
@@ -445,6 +468,17 @@ def _first_row_shift(r, shift, shift64):
         v = v if math.isfinite(v) else 0.0
         shift[j] = v
         shift64[j] = np.float64(shift[j])
+
+
+@njit(cache=True, error_model="numpy")
+def _chunk_scratch(like):
+    """(t, iv, one, zero) of one chunk's statistics: accumulators t (5, n) and the
+    rows' 1/|r| iv (4,) in the dtype of the row ``like`` (n,), and a one and a
+    zero of that dtype (the counts and selects stay in it)."""
+    t = np.empty((5, like.shape[0]), like.dtype)
+    t[4, 0] = 1.0
+    one = t[4, 0]
+    return t, np.empty(4, like.dtype), one, one - one
 
 
 @njit(cache=True, error_model="numpy")
@@ -505,16 +539,57 @@ def _layer_stats_numba(x, acc, sc, out, colmean, colvar):
     shift64 = np.empty(n)
     _first_row_shift(x[0], shift, shift64)
     for c in prange(nch):
-        t = np.empty((5, n), x.dtype)
-        t[4, 0] = 1.0
-        one = t[4, 0]
-        zero = one - one
-        iv = np.empty(4, x.dtype)
+        t, iv, one, zero = _chunk_scratch(x[0])
         sc[c] = 0.0
         b0, b1 = c * _ROWS, min((c + 1) * _ROWS, B)
         _stats_rows(x, b0, b1, shift, t, iv, sc[c], one, zero)
         _flush(t, x, b0, b1, shift64, acc[c], sc[c])
     _finish(acc, sc, shift64, B, out, colmean, colvar)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def _residual_row(skip, x, b, s, r):
+    """r = skip[b] + s * x[b] (skip None: s * x[b]) in the dtype, as
+    ``kernels.residual`` computes it (no FMA contraction: the same bits)."""
+    xr = x[b]
+    if skip is None:
+        for j in range(xr.shape[0]):
+            r[j] = s * xr[j]
+    else:
+        sr = skip[b]
+        for j in range(xr.shape[0]):
+            r[j] = sr[j] + s * xr[j]
+
+
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+def _residual_add_stats_numba(skip, x, scale, out, acc, sc, st, colmean, colvar):
+    """out = skip + scale * x and its :func:`_layer_stats_numba` statistics in one
+    pass: each group of four rows is summed right after it is written (still in
+    L1), in the chunk order and grouping of :func:`_stats_rows`, so ``st`` equals
+    layer_stats of ``out`` bit for bit.  ``scale`` is rounded to the dtype first.
+    ``out`` may be ``skip`` or ``x``: row 0 (the shift) is computed into scratch
+    before any row is overwritten."""
+    B, n = x.shape
+    nch = acc.shape[0]
+    s = np.full(1, scale, out.dtype)[0]
+    row0 = np.empty(n, out.dtype)
+    _residual_row(skip, x, 0, s, row0)
+    shift = np.empty(n, out.dtype)
+    shift64 = np.empty(n)
+    _first_row_shift(row0, shift, shift64)
+    for c in prange(nch):
+        t, iv, one, zero = _chunk_scratch(out[0])
+        sc[c] = 0.0
+        t[:4] = zero
+        b0, b1 = c * _ROWS, min((c + 1) * _ROWS, B)
+        for g in range(b0, b1, 4):
+            e = min(g + 4, b1)
+            for b in range(g, e):
+                _residual_row(skip, x, b, s, out[b])
+            _stats_more(out, g, e, shift, t, iv, sc[c], one, zero)
+        _flush(t, out, b0, b1, shift64, acc[c], sc[c])
+    _finish(acc, sc, shift64, B, st, colmean, colvar)
     return out
 
 
@@ -591,11 +666,7 @@ def _unit_forward_numba(
     _first_row_shift(y0, shy, shy64)
     _first_row_shift(h0, shh, shh64)
     for c in prange(nch):
-        t = np.empty((5, n), h.dtype)
-        t[4, 0] = 1.0
-        one = t[4, 0]
-        zero = one - one
-        iv = np.empty(4, h.dtype)
+        t, iv, one, zero = _chunk_scratch(h[0])
         yb = np.empty((_ROWS, n), h.dtype)
         b0, b1 = c * _ROWS, min((c + 1) * _ROWS, B)
         for b in range(b0, b1):
@@ -1019,6 +1090,7 @@ class FusedKernels:
     unit_backward: Callable
     gram: Callable
     gram_dot: Callable
+    residual_add_stats: Callable
     gram_layout: Callable[[int], int]
     row_sumsq: Callable[[np.ndarray], float]
     ACT_CODES: ClassVar[dict[str, int]] = ACT_CODES

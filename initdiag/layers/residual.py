@@ -82,7 +82,9 @@ class Scale(Layer):
 
     # -- spec -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type_name} | ({} if self.init is None else {"init": self.init})
+        return {"type": self.type_name} | (
+            {} if self.init is None else {"init": self.init}
+        )
 
     def own_inits(self) -> dict[str, Any]:
         return {} if self.init is None else {"weight": self.init}
@@ -232,7 +234,9 @@ class Residual(Layer):
     @property
     def multiplier(self) -> float:
         """The fixed multiplier applied in the add (1 unless ``scale`` is a number)."""
-        return 1.0 if self.scale is None or isinstance(self.scale, Scale) else self.scale
+        return (
+            1.0 if self.scale is None or isinstance(self.scale, Scale) else self.scale
+        )
 
     def output_width(self, input_width: int) -> int:
         branch, short = self.children()
@@ -283,7 +287,9 @@ class Residual(Layer):
         for key in ("branch", "shortcut"):
             v = d.get(key)
             if isinstance(v, (list, tuple)):
-                d[key] = tuple(layer_from_dict(x) if isinstance(x, dict) else x for x in v)
+                d[key] = tuple(
+                    layer_from_dict(x) if isinstance(x, dict) else x for x in v
+                )
             elif isinstance(v, dict):
                 d[key] = (layer_from_dict(v),)
         return super().from_dict(d)
@@ -311,7 +317,10 @@ class Residual(Layer):
         if s.gauss is None or f.gauss is None:
             why = s.why_not_gauss if s.gauss is None else f.why_not_gauss
             return mfstate.State(
-                ex, K, None, f"the stream of {ctx.info.name} adds a non-Gaussian ({why})"
+                ex,
+                K,
+                None,
+                f"the stream of {ctx.info.name} adds a non-Gaussian ({why})",
             )
         g, approx = _sum_mixture(s.gauss, f.gauss, c)
         if approx:

@@ -16,12 +16,14 @@ DEFAULT_STUDY_TOML = """\
 # Kaiming like the weights?  Why is BatchNorm's gamma initialised to ones and beta to zeros?
 #
 # A 30-block, width-512 ReLU MLP with Kaiming-normal weights (the ReLU edge of chaos), and
-# eight ways of initialising the biases or the BatchNorm parameters.
+# eight ways of initialising the biases or the BatchNorm parameters; then the residual half:
+# 15-block ResNets (x + BN(W2 relu(BN(W1 x)))) with gamma = 1 or 0 on the last BatchNorm of
+# each block (Goyal et al. 2017), SkipInit (alpha = 0) and Fixup, without normalisation.
 #   initdiag report examples/bias_question.toml
 
 [study]
 name = "bias_question"
-description = "Zero bias vs Kaiming-style, torch-default, N(0, 0.1^2) and constant biases; BatchNorm gamma/beta variants."
+description = "Zero bias vs Kaiming-style, torch-default, N(0, 0.1^2) and constant biases; BatchNorm gamma/beta variants; residual networks: last-BN gamma = 1 vs 0, SkipInit, Fixup."
 
 [network]
 depth = 30
@@ -70,6 +72,22 @@ init = { bn_weight = "uniform(0, 1)" }
 name = "BN beta ~ N(0, 0.1^2)"
 network = { batchnorm = true }
 init = { bn_bias = "normal(0, 0.1)" }
+
+[[variants]]
+name = "ResNet BN, last gamma = 1"
+network = { blocks = 15, norm = "batchnorm", norm_position = "post" }
+
+[[variants]]
+name = "ResNet BN, last gamma = 0"
+network = { blocks = 15, norm = "batchnorm", norm_position = "post", zero_init_residual = true }
+
+[[variants]]
+name = "ResNet SkipInit (alpha = 0)"
+network = { blocks = 15, norm = "none", skipinit = true }
+
+[[variants]]
+name = "ResNet Fixup"
+network = { blocks = 15, norm = "none", fixup = true }
 """
 
 

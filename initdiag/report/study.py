@@ -23,6 +23,8 @@ from ..verdicts import (
     DYING_ACTIVATIONS,
     Verdict,
     diagnose,
+    growth_law,
+    identity_blocks,
     network_parameters,
     signal_gradient_ratio,
     signal_rows,
@@ -40,8 +42,6 @@ __all__ = [
     "fmt",
 ]
 
-#: relative change of the pre-activation second moment below which it "stays"
-FLAT_TOLERANCE = 0.02
 #: relative deviation from a theory value that still counts as "close to" it
 CLOSE_TOLERANCE = 0.05
 
@@ -248,39 +248,6 @@ def progress_steps(
 # -- summarising ----------------------------------------------------------------------
 
 
-def _shape(q: np.ndarray) -> tuple[str, float]:
-    """Classify a sequence of second moments: ("flat", 0), ("linear", increment of q
-    per block), ("quadratic", increment of sqrt(q) per block) or ("exponential",
-    factor per block), by the best of straight-line fits of q, sqrt(q) and log q
-    (relative residuals of q; ties go to the simpler law, in that order).  A
-    zero-mean bias at the ReLU edge of chaos adds sigma_b2 to q per block (linear);
-    a constant bias adds to sqrt(q) (quadratic)."""
-    q = np.asarray(q, dtype=float)
-    ok = np.isfinite(q) & (q > 0)
-    q = q[ok]
-    if q.size < 2:
-        return "flat", 0.0
-    rel = abs(q[-1] / q[0] - 1.0)
-    if rel < FLAT_TOLERANCE and np.all(np.abs(q / q[0] - 1.0) < FLAT_TOLERANCE):
-        return "flat", 0.0
-    x = np.arange(q.size, dtype=float)
-    if q.size < 3:
-        return "exponential", float((q[-1] / q[0]) ** (1.0 / (q.size - 1)))
-    lin = np.polyfit(x, q, 1)
-    r_lin = np.sqrt(np.mean(((np.polyval(lin, x) - q) / q) ** 2))
-    sq = np.polyfit(x, np.sqrt(q), 1)
-    r_sq = np.sqrt(np.mean((np.polyval(sq, x) ** 2 / q - 1.0) ** 2))
-    lg = np.polyfit(x, np.log(q), 1)
-    r_exp = np.sqrt(np.mean((np.exp(np.polyval(lg, x)) / q - 1.0) ** 2))
-    # a relative margin keeps rounding from preferring the more flexible law
-    if r_lin <= 1.05 * min(r_sq, r_exp) + 1e-12:
-        return "linear", float(lin[0])
-    if r_sq <= r_exp:
-        return "quadratic", float(sq[0])
-    # the rate quoted is the endpoints' geometric mean, as in the verdicts
-    return "exponential", float((q[-1] / q[0]) ** (1.0 / (q.size - 1)))
-
-
 def _family(net: Any) -> tuple:
     return tuple(
         (
@@ -334,6 +301,9 @@ def summarize(entry: Entry) -> dict[str, Any]:
         "width": p["width"],
         "verdicts": [v.kind for v in entry.verdicts],
         "analytic_error": entry.errors.get("analytic", ""),
+        "residual": p["residual"],
+        "n_residual": sum(1 for r in net.top if net.infos[r].branch),
+        "norm": p["norm"] or "",
     }
     if p["batchnorm"]:
         s.update(_bn_gains(p))
@@ -388,8 +358,14 @@ def summarize(entry: Entry) -> dict[str, Any]:
                 ),
             }
         )
+        if not suffix and p["residual"]:
+            ident = identity_blocks(prof, net)
+            s["identity_blocks"] = len(ident)
+            s["identity_zero_grads"] = sum(len(b["upstream_zero"]) for b in ident)
+            s["identity_cause"] = ident[0]["cause"] if ident else ""
+            s["identity_cause_text"] = _identity_cause(net, ident)
         if not suffix:
-            kind, rate = _shape(q)
+            kind, rate = growth_law(q)
             s["q_shape"] = kind
             s["q_rate"] = rate
             s["chi1"] = _num(prof.summary.get("chi1"))
@@ -404,6 +380,21 @@ def summarize(entry: Entry) -> dict[str, Any]:
             float(gr ** (1.0 / (nbn - 1))) if nbn > 1 and gr > 0 else math.nan
         )
     return s
+
+
+def _identity_cause(net: Any, ident: list[dict[str, Any]]) -> str:
+    """What zeroes the branches, as a phrase ("gamma = 0 on block*.bn2"), from the
+    first identity block's cause row (every block alike in the presets)."""
+    if not ident:
+        return ""
+    name = ident[0]["cause"]
+    info = next(i for i in net.infos if i.name == name)
+    where = "block*." + name.rpartition(".")[2]
+    if info.kind in ("batchnorm", "layernorm"):
+        return f"gamma = 0 on {where}"
+    if info.kind == "scale":
+        return f"alpha = 0 on {where} (SkipInit)"
+    return f"zero weights on {where}"
 
 
 def _bn_gains(p: Mapping[str, Any]) -> dict[str, float]:
@@ -544,9 +535,7 @@ def _bn_output_corr(
     c = fmt_corr(s.get("corr_last"))
     B = _batch(settings)
     if not (B and B > 1):
-        return f"BatchNorm's own output sits at {c}, set by its centring", [
-            "corr_last"
-        ]
+        return f"BatchNorm's own output sits at {c}, set by its centring", ["corr_last"]
     f = -1.0 / (B - 1)
     g2, b2 = s.get("gamma2", 1.0), s.get("beta2", 0.0)
     if not b2:
@@ -675,6 +664,87 @@ def _pct(x: float) -> str:
     return f"{'+' if x > 0 else ''}{fmt(100 * x)}%"
 
 
+def _flat(summaries: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The variants without residual blocks (the residual ones have their own
+    sentences, :func:`_residual_answer`)."""
+    return [i for i, s in enumerate(summaries) if not s.get("residual")]
+
+
+def _stream_law(s: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """How the stream's second moment changes over the blocks, and the keys shown."""
+    q0, q1 = s.get("q_first", math.nan), s.get("q_last", math.nan)
+    kind, rate = s.get("q_shape", "flat"), s.get("q_rate", 0.0)
+    if kind == "flat":
+        return f"the stream's second moment stays at {fmt(q1)}", ["q_last", "q_shape"]
+    keys = ["q_first", "q_last", "q_shape", "q_rate"]
+    if kind == "linear":
+        law = f"grows linearly, {'+' if rate > 0 else ''}{fmt(rate)} per block"
+    elif kind == "quadratic":
+        law = f"grows quadratically ({'+' if rate > 0 else ''}{fmt(rate)} per block in sqrt(q))"
+    else:
+        law = f"changes {_factor(rate)} per block"
+    return f"the stream's second moment {law} ({fmt(q0)} -> {fmt(q1)})", keys
+
+
+def _residual_law(s: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """The stream's law, its gradient and the identity blocks, as one clause."""
+    text, keys = _stream_law(s)
+    keys += ["n_residual", "grad_ratio"]
+    g = s.get("grad_ratio", math.nan)
+    text += (
+        f" over {s['n_residual']} blocks, and its gradient changes {_factor(g)} "
+        "from the last block back to the first"
+    )
+    meas = s.get("q_last_meas", math.nan)
+    if meas == meas:
+        keys.append("q_last_meas")
+        text += f" (measured at the last block: {fmt(meas)})"
+    if s.get("identity_blocks"):
+        keys += ["identity_blocks", "identity_zero_grads", "identity_cause_text"]
+        text += (
+            f"; {s['identity_blocks']} of {s['n_residual']} blocks start as the "
+            f"identity ({s['identity_cause_text']}), and the "
+            f"{s['identity_zero_grads']} parameter gradients upstream of the zeros "
+            "are exactly 0 at step 0 by design"
+        )
+    return text, keys
+
+
+def _residual_answer(summaries: Sequence[Mapping[str, Any]]) -> list[Sentence]:
+    """The residual half of the answer: each residual variant's growth law of the
+    stream and of its gradient, side by side."""
+    res = [i for i, s in enumerate(summaries) if s.get("residual")]
+    if not res:
+        return []
+    parts, keys = [], []
+    for i in res:
+        law, k = _stream_law(summaries[i])
+        parts.append(f"{summaries[i]['name']}: {law}")
+        keys += [(i, key) for key in k]
+    flat = [
+        i
+        for i in res
+        if summaries[i].get("q_shape") == "flat" and summaries[i].get("identity_blocks")
+    ]
+    grow = [i for i in res if summaries[i].get("q_shape") != "flat"]
+    lead = "In the residual networks"
+    if flat and grow:
+        lead += (
+            ", starting the branches at zero keeps the stream flat ("
+            + ", ".join(
+                f"{summaries[i]['name']}: {summaries[i]['identity_blocks']} of "
+                f"{summaries[i]['n_residual']} blocks start as the identity"
+                for i in flat
+            )
+            + ") where the others "
+            f"let it change ({', '.join(summaries[i]['name'] for i in grow)})"
+        )
+        keys += [(i, "q_shape") for i in res]
+        keys += [(i, k) for i in flat for k in ("identity_blocks", "n_residual")]
+    text = f"{lead}: " + "; ".join(parts) + "."
+    return [Sentence("answer:residual", text, keys)]
+
+
 def _answer(
     summaries: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]
 ) -> list[Sentence]:
@@ -683,8 +753,7 @@ def _answer(
     what BatchNorm with its gamma and beta variants changes and what it does
     not."""
     out: list[Sentence] = []
-    idx = range(len(summaries))
-    plain = [i for i in idx if not summaries[i]["batchnorm"]]
+    plain = [i for i in _flat(summaries) if not summaries[i]["batchnorm"]]
     zero = [i for i in plain if summaries[i]["sigma_b2"] == 0]
     if zero:
         z0 = zero[0]
@@ -718,8 +787,11 @@ def _answer(
                     f"of unrelated inputs by {'+' if dc > 0 else ''}{fmt(dc)}{zc}"
                 )
                 keys += [(i, "q_last"), (i, "corr_last"), (i, "bias_var")]
-                keys += [(i, k) for k in ("q_last_se_meas", "corr_last_se_meas")
-                         if s.get(k, math.nan) == s.get(k, math.nan)]
+                keys += [
+                    (i, k)
+                    for k in ("q_last_se_meas", "corr_last_se_meas")
+                    if s.get(k, math.nan) == s.get(k, math.nan)
+                ]
             measured = any(
                 summaries[i].get(k, math.nan) > 0
                 for i in rand
@@ -780,7 +852,7 @@ def _answer(
                     keys,
                 )
             )
-    bn = [i for i in idx if summaries[i]["batchnorm"]]
+    bn = [i for i in _flat(summaries) if summaries[i]["batchnorm"]]
     if bn:
         b0 = bn[0]
         sb = summaries[b0]
@@ -844,7 +916,7 @@ def explain(
     if not summaries:
         return []
     settings = settings or {}
-    out: list[Sentence] = _answer(summaries, settings)
+    out: list[Sentence] = _answer(summaries, settings) + _residual_answer(summaries)
     ref = summaries[0]
     text_init, init_keys = _describe_init(ref)
     chi = ref.get("chi1", math.nan)
@@ -884,6 +956,14 @@ def explain(
     for i, s in enumerate(summaries):
         first_of.setdefault(s["family"], i)
     for i, s in enumerate(summaries[1:], start=1):
+        if s.get("residual"):
+            law, k = _residual_law(s)
+            out.append(
+                Sentence(
+                    f"variant:{s['name']}", f"{s['name']}: {law}.", [(i, x) for x in k]
+                )
+            )
+            continue
         j = first_of[s["family"]]
         j = 0 if j == i else j
         cmp = summaries[j]
@@ -918,9 +998,8 @@ def _synthesis(
     summaries: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]
 ) -> list[Sentence]:
     out: list[Sentence] = []
-    idx = list(range(len(summaries)))
-    plain = [i for i in idx if not summaries[i]["batchnorm"]]
-    bn = [i for i in idx if summaries[i]["batchnorm"]]
+    plain = [i for i in _flat(summaries) if not summaries[i]["batchnorm"]]
+    bn = [i for i in _flat(summaries) if summaries[i]["batchnorm"]]
 
     def depth_key(i: int) -> float:
         d = summaries[i].get("corr_depth")
@@ -1027,8 +1106,10 @@ def _batchnorm_sentences(
     )
     if meas == meas and large == large:
         keys.append((b, "bn_rate_meas"))
-        cmp = "above" if meas > large * (1 + 0.01) else (
-            "below" if meas < large * (1 - 0.01) else "at"
+        cmp = (
+            "above"
+            if meas > large * (1 + 0.01)
+            else ("below" if meas < large * (1 - 0.01) else "at")
         )
         text += (
             f"; measured at B = {B}: {_factor(meas)} per BatchNorm layer, {cmp} the "
@@ -1077,8 +1158,7 @@ def _batchnorm_sentences(
                 "centring (its gradient is 0): the bias question does not arise "
                 "there, beta takes its place."
                 if dense_bias
-                else "No dense bias feeds a BatchNorm here; beta plays the bias's "
-                "role."
+                else "No dense bias feeds a BatchNorm here; beta plays the bias's role."
             ),
             [(b, "dense_bias_before_bn")],
         )
@@ -1120,20 +1200,20 @@ def _dead_sentence(
         keys.append((i, "dead_last_meas"))
     zero = [
         j
-        for j in range(len(summaries))
+        for j in _flat(summaries)
         if not summaries[j]["batchnorm"] and summaries[j]["sigma_b2"] == 0
     ]
-    if zero and zero[0] != i and summaries[zero[0]].get("dead_last") == summaries[
-        zero[0]
-    ].get("dead_last"):
+    if (
+        zero
+        and zero[0] != i
+        and summaries[zero[0]].get("dead_last") == summaries[zero[0]].get("dead_last")
+    ):
         z = summaries[zero[0]]
         d0 = z["dead_last"]
         keys += [(zero[0], "dead_last")]
         text += f", against {fmt(100 * d0)}% with {z['name']}"
         if d0 >= 0.5 * d:
-            text += (
-                ": the bias is not what kills them"
-            )
+            text += ": the bias is not what kills them"
     c = s.get("corr_last", math.nan)
     if c == c and c > 0.5:
         keys.append((i, "corr_last"))

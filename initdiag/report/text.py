@@ -429,6 +429,11 @@ def render_study(
         "for a whole batch; grad ratio = gradient second moment at the first "
         "pre-activation over the last one"
     )
+    if any(s.get("residual") for s in summaries):
+        legend += (
+            " (in residual networks: the stream after each block's add in place of "
+            "the pre-activations)"
+        )
     if result.settings.get("empirical"):
         legend += (
             f"; meas = Monte Carlo over {sim.get('seeds', '?')} random networks, "
