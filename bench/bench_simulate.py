@@ -91,6 +91,56 @@ def blas_info() -> str:
     )
 
 
+def run_rounds(engines: list[tuple], rounds: int) -> tuple[list[dict], list[float]]:
+    """The rounds of one bench run, shared by the bench scripts.
+
+    ``engines``: ``(name, group, seeds, fn)`` tuples, ``fn(seeds)`` one timed run
+    (each is called once with 2 seeds first, to compile and warm up).  Every round
+    measures the sgemm rate, then every engine (order rotated from round to round,
+    a 0.3 s pause before each), then the sgemm rate again.  Returns one dict per
+    round (``row[group, name]``: seconds per seed; for a ``sim*`` engine also
+    ``row[group, f"{name}_{phase}"]``, its ``meta["timing"]`` per seed;
+    ``row["sgemm_gflops"]``: the mean of the round's two sgemm rates) and the
+    1-min load average after each round.
+    """
+    for _, _, _, fn in engines:  # compile / warm up
+        fn(2)
+    per_round: list[dict] = []
+    load = []
+    for r in range(rounds):
+        row: dict = {}
+        rates = [sgemm_rate()]
+        order = engines[r % len(engines) :] + engines[: r % len(engines)]
+        for name, group, n, fn in order:
+            # let the previous engine's thread pools go idle (OpenBLAS workers spin
+            # ~50 ms after a call, OpenMP workers too): every engine starts clean
+            time.sleep(0.3)
+            t = time.perf_counter()
+            out = fn(n)
+            row[group, name] = (time.perf_counter() - t) / n
+            if name.startswith("sim"):
+                for k, v in out.meta["timing"].items():
+                    row[group, f"{name}_{k}"] = v / n
+        rates.append(sgemm_rate())
+        row["sgemm_gflops"] = statistics.mean(rates) / 1e9
+        per_round.append(row)
+        load.append(os.getloadavg()[0])
+    return per_round, load
+
+
+def results(per_round: list[dict], load: list[float], **extra) -> dict:
+    """A bench run's result: medians over rounds of every figure (ratios included:
+    the median of the per-round ratios), the rounds, the load, the BLAS kernel."""
+    med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+    return {
+        "median": med,
+        "rounds": per_round,
+        "load": load,
+        "blas": blas_info(),
+        **extra,
+    }
+
+
 def measure(
     seeds: tuple[int, ...] = (1, 2, 8), rounds: int = 3, peer_seeds: int = 2
 ) -> dict:
@@ -116,27 +166,9 @@ def measure(
             lambda s: numpy_peer.run(DEPTH, WIDTH, BATCH, s),
         )
     )
-    for _, _, _, fn in engines:  # compile / warm up
-        fn(2)
-    per_round: list[dict] = []
-    load = []
-    for r in range(rounds):
-        row: dict = {}
-        rates = [sgemm_rate()]
-        order = engines[r % len(engines) :] + engines[: r % len(engines)]
-        for name, norm, n, fn in order:
-            # let the previous engine's thread pools go idle (OpenBLAS workers spin
-            # ~50 ms after a call, OpenMP workers too): every engine starts clean
-            time.sleep(0.3)
-            t = time.perf_counter()
-            out = fn(n)
-            row[norm, name] = (time.perf_counter() - t) / n
-            if name.startswith("sim"):
-                for k, v in out.meta["timing"].items():
-                    row[norm, f"{name}_{k}"] = v / n
-        rates.append(sgemm_rate())
-        rate = statistics.mean(rates)
-        row["sgemm_gflops"] = rate / 1e9
+    per_round, load = run_rounds(engines, rounds)
+    for row in per_round:
+        rate = row["sgemm_gflops"] * 1e9
         row["floor"] = FLOPS_FLOOR / rate
         row["floor_sim"] = FLOPS_SIM / rate
         for norm in NORMS:
@@ -147,17 +179,7 @@ def measure(
                 row[norm, f"sim{s}/floor_sim"] = t / row["floor_sim"]
                 if (norm, "numpy") in row:
                     row[norm, f"numpy/sim{s}"] = row[norm, "numpy"] / t
-        per_round.append(row)
-        load.append(os.getloadavg()[0])
-    med = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
-    return {
-        "median": med,
-        "rounds": per_round,
-        "load": load,
-        "blas": blas_info(),
-        "seeds": seeds,
-        "peer_seeds": peer_seeds,
-    }
+    return results(per_round, load, seeds=seeds, peer_seeds=peer_seeds)
 
 
 def report(res: dict) -> str:
@@ -216,7 +238,8 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
-def test_simulate_vs_peers(benchmark):
+def run_benchmark(benchmark, measure, report) -> None:
+    """The pytest-benchmark entry of a bench script: one round at seeds 1 and 2."""
     res = benchmark.pedantic(
         measure, kwargs={"seeds": (1, 2), "rounds": 1}, rounds=1, iterations=1
     )
@@ -229,10 +252,11 @@ def test_simulate_vs_peers(benchmark):
     print("\n" + report(res))
 
 
-if __name__ == "__main__":
+def main(doc: str, measure, report, peer_help: str) -> None:
+    """A bench script's command line: ``--seeds``, ``--rounds``, ``--peer-seeds``."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument(
         "--seeds",
         type=int,
@@ -241,8 +265,14 @@ if __name__ == "__main__":
         help="simulate's seeds counts",
     )
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument(
-        "--peer-seeds", type=int, default=2, help="seeds per peer per round"
-    )
+    ap.add_argument("--peer-seeds", type=int, default=2, help=peer_help)
     a = ap.parse_args()
     print(report(measure(tuple(a.seeds), a.rounds, a.peer_seeds)))
+
+
+def test_simulate_vs_peers(benchmark):
+    run_benchmark(benchmark, measure, report)
+
+
+if __name__ == "__main__":
+    main(__doc__, measure, report, "seeds per peer per round")
