@@ -522,17 +522,26 @@ def _cause(network: Any, name: str) -> str:
     return f"zero weights in {name}"
 
 
-def _identity(profile: Profile, network: Any) -> list[Verdict]:
-    blocks = identity_blocks(profile, network)
+def identity_cause(network: Any, blocks: list[dict[str, Any]]) -> str:
+    """What zeroes the branches of :func:`identity_blocks`, as a phrase: one
+    ``block*.`` pattern when every block's cause is the same row of its branch
+    ("gamma = beta = 0 on block*.bn2"), else the first two causes; "" for none."""
     if not blocks:
-        return []
-    total = sum(1 for i in network.infos if i.branch)
+        return ""
     local = {b["cause"].rpartition(".")[2] for b in blocks}
     if len(local) == 1:
         first = blocks[0]["cause"]
-        shown = _cause(network, first).replace(first, f"block*.{local.pop()}")
-    else:
-        shown = ", ".join(_cause(network, b["cause"]) for b in blocks[:2]) + ", ..."
+        return _cause(network, first).replace(first, f"block*.{local.pop()}")
+    return ", ".join(_cause(network, b["cause"]) for b in blocks[:2]) + ", ..."
+
+
+def _identity(
+    profile: Profile, network: Any, blocks: list[dict[str, Any]]
+) -> list[Verdict]:
+    if not blocks:
+        return []
+    total = sum(1 for i in network.infos if i.branch)
+    shown = identity_cause(network, blocks)
     n_zero = sum(len(b["upstream_zero"]) for b in blocks)
     msg = (
         f"{len(blocks)} of {total} residual blocks start as the identity: their "
@@ -706,7 +715,7 @@ def diagnose(profile: Profile, network: Any = None) -> list[Verdict]:
     out += _forward(profile, p)
     out += _correlation(profile, p)
     out += _gradients(profile, p)
-    by_design = {r for b in identity_blocks(profile, network) for r in b["after"]}
-    out += _dead(profile, p, by_design)
-    out += _identity(profile, network)
+    ident = identity_blocks(profile, network)
+    out += _dead(profile, p, {r for b in ident for r in b["after"]})
+    out += _identity(profile, network, ident)
     return out

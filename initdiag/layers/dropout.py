@@ -32,7 +32,6 @@ class Dropout(Layer):
     kind = "dropout"
     type_name = "dropout"
     prefix = "drop"
-    may_zero_output = False
 
     def __post_init__(self) -> None:
         p = check_finite(self.p, "Dropout p")

@@ -25,6 +25,7 @@ from ..verdicts import (
     diagnose,
     growth_law,
     identity_blocks,
+    identity_cause,
     network_parameters,
     signal_gradient_ratio,
     signal_rows,
@@ -363,7 +364,7 @@ def summarize(entry: Entry) -> dict[str, Any]:
             s["identity_blocks"] = len(ident)
             s["identity_zero_grads"] = sum(len(b["upstream_zero"]) for b in ident)
             s["identity_cause"] = ident[0]["cause"] if ident else ""
-            s["identity_cause_text"] = _identity_cause(net, ident)
+            s["identity_cause_text"] = identity_cause(net, ident)
         if not suffix:
             kind, rate = growth_law(q)
             s["q_shape"] = kind
@@ -380,21 +381,6 @@ def summarize(entry: Entry) -> dict[str, Any]:
             float(gr ** (1.0 / (nbn - 1))) if nbn > 1 and gr > 0 else math.nan
         )
     return s
-
-
-def _identity_cause(net: Any, ident: list[dict[str, Any]]) -> str:
-    """What zeroes the branches, as a phrase ("gamma = 0 on block*.bn2"), from the
-    first identity block's cause row (every block alike in the presets)."""
-    if not ident:
-        return ""
-    name = ident[0]["cause"]
-    info = next(i for i in net.infos if i.name == name)
-    where = "block*." + name.rpartition(".")[2]
-    if info.kind in ("batchnorm", "layernorm"):
-        return f"gamma = 0 on {where}"
-    if info.kind == "scale":
-        return f"alpha = 0 on {where}"
-    return f"zero weights on {where}"
 
 
 def _bn_gains(p: Mapping[str, Any]) -> dict[str, float]:
