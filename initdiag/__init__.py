@@ -55,6 +55,8 @@ _LAZY = {
     "Verdict": ("verdicts", "Verdict"),
     "network_parameters": ("analytic", "network_parameters"),
     "sweep": ("sweeps", "sweep"),
+    "train": ("training", "train"),
+    "TrainResult": ("training", "TrainResult"),
 }
 _SUBMODULES = {
     "meanfield",
@@ -69,6 +71,7 @@ _SUBMODULES = {
     "network",
     "layers",
     "mfstate",
+    "training",
 }
 
 __all__ = [

@@ -35,7 +35,16 @@ import numpy as np
 from .. import _interrupt
 from ..profile import STAT_COLUMNS
 
-__all__ = ["SeedContext", "StepContext", "Block", "plan", "run_seed", "COL"]
+__all__ = [
+    "SeedContext",
+    "StepContext",
+    "Block",
+    "plan",
+    "run_seed",
+    "forward_pass",
+    "propagate",
+    "COL",
+]
 
 COL = {c: i for i, c in enumerate(STAT_COLUMNS)}
 _FWD = (
@@ -77,6 +86,13 @@ class StepContext:
     extra: dict[str, Any] = field(default_factory=dict)
     #: the Philox key of this layer and seed (a dropout layer's masks)
     key: tuple[int, int] | None = None
+    #: a training step (:mod:`initdiag.training`): ``forward`` saves what
+    #: :meth:`~initdiag.layers.Layer.param_grads` needs, ``grads`` holds the buffers
+    #: the parameter gradients go to (by slot name), ``step`` numbers the step (a
+    #: dropout layer's masks: one stream per step)
+    training: bool = False
+    grads: dict[str, np.ndarray] | None = None
+    step: int = 0
 
 
 def finding(info: Any, seed: int, pas: str, kind: str, what: str) -> dict[str, Any]:
@@ -142,7 +158,7 @@ class _Flow:
 def run_seed(ex: Any, sc: SeedContext, x: np.ndarray, jac: dict | None = None) -> None:
     """Forward, Jacobian probes (``jac`` given) and backward of one random network
     through executor ``ex``; fills ``sc.stats`` and ``sc.findings``."""
-    if not _forward(ex, sc, x):
+    if forward_pass(ex, sc, x) is None:
         return
     if jac is not None:
         from .jacobian import probe
@@ -153,13 +169,15 @@ def run_seed(ex: Any, sc: SeedContext, x: np.ndarray, jac: dict | None = None) -
     _backward(ex, sc)
 
 
-def _forward(ex: Any, sc: SeedContext, x: np.ndarray) -> bool:
+def forward_pass(ex: Any, sc: SeedContext, x: np.ndarray) -> np.ndarray | None:
+    """Run every unit of ``ex`` on ``x``: the network output (also ``ex.output``),
+    None when a row's check failed (its finding is recorded)."""
     t = {"sample": 0.0, "forward": 0.0}
     y = _forward_units(ex, sc, ex.units, x, _Flow(bool(np.any(x))), t)
     sc.timing["sample"] += t["sample"]
     sc.timing["forward"] += t["forward"]
     ex.output = y
-    return y is not None
+    return y
 
 
 def _forward_units(
@@ -247,12 +265,18 @@ def _backward(ex: Any, sc: SeedContext) -> None:
     m_out = float(np.einsum("ij,ij->", g, g, dtype=np.float64)) / g.size
     if not m_out > 0:
         raise ValueError("the output gradient is all zeros; nothing to propagate")
+    # the output gradient was checked: the first row sees a non-zero one
+    propagate(ex, sc, g, 1.0 / (sc.B * m_out))
+    sc.timing["backward"] += time.perf_counter() - t0
+
+
+def propagate(ex: Any, sc: SeedContext, g: np.ndarray, norm: float = 1.0) -> None:
+    """Push the output gradient ``g`` down every unit of ``ex``; the rows' gradient
+    statistics are recorded times ``norm``; stops at a row whose check fails."""
     try:
-        # the output gradient was checked: the first row sees a non-zero one
-        _backward_units(ex, sc, ex.units, g, _Flow(True, True), 1.0 / (sc.B * m_out))
+        _backward_units(ex, sc, ex.units, g, _Flow(True, True), norm)
     except _Stop:
         pass
-    sc.timing["backward"] += time.perf_counter() - t0
 
 
 def _backward_units(

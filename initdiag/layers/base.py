@@ -219,6 +219,36 @@ class Layer:
         """The transposed Jacobian applied to cotangents ``g``."""
         raise NotImplementedError(f"{type(self).__name__} has no linearisation")
 
+    # -- training step (initdiag.training) ------------------------------------------
+    def param_grads(
+        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
+    ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """(input gradient or None, the gradient of every parameter tensor by slot
+        name, written into ``ctx.grads``) for a training step; ``saved`` comes from
+        :meth:`forward` under ``ctx.training``.  A kind without parameters returns
+        its backward's input gradient."""
+        if self.slots():
+            raise NotImplementedError(
+                f"{type(self).__name__} has no parameter gradients: it cannot be "
+                "trained yet"
+            )
+        return self.backward(ctx, g, saved, need_input_grad)[0], {}
+
+    def infer(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        """The output in evaluation mode (torch's ``model.eval()``): the training
+        forward unless the kind differs (BatchNorm: its running statistics;
+        Dropout: the identity)."""
+        return self.forward(ctx, x)[0]
+
+    def running_state(self, width: int) -> Any:
+        """What the kind keeps across training steps besides its parameters
+        (BatchNorm: the running mean and variance), None for most kinds; the
+        trainer hands it back as ``ctx.extra["running"]``."""
+        return None
+
+    def update_running(self, ctx: Any, saved: Any, momentum: float) -> None:
+        """Fold one training step's batch statistics into ``ctx.extra["running"]``."""
+
     def fusion(self) -> tuple | None:
         """The fused primitive this layer maps to on the numba fast path
         (:mod:`initdiag.empirical.fused`), or None: its generic step runs."""

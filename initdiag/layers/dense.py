@@ -203,7 +203,8 @@ class Dense(Layer):
     # -- empirical step -----------------------------------------------------------
     def forward(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, Any]:
         w, b = ctx.params["weight"], ctx.params.get("bias")
-        gram = use_gram(ctx.B, ctx.info.fan_in, ctx.info.width)
+        # a training step needs the input itself (dW), not only its Gram
+        gram = not ctx.training and use_gram(ctx.B, ctx.info.fan_in, ctx.info.width)
         saved = (w, b, gram64(x) if gram else x, gram)
         out = ctx.ops.dense(x, w, b, np.empty((ctx.B, ctx.info.width), dtype=ctx.dt))
         return out, saved
@@ -224,6 +225,17 @@ class Dense(Layer):
             db = g.sum(axis=0, dtype=np.float64)
             sums["bias_grad_norm2"] = float(db @ db)
         return (g @ w if need_input_grad else None), sums
+
+    def param_grads(
+        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
+    ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """``dW = G^T X``, ``db = sum_b G`` (the batch sum of the output gradient),
+        ``dX = G W``, as ``torch.nn.Linear``'s backward."""
+        w, b, x, _ = saved
+        grads = {"weight": np.matmul(g.T, x, out=ctx.grads["weight"])}
+        if b is not None:
+            grads["bias"] = np.sum(g, axis=0, out=ctx.grads["bias"])
+        return (g @ w if need_input_grad else None), grads
 
     def jvp(
         self, ops: Any, saved: Any, t: np.ndarray, example: int | None = None

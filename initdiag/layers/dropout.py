@@ -110,7 +110,8 @@ class Dropout(Layer):
         from .. import _rng
 
         mask = np.empty(x.shape, np.uint8)
-        _rng.fill_keep_mask(mask, ctx.key, MASK_STREAM, self.p)
+        # one stream per training step (step 0 in simulate)
+        _rng.fill_keep_mask(mask, ctx.key, MASK_STREAM + ctx.step, self.p)
         s = 1.0 / (1.0 - self.p)
         return ctx.ops.masked_scale(x, mask, s), (mask, s)
 
@@ -119,6 +120,9 @@ class Dropout(Layer):
     ) -> tuple[np.ndarray | None, dict[str, float]]:
         mask, s = saved
         return (ctx.ops.masked_scale(g, mask, s) if need_input_grad else None), {}
+
+    def infer(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return x  # evaluation mode keeps every unit
 
     def jvp(
         self, ops: Any, saved: Any, t: np.ndarray, example: int | None = None

@@ -176,6 +176,19 @@ class _Norm(Layer):
                 sums[col] = float(np.dot(d.astype(np.float64), d))
         return (gin if need_input_grad else None), sums
 
+    def param_grads(
+        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
+    ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        xin, sv, gamma, beta = saved
+        gin, dgamma, dbeta = self._kernels(ctx.ops)[1](g, xin, sv, gamma, beta)
+        grads = {}
+        if self.affine:
+            grads["weight"] = ctx.grads["weight"]
+            grads["weight"][...] = dgamma
+            grads["bias"] = ctx.grads["bias"]
+            grads["bias"][...] = dbeta
+        return (gin if need_input_grad else None), grads
+
     def fusion(self) -> tuple | None:
         return None
 
@@ -416,6 +429,34 @@ class BatchNorm(_Norm):
     # -- empirical step -----------------------------------------------------------
     def _kernels(self, ops: Any):
         return ops.bn, ops.bn_backward
+
+    # -- training: running statistics (torch.nn.BatchNorm1d's) ---------------------
+    def running_state(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(running mean, running variance), torch's zeros and ones, in float64."""
+        return np.zeros(width), np.ones(width)
+
+    def update_running(self, ctx: Any, saved: Any, momentum: float) -> None:
+        """``r <- (1 - momentum) r + momentum s`` with the batch mean and the
+        *unbiased* batch variance ``var B / (B - 1)`` (torch's convention; the
+        forward normalised with the biased one), the variance recovered from the
+        saved ``1 / sqrt(var + eps)``."""
+        _, (mean, invstd), _, _ = saved
+        B = ctx.B
+        var = 1.0 / np.square(invstd.astype(np.float64)) - self.eps
+        rm, rv = ctx.extra["running"]
+        rm *= 1.0 - momentum
+        rm += momentum * mean
+        rv *= 1.0 - momentum
+        rv += (momentum * B / max(B - 1, 1)) * var
+
+    def infer(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        """``gamma (x - running_mean) / sqrt(running_var + eps) + beta``."""
+        gamma, beta = self._params_or_unit(ctx)
+        rm, rv = ctx.extra["running"]
+        s = gamma / np.sqrt(rv + self.eps)
+        return (x * s.astype(x.dtype) + (beta - rm * s).astype(x.dtype)).astype(
+            x.dtype, copy=False
+        )
 
     def _scale(self, saved: Any, exact: bool) -> np.ndarray:
         _, (_, invstd), gamma, _ = saved

@@ -172,6 +172,16 @@ class Scale(Layer):
         gin = ctx.ops.residual_add(None, g, a) if need_input_grad else None
         return gin, {"gamma_grad_norm2": d * d}
 
+    def param_grads(
+        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
+    ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """``dL/dalpha = sum_{a,i} g_ai x_ai``, ``dx = alpha g``."""
+        x, a = saved
+        d = ctx.grads["weight"]
+        d[0] = np.vdot(g.astype(np.float64), x.astype(np.float64))
+        gin = ctx.ops.residual_add(None, g, a) if need_input_grad else None
+        return gin, {"weight": d}
+
     def jvp(
         self, ops: Any, saved: Any, t: np.ndarray, example: int | None = None
     ) -> np.ndarray:

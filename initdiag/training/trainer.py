@@ -1,0 +1,249 @@
+"""One seed of a training run on initdiag's own kernels.
+
+:class:`Trainer` holds one network's parameters (drawn exactly as ``simulate``
+draws seed ``seed``: the trained networks are the random networks the step-0
+Profile measures), their gradients and optimizer state, and BatchNorm's running
+statistics.  A step runs the empirical engine's one interpreter
+(:func:`initdiag.empirical.engine.forward_pass` / :func:`~initdiag.empirical.engine.propagate`)
+through :class:`TrainExecutor`, whose units are the network's layers in training
+mode; evaluation runs the same interpreter in evaluation mode (running statistics,
+no dropout), as torch's ``model.eval()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import _rng
+from ..empirical.engine import (
+    Block,
+    SeedContext,
+    StepContext,
+    forward_pass,
+    plan,
+    propagate,
+)
+from ..empirical.ops import Ops
+from ..empirical.sampling import layer_params
+from .optim import Optimizer
+
+__all__ = ["Trainer", "TrainExecutor", "loss_and_grad", "BN_MOMENTUM"]
+
+#: key word of a training run's random numbers besides the parameters (dropout)
+TRAIN_WORD = 0x7EA1
+#: BatchNorm's running-statistics momentum (torch's default)
+BN_MOMENTUM = 0.1
+
+
+def loss_and_grad(
+    loss: str, y: np.ndarray, target: np.ndarray, backend: str | None
+) -> tuple[float, int, np.ndarray]:
+    """(mean loss, correct predictions, dLoss/dy) through the fused loss kernels;
+    ``target`` holds class labels for cross-entropy, targets for squared error
+    (correct predictions: -1 there)."""
+    from .. import kernels
+
+    if loss == "cross_entropy":
+        return kernels.softmax_xent_grad(y, target, backend=backend)
+    value, g = kernels.mse_loss_grad(y, target, backend=backend)
+    return value, -1, g
+
+
+class TrainExecutor:
+    """Executor (:mod:`initdiag.empirical.engine`) of training steps: the
+    network's current parameters, each layer's training forward and
+    :meth:`~initdiag.layers.Layer.param_grads`; ``mode = "eval"``: each layer's
+    :meth:`~initdiag.layers.Layer.infer`.  No Profile rows are recorded."""
+
+    def __init__(self, net: Any, ops: Ops, ctx: list[StepContext]) -> None:
+        self.net = net
+        self.ops = ops
+        self.ctx = ctx
+        self.units = plan(net, net.top, list)
+        self.saved: list[Any] = [None] * len(net.infos)
+        self.mode = "train"
+        self.step = 0
+        self.output: np.ndarray | None = None
+
+    def sample(self, i: int, sc: SeedContext) -> None:
+        c = self.ctx[i]
+        c.B, c.training, c.step = sc.B, self.mode == "train", self.step
+
+    def forward(self, i: int, x: np.ndarray, sc: SeedContext):
+        c = self.ctx[i]
+        layer = c.info.layer
+        if self.mode == "eval":
+            return layer.infer(c, x), []
+        y, self.saved[i] = layer.forward(c, x)
+        if "running" in c.extra:
+            layer.update_running(c, self.saved[i], BN_MOMENTUM)
+        return y, []
+
+    def merge(self, b: Block, xb: np.ndarray, xs: np.ndarray, sc: SeedContext):
+        return self.net.infos[b.row].layer.merge(self.ops, xb, xs), []
+
+    def merge_backward(self, b: Block, g: np.ndarray, sc: SeedContext):
+        gb, gs = self.net.infos[b.row].layer.merge_backward(self.ops, g)
+        return gb, gs, []
+
+    def keep_grad(self, b: Block, g: np.ndarray) -> np.ndarray:
+        return g  # every step returns a fresh array
+
+    def add_grads(self, b: Block, g1: Any, g2: Any) -> Any:
+        if g1 is None or g2 is None:
+            return None
+        return self.ops.residual_add(g2, g1, 1.0)
+
+    def backward(self, i: int, g: np.ndarray, sc: SeedContext):
+        c = self.ctx[i]
+        gin, _ = c.info.layer.param_grads(c, g, self.saved[i], i > 0)
+        self.saved[i] = None
+        return gin, []
+
+
+class Trainer:
+    """One seed's network in training.
+
+    Parameters
+    ----------
+    network : Network
+        Its layers; parameters drawn from its InitScheme for ``(rng, seed)``.
+    loss : {"cross_entropy", "mse"}
+    optimizer : Optimizer
+    lr : float
+    dtype : numpy dtype
+    backend : str or None
+        Kernel backend of every op.
+    entropy, seed : int
+        The run's rng entropy (:func:`initdiag._rng.entropy_of`) and seed.
+    """
+
+    def __init__(
+        self,
+        network: Any,
+        loss: str,
+        optimizer: Optimizer,
+        lr: float,
+        dtype: np.dtype,
+        backend: str | None,
+        entropy: int,
+        seed: int,
+    ) -> None:
+        self.net = network
+        self.loss = loss
+        self.opt = optimizer
+        self.lr = float(lr)
+        self.dt = np.dtype(dtype)
+        self.backend = backend
+        self.entropy, self.seed = entropy, seed
+        self.inits = network.param_inits()
+        self.params = [
+            layer_params(info, self.inits[i], self.dt, entropy, seed)
+            for i, info in enumerate(network.infos)
+        ]
+        self.grads = [{k: np.empty_like(v) for k, v in p.items()} for p in self.params]
+        self.state = [{k: optimizer.state(v) for k, v in p.items()} for p in self.params]
+        ops = Ops(backend)
+        ctx = []
+        for i, info in enumerate(network.infos):
+            c = StepContext(
+                info,
+                self.params[i],
+                self.inits[i],
+                ops,
+                0,
+                self.dt,
+                key=_rng.derive_key(entropy, seed, info.index, TRAIN_WORD),
+                training=True,
+                grads=self.grads[i],
+            )
+            running = info.layer.running_state(info.width)
+            if running is not None:
+                c.extra["running"] = running
+            ctx.append(c)
+        self.ex = TrainExecutor(network, ops, ctx)
+        self.updates = 0
+        self._timing = {"sample": 0.0, "forward": 0.0, "backward": 0.0}
+
+    def _context(self, B: int) -> SeedContext:
+        return SeedContext(
+            self.net, self.inits, self.dt, self.entropy, self.seed, B, None,
+            np.empty((0, 0)), [], self._timing,
+        )
+
+    def _forward(self, x: np.ndarray, mode: str) -> np.ndarray:
+        self.ex.mode = mode
+        self.ex.step = self.updates
+        sc = self._context(x.shape[0])
+        return forward_pass(self.ex, sc, np.ascontiguousarray(x, dtype=self.dt)), sc
+
+    def gradients(self, x: np.ndarray, target: np.ndarray) -> tuple[float, int]:
+        """Forward and backward on the batch ``(x, target)`` in training mode: (its
+        loss, its correct predictions); the parameter gradients are left in
+        :attr:`grads` (not computed when the loss is not finite)."""
+        with np.errstate(all="ignore"):
+            y, sc = self._forward(x, "train")
+            value, correct, g = loss_and_grad(self.loss, y, target, self.backend)
+            if np.isfinite(value):
+                propagate(self.ex, sc, g)
+        return value, correct
+
+    def step(self, x: np.ndarray, target: np.ndarray) -> tuple[float, int]:
+        """One optimizer step on the batch ``(x, target)``: (the batch's loss
+        before the update, its correct predictions).  A non-finite loss leaves
+        the parameters as they were (the caller records the divergence)."""
+        value, correct = self.gradients(x, target)
+        if not np.isfinite(value):
+            return value, correct
+        with np.errstate(all="ignore"):
+            self.updates += 1
+            for p, gr, st in zip(self.params, self.grads, self.state):
+                for k, v in p.items():
+                    self.opt.update(v, gr[k], st[k], self.updates, self.lr, self.backend)
+        return value, correct
+
+    def evaluate(
+        self, X: np.ndarray, target: np.ndarray, chunk: int = 1024
+    ) -> tuple[float, float]:
+        """(mean loss, accuracy or NaN) on ``(X, target)`` in evaluation mode."""
+        total, correct = 0.0, 0
+        with np.errstate(all="ignore"):
+            for a in range(0, X.shape[0], chunk):
+                xb, tb = X[a : a + chunk], target[a : a + chunk]
+                y, _ = self._forward(xb, "eval")
+                value, c, _ = loss_and_grad(self.loss, y, tb, self.backend)
+                total += value * xb.shape[0]
+                correct += c
+        n = X.shape[0]
+        return total / n, (correct / n if correct >= 0 else float("nan"))
+
+    def named_params(self) -> dict[str, dict[str, np.ndarray]]:
+        """The current parameters by row name and slot (``weight``, ``bias``)."""
+        return {
+            info.name: p for info, p in zip(self.net.infos, self.params) if p
+        }
+
+    def layer_stats(self, before: list[dict[str, np.ndarray]] | None) -> list[dict]:
+        """Per parameter tensor: the norm of its last gradient, of its value, and
+        the update-to-weight ratio ``||w_after - w_before|| / ||w_before||``
+        (``before``: copies taken before the update)."""
+        rows = []
+        for i, info in enumerate(self.net.infos):
+            for k, v in self.params[i].items():
+                g = self.grads[i][k]
+                w = v.astype(np.float64)
+                row = {
+                    "layer": info.name,
+                    "param": k,
+                    "grad_norm": float(np.linalg.norm(g.astype(np.float64))),
+                    "weight_norm": float(np.linalg.norm(w)),
+                }
+                if before is not None:
+                    w0 = before[i][k].astype(np.float64)
+                    n0 = float(np.linalg.norm(w0))
+                    du = float(np.linalg.norm(w - w0))
+                    row["update_ratio"] = du / n0 if n0 > 0 else float("inf" if du else 0)
+                rows.append(row)
+        return rows
