@@ -269,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", metavar="CONFIG.toml")
     _network_options(r)
     _run_options(r)
+    r.add_argument(
+        "--train",
+        type=_positive_int(1),
+        metavar="STEPS",
+        default=None,
+        help="also train every variant for STEPS steps (initdiag.train; settings "
+        "from the study's [train] table) and compare the curves; writes "
+        "training.png with --out",
+    )
     r.set_defaults(func=cmd_report)
     c = sub.add_parser(
         "compare",
@@ -496,6 +505,8 @@ def _run(
     sims: list[dict],
     origins: list[dict],
     anas: list[dict],
+    train: dict | None = None,
+    train_networks=None,
 ):
     """Run the study; returns ``(result, interrupted)``: on Ctrl-C the result holds
     what was finished (``result.partial``)."""
@@ -507,6 +518,10 @@ def _run(
     if empirical:
         _check_sizes(networks, sims, origins)
     total = progress_steps(networks, sims, empirical)
+    if train is not None:
+        from .report.training import total_steps
+
+        total += total_steps(len(networks), train)
     prog = Progress(total, enabled=False if args.quiet else None)
     try:
         result = run_study(
@@ -517,6 +532,8 @@ def _run(
             per_network_simulate=sims,
             empirical=empirical,
             progress=prog.update,
+            train=train,
+            train_networks=train_networks,
         )
     except Interrupted as exc:
         prog.close()
@@ -637,11 +654,14 @@ def _write_json(out_dir: str, d: dict[str, Any]) -> str:
 
 def _write_plots(out_dir: str, result) -> list[str]:
     from .report.plots import write_plots
+    from .report.training import write_training_plot
 
     profiles = [
         p for e in result.entries for p in (e.analytic, e.empirical) if p is not None
     ]
-    return write_plots(profiles, out_dir, title=result.name)
+    paths = write_plots(profiles, out_dir, title=result.name)
+    tp = write_training_plot(result.entries, out_dir, title=result.name)
+    return paths + ([tp] if tp else [])
 
 
 def _config_record(
@@ -678,6 +698,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     sim, origin = _settings(args, study.simulate, study.source)
     ana = dict(study.analyze)
     n = len(study.networks)
+    train, train_nets = _train_plan(args, study, net_over, init_over)
     result, stopped = _run(
         args,
         study.networks,
@@ -686,8 +707,34 @@ def cmd_report(args: argparse.Namespace) -> int:
         [sim] * n,
         [origin] * n,
         [ana] * n,
+        train,
+        train_nets,
     )
     return _emit(args, result, _config_record(args, study.source, sim, ana), stopped)
+
+
+def _train_plan(args: argparse.Namespace, study, net_over: dict, init_over: dict):
+    """(training settings or None, the networks to train): the study's ``[train]``
+    table, ``--train STEPS``; a ``width`` there rebuilds every variant at it."""
+    from .report.training import train_settings
+
+    train = train_settings(study.train, getattr(args, "train", None))
+    if train is None:
+        return None, None
+    width = train.get("width")
+    if not width or "width" in net_over:
+        train.pop("width", None)  # --width decides for both
+        return train, None
+    over = {**net_over, "width": width}
+    if args.config:
+        rebuilt = _load_study(args.config, over, init_over)
+    elif net_over or init_over:
+        rebuilt = _single_network(over, init_over)
+    else:
+        rebuilt = _default_study(over, init_over)
+    return train, [
+        b.with_name(a.name) for a, b in zip(study.networks, rebuilt.networks, strict=True)
+    ]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -21,6 +21,10 @@ A study file::
     batch_size = 256
     seeds = 8
 
+    [train]                        # optional: training runs per variant
+    steps = 200                    # (initdiag.report.training; without steps the
+    seeds = 2                      # table only sets defaults for --train STEPS)
+
     [[variants]]                   # optional: each one patches [network] and [init]
     name = "N(0, 0.1^2) bias"
     init = { bias = { name = "normal", std = 0.1 } }
@@ -71,7 +75,7 @@ _RESNET_KEYS = {
     "fixup",
 }
 _LAYER_KEYS = {"input_dim", "layers"}
-_TOP_KEYS = {"study", "network", "init", "simulate", "analyze", "variants"}
+_TOP_KEYS = {"study", "network", "init", "simulate", "analyze", "train", "variants"}
 _SIM_KEYS = {
     "batch_size",
     "seeds",
@@ -145,6 +149,30 @@ _VALUE_CHECKS = {
 }
 
 
+def _numbers_above_zero(v: Any) -> str | None:
+    want = "a list of numbers > 0"
+    if not isinstance(v, list) or not v:
+        return want
+    return want if any(_number_in(0.0, None)(x) for x in v) else None
+
+
+_VALUE_CHECKS["train"] = {
+    "steps": _int_at_least(1),
+    "seeds": _int_at_least(1),
+    "optimizer": _one_of("sgd", "adam", "adamw"),
+    "lr": _number_in(0.0, None),
+    "lr_grid": _numbers_above_zero,
+    "momentum": _number_in(0.0, 1.0),
+    "batch_size": _int_at_least(2),
+    "eval_every": _int_at_least(1),
+    "data": _one_of("synthetic", "digits"),
+    "width": _int_at_least(1),
+    "search_steps": _int_at_least(1),
+    "workers": _int_at_least(1),
+}
+_TRAIN_KEYS = set(_VALUE_CHECKS["train"])
+
+
 class ConfigError(ValueError):
     """A study file or table is malformed; the message names the file and the key."""
 
@@ -159,6 +187,8 @@ class Study:
     simulate: dict[str, Any] = field(default_factory=dict)
     analyze: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    #: the ``[train]`` table (:mod:`initdiag.report.training`); runs need ``steps``
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 def _where(source: str | None, key: str) -> str:
@@ -370,6 +400,7 @@ def _study_from_dict(d: Mapping[str, Any], source: str | None) -> Study:
         simulate=_check_settings(d.get("simulate"), _SIM_KEYS, source, "simulate"),
         analyze=_check_settings(d.get("analyze"), _ANA_KEYS, source, "analyze"),
         source=source,
+        train=_check_settings(d.get("train"), _TRAIN_KEYS, source, "train"),
     )
 
 

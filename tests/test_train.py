@@ -153,7 +153,7 @@ def test_final_loss_and_steps_to_target_from_the_curves():
     got = r.steps_to(t)
     for s in range(3):
         run = np.array(
-            [r.step_loss[s, max(0, k - 10) : k].mean() for k in range(1, 41)]
+            [r.step_loss[s, max(0, k - w) : k].mean() for k in range(1, 41)]
         )
         hit = np.flatnonzero(run <= t)
         assert (got[s] != got[s] and hit.size == 0) or got[s] == hit[0] + 1

@@ -40,6 +40,13 @@ bn_bias = "zeros"
 batch_size = 256
 seeds = 4
 
+# initdiag report --train STEPS: every variant rebuilt at width 128 (same depth, same
+# initialisation laws: the mean-field statistics above do not depend on the width)
+# and trained from 2 fresh initialisations on the synthetic task
+[train]
+width = 128
+seeds = 2
+
 [[variants]]
 name = "bias = 0"
 

@@ -56,6 +56,8 @@ class Entry:
     empirical: Profile | None
     verdicts: list[Verdict] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    #: the variant's :class:`~initdiag.training.TrainResult` (``--train``)
+    training: Any = None
 
     @property
     def name(self) -> str:
@@ -102,6 +104,8 @@ def run_study(
     progress: Callable[[str], None] | None = None,
     per_network_simulate: Sequence[Mapping[str, Any]] | None = None,
     per_network_analyze: Sequence[Mapping[str, Any]] | None = None,
+    train: Mapping[str, Any] | None = None,
+    train_networks: Sequence[Any] | None = None,
 ) -> StudyResult:
     """Analyse (and simulate) every network.
 
@@ -122,6 +126,12 @@ def run_study(
         Keywords of each network (one mapping per network), e.g. from the
         ``[simulate]`` / ``[analyze]`` tables of the file each network came from;
         ``simulate_kw`` / ``analyze_kw`` are then ignored.
+    train : mapping, optional
+        Training settings (:func:`initdiag.report.training.train_settings`): after
+        the step-0 profiles every variant is trained
+        (:func:`initdiag.report.training.run_training`), ``progress(label, steps)``
+        advancing by optimizer steps; ``train_networks`` (one per network, e.g.
+        rebuilt at the ``[train]`` width) are trained instead when given.
 
     Returns
     -------
@@ -146,6 +156,7 @@ def run_study(
     if empirical:
         from .. import empirical as _empirical
 
+    train = dict(train) if train is not None else None
     sims = _per_network(networks, simulate_kw, per_network_simulate)
     anas = _per_network(networks, analyze_kw, per_network_analyze)
     entries: list[Entry] = []
@@ -158,6 +169,8 @@ def run_study(
             "empirical": empirical,
             "analytic": analytic,
         }
+        if train is not None:
+            settings["train"] = dict(train)
         for key, per in (("simulate", sims), ("analyze", anas)):
             if any(s != per[0] for s in per):
                 settings[f"{key}_per_variant"] = {
@@ -197,11 +210,41 @@ def run_study(
                     raise Interrupted(result(True)) from None
                 timings["simulate"] += time.perf_counter() - t0
             entries.append(_entry(net, a, e, errors))
+        if train is not None:
+            _train_entries(entries, train, train_networks or networks, progress)
     except Interrupted:
         raise
     except KeyboardInterrupt:
         raise Interrupted(result(True)) from None
     return result(False)
+
+
+def _train_entries(entries, train, networks, progress) -> None:
+    """Train every variant and attach the results; the target loss is set from
+    all of them (:func:`initdiag.report.training.training_target`).  Ctrl-C keeps
+    the results that finished."""
+    from .training import run_training
+
+    try:
+        results = run_training(networks, train, progress)
+    except KeyboardInterrupt as exc:
+        results = getattr(exc, "partial", [])
+        _attach(entries, results)
+        raise
+    _attach(entries, results)
+    done = [r for r in results if r is not None]
+    if done:
+        train["data_description"] = done[0].data["description"]
+
+
+def _attach(entries, results) -> None:
+    from .training import training_target
+
+    target = training_target(results)
+    for e, r in zip(entries, results):
+        if r is not None:
+            r.target = target
+            e.training = r
 
 
 def _per_network(
@@ -380,6 +423,10 @@ def summarize(entry: Entry) -> dict[str, Any]:
         s[f"bn_rate{suffix}"] = (
             float(gr ** (1.0 / (nbn - 1))) if nbn > 1 and gr > 0 else math.nan
         )
+    if entry.training is not None:
+        from .training import train_summary
+
+        s.update(train_summary(entry.training))
     return s
 
 
@@ -993,6 +1040,9 @@ def explain(
             keys += [(i, "grad_ratio"), (j, "grad_ratio")]
         out.append(Sentence(f"variant:{s['name']}", text + ".", keys))
     out += _synthesis(summaries, settings)
+    from .training import training_sentences
+
+    out += training_sentences(summaries, settings or {})
     return out
 
 

@@ -441,6 +441,16 @@ def render_study(
         )
     parts.append(_wrap(legend, width))
     parts += ["", comparison_table(summaries, color=color, width=width), ""]
+    if any(e.training is not None for e in result.entries):
+        from .training import training_rows, training_table
+
+        done = [e.training for e in result.entries if e.training is not None]
+        target = done[0].target
+        parts.append(style(f"Training ({done[0].steps} steps)", "bold"))
+        parts += [
+            training_table(training_rows(result.entries, target), target, done[0].steps),
+            "",
+        ]
     sentences = explanation if explanation is not None else explain_result(result)
     parts.append(style("What the numbers say", "bold"))
     for s in sentences:

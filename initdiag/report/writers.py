@@ -44,6 +44,7 @@ def study_to_dict(result: StudyResult) -> dict[str, Any]:
                 "summary": s,
                 "verdicts": [v.to_dict() for v in e.verdicts],
                 "errors": dict(e.errors),
+                "training": _training(e.training),
             }
         )
     return _jsonable(
@@ -58,6 +59,17 @@ def study_to_dict(result: StudyResult) -> dict[str, Any]:
             "variants": variants,
         }
     )
+
+
+def _training(r: Any) -> dict[str, Any] | None:
+    """A variant's training in the report: everything but the per-step batch
+    losses and per-tensor statistics (:meth:`TrainResult.to_json` has those)."""
+    if r is None:
+        return None
+    d = r.to_dict()
+    for k in ("step_loss", "layer_stats"):
+        d.pop(k, None)
+    return d
 
 
 @contextlib.contextmanager

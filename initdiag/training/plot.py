@@ -21,12 +21,12 @@ def plot_training(
     ``held_out``, the held-out loss (dashed, mean over seeds); a diverged seed's
     curve stops where it diverged.  Returns the figure."""
     import matplotlib
+    from matplotlib.figure import Figure
 
     if ax is None:
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        # a Figure, never pyplot: nothing selects a backend or opens a window
+        fig = Figure(figsize=(7.5, 4.5))
+        ax = fig.add_subplot()
     else:
         fig = ax.figure
     n = len(results)

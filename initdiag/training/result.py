@@ -142,10 +142,11 @@ class TrainResult:
 
     def steps_to(self, target: float | None = None) -> np.ndarray:
         """(seeds,) the first step at which the batch loss, averaged over the
-        ``eval_every`` steps before, is <= ``target`` (default :attr:`target`); NaN
-        where never."""
+        steps before as the final loss is (the last tenth of the run,
+        :func:`final_window`), is <= ``target`` (default :attr:`target`); NaN where
+        never."""
         t = self.target if target is None else float(target)
-        sm = smoothed(self.step_loss, self.eval_every)
+        sm = smoothed(self.step_loss, final_window(self.steps))
         hit = sm <= t
         out = np.full(self.seeds, np.nan)
         for s in range(self.seeds):

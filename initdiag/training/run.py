@@ -18,7 +18,7 @@ from .optim import DEFAULT_LR_GRIDS, make_optimizer
 from .result import TrainResult, final_window
 from .trainer import Trainer
 
-__all__ = ["train", "with_readout"]
+__all__ = ["train", "with_readout", "training_steps"]
 
 #: the default target as a fraction of the task's chance-level loss
 TARGET_FRACTION = 0.25
@@ -79,6 +79,15 @@ def _check_memory(net: Network, batch: int, n_eval: int, dt: np.dtype, opt) -> N
             f"{batch}) but the available memory is {fmt_bytes(avail)}; use a "
             "smaller batch_size or a narrower network"
         )
+
+
+def training_steps(
+    n_lr: int, seeds: int, steps: int, search_steps: int | None = None
+) -> int:
+    """Optimizer steps a :func:`train` call takes (its progress total)."""
+    if search_steps is not None and n_lr > 1:
+        return n_lr * search_steps + seeds * steps
+    return n_lr * seeds * steps
 
 
 def _run_seed(
@@ -181,6 +190,7 @@ def train(
     rng: int | np.random.Generator | None = 0,
     weight_decay: float | None = None,
     target: float | None = None,
+    search_steps: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train ``network`` from ``seeds`` fresh initialisations on initdiag's kernels.
@@ -226,6 +236,11 @@ def train(
     target : float, optional
         The loss :meth:`TrainResult.steps_to` counts steps to; default
         ``0.25`` of the task's chance-level loss.
+    search_steps : int, optional
+        A cheaper search: each rate of the grid runs seed 0 for ``search_steps``
+        steps, the best (lowest mean batch loss over its last tenth) is kept and
+        only it runs every seed for ``steps``.  Default: every rate over every
+        seed for the full ``steps``.
     progress : callable, optional
         ``progress(done, total)`` in steps over learning rates and seeds.
 
@@ -274,7 +289,10 @@ def train(
     _check_memory(net, batch_size, ds.X_test.shape[0], dt, opt)
     tgt = TARGET_FRACTION * ds.chance_loss() if target is None else float(target)
 
-    total = len(lrs) * seeds * steps
+    pilot = search_steps is not None and len(lrs) > 1
+    if pilot:
+        search_steps = _int(search_steps, "search_steps", 1)
+    total = training_steps(len(lrs), seeds, steps, search_steps if pilot else None)
     done = [0]
 
     def tick(k: int) -> None:
@@ -282,30 +300,34 @@ def train(
         if progress is not None:
             progress(done[0], total)
 
-    t0 = time.perf_counter()
-    runs = []
-    for lr_k in lrs:
+    def run(lr_k: float, n_seeds: int, n_steps: int) -> TrainResult:
         per_seed = [
             _run_seed(
-                net, ds, loss, opt, lr_k, steps, batch_size, eval_every, dt,
+                net, ds, loss, opt, lr_k, n_steps, batch_size, eval_every, dt,
                 backend, entropy, s, tick,
             )
-            for s in range(seeds)
+            for s in range(n_seeds)
         ]
-        runs.append(_assemble(per_seed, lr_k, network.name, ds, loss, opt, steps,
-                              seeds, batch_size, eval_every, tgt))
+        return _assemble(per_seed, lr_k, network.name, ds, loss, opt, n_steps,
+                         n_seeds, batch_size, eval_every, tgt)
+
+    t0 = time.perf_counter()
+    runs = [run(lr_k, 1, search_steps) if pilot else run(lr_k, seeds, steps)
+            for lr_k in lrs]
     search = [
         {
             "lr": r.lr,
             "final_loss": r.final_loss()[0],
             "final_loss_se": r.final_loss()[1],
             "diverged": len(r.diverged),
+            "seeds": r.seeds,
+            "steps": r.steps,
         }
         for r in runs
     ]
     # the lowest mean final loss; all diverged: the smallest rate (the least bad)
     best = min(range(len(runs)), key=lambda i: (search[i]["final_loss"], runs[i].lr))
-    res = runs[best]
+    res = run(lrs[best], seeds, steps) if pilot else runs[best]
     res.lr_search = search
     res.meta = {
         "backend": backend,
@@ -316,6 +338,7 @@ def train(
         "final_window": final_window(steps),
         "bn_momentum": 0.1,
         "network_rows": len(net.infos),
+        "search": "pilot" if pilot else ("grid" if len(lrs) > 1 else "fixed"),
     }
     return res
 
