@@ -391,21 +391,28 @@ def _loss_clause(s, ref, ref_name: str) -> tuple[str, list[str]]:
 
 
 def _target_clause(s, ref, ref_name: str) -> tuple[str, list[str]]:
+    """When the variant reached the study's target loss."""
     T, k = s["train_target"], s["train_steps_to_target"]
-    keys = ["train_steps_to_target", "train_reached", "train_target"]
+    keys = ["train_reached", "train_target"]
     if not s["train_reached"]:
         return f"it never reached loss {_f(T)} in {s['train_steps']} steps", keys
+    keys.append("train_steps_to_target")
     text = (
         f"it reached loss {_f(T)} at step {_f(k)} (mean of the "
         f"{s['train_reached']} of {s['train_seeds']} seeds that did)"
     )
-    if ref is not None:
-        k0 = ref["train_steps_to_target"]
-        if ref["train_reached"] and k0 > 0:
-            text += f", {k / k0:.2f}x the steps of {ref_name}"
-        else:
-            text += f", which {ref_name} never did"
     return text, keys
+
+
+def _ref_steps_clause(s, ref, ref_name: str) -> tuple[str, list[tuple[int, str]]]:
+    """How the variant's steps to the target compare with the reference's (a
+    clause and the reference's keys; empty when the variant did not reach it)."""
+    if not s["train_reached"]:
+        return "", []
+    k, k0 = s["train_steps_to_target"], ref["train_steps_to_target"]
+    if ref["train_reached"] and k0 > 0:
+        return f", {k / k0:.2f}x the steps of {ref_name}", ["train_steps_to_target"]
+    return f", which {ref_name} never did", ["train_reached"]
 
 
 def training_sentences(
@@ -428,15 +435,20 @@ def training_sentences(
         c0, k0 = _step0_clause(s)
         cl, kl = _loss_clause(s, None if i == r0 else ref, ref_name)
         parts, keys = [c0, cl], k0 + kl
+        ref_keys: list[str] = []
         if not s["train_diverged"]:
             ct, kt = _target_clause(s, None if i == r0 else ref, ref_name)
+            if i != r0:
+                cr, ref_keys = _ref_steps_clause(s, ref, ref_name)
+                ct += cr
             parts.append(ct)
             keys += kt
         who = s["name"] + (" (the reference)" if i == r0 else "")
         text = f"{who}: " + "; ".join(parts) + "."
         pos = [(i, k) for k in keys]
-        if i != r0:
-            pos += [(r0, "train_final_loss"), (r0, "train_final_loss_se")]
+        if i != r0 and math.isfinite(ref["train_final_loss"]) and not s["train_diverged"]:
+            ref_keys += ["train_final_loss", "train_final_loss_se"]
+        pos += [(r0, k) for k in ref_keys]
         out.append(Sentence(f"training:{s['name']}", text, pos))
     if len(idx) > 1:
         out.append(_noise_sentence(summaries, idx))
@@ -467,7 +479,8 @@ def _noise_sentence(summaries, idx) -> Any:
         return d / comb if comb > 0 else (0.0 if d == 0 else math.inf)
 
     tied = [i for i in ok if i != best and z(i) < NOISE_Z]
-    keys = [(i, "train_final_loss") for i in ok] + [(i, "train_final_loss_se") for i in ok]
+    # the numbers the text shows or that decide who is tied with the lowest
+    keys = [(best, "train_final_loss")] + [(i, "train_final_loss") for i in tied]
     name = b["name"]
     if len(tied) == len(ok) - 1 and tied:
         text = (
