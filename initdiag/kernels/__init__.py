@@ -1,8 +1,7 @@
 """Kernels of the empirical engine: dense, activation, BatchNorm, statistics,
 residual add / scale / dropout masking, and the fused passes of ``simulate``;
 and of training: the optimizer updates :func:`sgd_update` and :func:`adam_update`
-(all four backends) and the loss heads :func:`mse_loss_grad` and
-:func:`softmax_xent_grad` (numpy, numba and c).
+and the loss heads :func:`mse_loss_grad` and :func:`softmax_xent_grad`.
 
 Every op exists in four backends behind one public dispatcher (the fused ops
 :func:`layer_stats`, :func:`unit_forward`, :func:`unit_backward`, :func:`gram`,
@@ -244,12 +243,6 @@ def _resolve(backend: str | None, arrays: tuple) -> str:
     return name
 
 
-_ONLY_ON = {
-    "fused": "the fused passes of simulate are NumPy + Numba",
-    "loss": "the loss heads have no CUDA variant yet",
-}
-
-
 def _resolve_op(op: str, backend: str | None, arrays: tuple) -> str:
     """:func:`_resolve`, then check that ``op`` has a variant on that backend."""
     name = _resolve(backend, arrays)
@@ -257,7 +250,7 @@ def _resolve_op(op: str, backend: str | None, arrays: tuple) -> str:
         have = _registry.OP_BACKENDS[op]
         raise BackendUnavailableError(
             f"{op} has no {name!r} variant: it exists for backends {have} only "
-            f"({_ONLY_ON.get(_registry.OPS[op], '')}); pass backend="
+            f"(the fused passes of simulate are NumPy + Numba); pass backend="
             f"{have[-1]!r} (host arrays)"
         )
     return name
@@ -1866,8 +1859,7 @@ def mse_loss_grad(
     target : ndarray, shape (B, n), same dtype
     out : ndarray (B, n), dtype of y, optional
         Receives grad; may be ``y`` or ``target`` itself (in place).
-    backend : {"numpy", "numba", "c", "auto"} or None
-        (no cuda variant)
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
 
     Returns
     -------
@@ -1877,23 +1869,30 @@ def mse_loss_grad(
     Raises
     ------
     TypeError, ValueError
-        Wrong dtype / shape; BackendUnavailableError for cuda or an unavailable
-        backend.
+        Wrong dtype / shape; BackendUnavailableError for an unavailable backend.
     """
     y = _array(y, "y", 2)
     t = _array(target, "target", 2, y.dtype)
     _shape(t, "target", y.shape)
     (out,) = _outs(out, ("grad",), "mse_loss_grad")
-    name = _resolve_op("mse_loss_grad", backend, (y, t))
-    g = _out(out, "out", y.shape, y.dtype, False)
-    _no_partial_overlap(g, "mse_loss_grad", {"y": y, "target": t})
+    if out is not None:
+        _no_partial_overlap(out, "mse_loss_grad", {"y": y, "target": t})
+    name = _resolve(backend, (y, t))
+    cu = _Cuda(name, (y, t))
+    g = cu.target(out, "out", y.shape, y.dtype)
     res = np.empty(1)
-    _call("mse_loss_grad", name, y, t, g, res)
-    return float(res[0]), g
+    _call("mse_loss_grad", name, cu.put(y), cu.put(t), g, res)
+    return float(res[0]), cu.land(g, out)
 
 
 def _labels(labels: Any, B: int, C: int) -> npt.NDArray[np.int64]:
     """Class indices: a (B,) integer array with entries in [0, C), as int64."""
+    if _is_device(labels):
+        from numba import cuda
+
+        # validated on the host (a copy of B integers); the kernel gets int64 back
+        view = labels if hasattr(labels, "copy_to_host") else cuda.as_cuda_array(labels)
+        labels = view.copy_to_host()
     if not isinstance(labels, np.ndarray):
         raise TypeError(
             "labels must be a NumPy integer array of class indices; got "
@@ -1946,11 +1945,11 @@ def softmax_xent_grad(
     ----------
     logits : ndarray, shape (B, C), float32 or float64
     labels : ndarray, shape (B,), any integer dtype
-        Class indices in [0, C) (copied once to int64 when of another dtype).
+        Class indices in [0, C) (copied once to int64 when of another dtype; a
+        device array is copied to the host to be checked).
     out : ndarray (B, C), dtype of logits, optional
         Receives grad; must not overlap logits.
-    backend : {"numpy", "numba", "c", "auto"} or None
-        (no cuda variant)
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
 
     Returns
     -------
@@ -1962,16 +1961,16 @@ def softmax_xent_grad(
         Non-float logits, non-integer labels (e.g. one-hot floats).
     ValueError
         Wrong shapes, a label outside [0, C) (named with its index), out
-        overlapping logits; BackendUnavailableError for cuda or an unavailable
-        backend.
+        overlapping logits; BackendUnavailableError for an unavailable backend.
     """
     z = _array(logits, "logits", 2)
     B, C = z.shape
     lab = _labels(labels, B, C)
     (out,) = _outs(out, ("grad",), "softmax_xent_grad")
-    name = _resolve_op("softmax_xent_grad", backend, (z,))
-    g = _out(out, "out", z.shape, z.dtype, False)
-    _distinct("softmax_xent_grad", {"logits": z, "out": g})
+    _distinct("softmax_xent_grad", {"logits": z, "out": out})
+    name = _resolve(backend, (z,))
+    cu = _Cuda(name, (z,))
+    g = cu.target(out, "out", z.shape, z.dtype)
     res = np.empty(2)
-    _call("softmax_xent_grad", name, z, lab, g, res)
-    return float(res[0]), int(res[1]), g
+    _call("softmax_xent_grad", name, cu.put(z), cu.put(lab), g, res)
+    return float(res[0]), int(res[1]), cu.land(g, out)

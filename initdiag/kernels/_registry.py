@@ -7,8 +7,7 @@ module (and never touches numba.cuda).
 
 The fused passes of ``simulate`` (family ``fused``: :data:`FUSED_OPS`) exist as a
 NumPy reference and a Numba variant only (:data:`OP_BACKENDS`); there is no c or
-cuda variant, and the dispatchers say so (BackendUnavailableError); the loss heads
-of training (family ``loss``) exist in numpy, numba and c.
+cuda variant, and the dispatchers say so (BackendUnavailableError).
 
 :func:`resolve` is also the fast entry of callers that run a kernel many times
 on inputs they built themselves (the empirical engine, once per layer): it
@@ -55,8 +54,6 @@ FUSED_OPS = (
 )
 OPS.update(dict.fromkeys(FUSED_OPS, "fused"))
 OP_BACKENDS = {op: ("numpy", "numba") if OPS[op] == "fused" else BACKENDS for op in OPS}
-# the loss heads of training have no cuda variant (yet)
-OP_BACKENDS.update(dict.fromkeys(("mse_loss_grad", "softmax_xent_grad"), BACKENDS[:3]))
 
 
 def _target(op: str, backend: str) -> str:

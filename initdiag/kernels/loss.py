@@ -35,7 +35,8 @@ NaN gradients (inf - inf), which the trainer records as divergence.  The row
 losses are summed in row order, so the result does not depend on the thread
 count.  The numba and c variants run rows in parallel (one row is one fused
 sweep: max and argmax, the exponential sum, the gradient, while the row is in
-cache); the numpy variant is the reference.
+cache); the cuda variant (``_cuda_loss``) runs a block per row; the numpy
+variant is the reference.
 """
 
 from __future__ import annotations
