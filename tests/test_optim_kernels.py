@@ -129,9 +129,7 @@ def test_adam_against_loops_step_by_step(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ("numba", "c"))
-def test_cpu_variants_equal_the_reference_bit_for_bit_in_parallel(
-    backend, monkeypatch
-):
+def test_cpu_variants_equal_the_reference_bit_for_bit_in_parallel(backend, monkeypatch):
     # more than one PAR_CHUNK, on two threads: the chunked loops compute each
     # element exactly as the serial NumPy reference does
     monkeypatch.setattr(optim, "update_threads", lambda *a, **k: 2)
@@ -149,7 +147,7 @@ def test_cpu_variants_equal_the_reference_bit_for_bit_in_parallel(
                 K.adam_update(q, g, m, w, step=step, lr=1e-3, weight_decay=0.1,
                               decoupled=step == 2, backend=b)  # fmt: skip
             res[b] = (p, v, q, m, w)
-        for a, b in zip(res["numpy"], res[backend]):
+        for a, b in zip(res["numpy"], res[backend], strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -258,10 +256,10 @@ def _arrays(shape=(3, 4), dtype=np.float64):
         (dict(grad=np.ones((4, 3))), ValueError, r"grad must have shape \(3, 4\)"),
         (dict(grad=np.ones((3, 4), np.float32)), TypeError, "grad has dtype float32"),
         (dict(param=np.ones((3, 4), np.int64)), TypeError, "got int64"),
-        (dict(param=np.ones((2, 3, 4))), ValueError, r"1-D .* or 2-D .* shape \(2, 3, 4\)"),
+        (dict(param=np.ones((2, 3, 4))), ValueError, r"or 2-D .* \(2, 3, 4\)"),
         (dict(param=np.ones((3, 8))[:, ::2]), TypeError, "must be C-contiguous"),
         (dict(param=[1.0, 2.0]), TypeError, "param must be a NumPy array"),
-        (dict(momentum=0.9, velocity=np.zeros((3, 5))), ValueError, "velocity must have shape"),
+        (dict(momentum=0.9, velocity=np.zeros((3, 5))), ValueError, "velocity must"),
         (dict(backend="gpu"), ValueError, "backend must be one of"),
     ],
 )  # fmt: skip

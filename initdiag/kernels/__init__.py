@@ -1652,9 +1652,11 @@ def _inplace(a: Any, name: str, ndim: int, dtype: np.dtype | None = None):
 
 def _param_grad(param: Any, grad: Any) -> tuple:
     """(param, grad): param 1-D or 2-D float (in place), grad its shape and dtype."""
-    nd = getattr(param, "ndim", 1) if (
-        isinstance(param, np.ndarray) or _is_device(param)
-    ) else 1
+    nd = (
+        getattr(param, "ndim", 1)
+        if (isinstance(param, np.ndarray) or _is_device(param))
+        else 1
+    )
     if nd not in (1, 2):
         raise ValueError(
             "param must be 1-D (a bias or a normalisation scale) or 2-D (a weight "
@@ -1821,7 +1823,9 @@ def adam_update(
     ms = _state(m, "m", p)
     vs = _state(v, "v", p)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an integer (1 for the first update); got {step!r}")
+        raise TypeError(
+            f"step must be an integer (1 for the first update); got {step!r}"
+        )
     if step < 1:
         raise ValueError(f"step must be >= 1 (the 1-based update count); got {step}")
     a = _hyper(lr, "lr", dt)

@@ -5,7 +5,9 @@ and modes in ``initdiag.kernels.optim``)::
     adam_update_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled,
                      step_size, bc2_sqrt) -> p
 
-One thread per element, grid-stride over the flattened (C-contiguous) arrays.  The
+One thread per element, grid-stride over the flattened (C-contiguous) arrays; the
+per-element arithmetic is ``optim._sgd_element`` / ``_adam_element``, the same
+Python source the CPU loops jit.  The
 launchers pass every hyper-parameter as a scalar of the array dtype, so a float32
 kernel computes in float32 (NVVM may contract a multiply and an add into one
 fused multiply-add: one rounding fewer than the CPU variants).  Device arrays are
@@ -15,7 +17,6 @@ back into themselves.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -23,46 +24,32 @@ from numba import cuda
 from numba import int32 as _i32
 
 from . import _cuda_common as _cc
-from .optim import _NESTEROV, _PLAIN, _WD_DECOUPLED, _WD_L2, _adam_wd_mode, _sgd_mode
+from . import optim as _optim
+from .optim import _PLAIN, _adam_wd_mode, _sgd_mode
+
+_sgd_element = cuda.jit(device=True)(_optim._sgd_element)
+_adam_element = cuda.jit(device=True)(_optim._adam_element)
 
 
 def _sgd_update_kernel_py(p, g, v, lr, mu, wd, mode):
-    """SGD on flat arrays (``v`` unused in mode 0)."""
+    """SGD on flat arrays (``v`` not written in mode 0, where it may be ``p``)."""
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
-    zero = wd - wd
     for k in range(start, p.shape[0], stride):
-        gk = g[k]
-        if wd != zero:
-            gk = gk + wd * p[k]
+        pk, vk = _sgd_element(p[k], g[k], v[k], lr, mu, wd, mode)
+        p[k] = pk
         if mode != _PLAIN:
-            vk = mu * v[k] + gk
             v[k] = vk
-            if mode == _NESTEROV:
-                gk = gk + mu * vk
-            else:
-                gk = vk
-        p[k] = p[k] - lr * gk
 
 
 def _adam_update_kernel_py(p, g, m, v, w1, b2, w2, eps, wd, decay, ss, bc2s, mode):
-    """Adam / AdamW on flat arrays (``w1 = 1 - beta1``, ``w2 = 1 - beta2``,
-    ``decay = 1 - lr wd``)."""
+    """Adam / AdamW on flat arrays."""
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     for k in range(start, p.shape[0], stride):
-        gk = g[k]
-        pk = p[k]
-        if mode == _WD_DECOUPLED:
-            pk = pk * decay
-        elif mode == _WD_L2:
-            gk = gk + wd * pk
-        mk = m[k]
-        mk = mk + w1 * (gk - mk)
-        vk = v[k] * b2 + (w2 * gk) * gk
-        m[k] = mk
-        v[k] = vk
-        p[k] = pk - (ss * mk) / (math.sqrt(vk) / bc2s + eps)
+        p[k], m[k], v[k] = _adam_element(
+            p[k], g[k], m[k], v[k], w1, b2, w2, eps, wd, decay, ss, bc2s, mode
+        )
 
 
 _sgd_update_kernel = cuda.jit(_sgd_update_kernel_py)

@@ -45,23 +45,15 @@ import math
 
 import numpy as np
 
-from ._threading import (
-    COST_BN_BACKWARD,
-    COST_STATS,
-    c_threads,
-    njit,
-    numba_threads,
-    prange,
-    sweep_threads,
-)
+from ._threading import COST_BN_BACKWARD, COST_STATS, njit, prange
+from .optim import training_threads
 
 
 def loss_threads(N: int, softmax: bool, c: bool = False) -> int:
     """Threads for one loss head over N entries: the squared error costs about a
     statistics pass, the softmax (two exponentials an entry) a BatchNorm
     backward."""
-    cost = COST_BN_BACKWARD if softmax else COST_STATS
-    return sweep_threads(N, c_threads() if c else numba_threads(), cost)
+    return training_threads(N, COST_BN_BACKWARD if softmax else COST_STATS, c)
 
 
 # --------------------------------------------------------------------------- numpy
@@ -94,27 +86,28 @@ def _softmax_xent_grad_numpy(z, labels, grad, res):
 
 
 # --------------------------------------------------------------------------- numba
+@njit(cache=True, error_model="numpy")
+def _mse_row_nb(y, t, g, scale):
+    """One row: g = (y - t) * scale; returns sum (y - t)^2 in float64."""
+    s = 0.0
+    for j in range(y.shape[0]):
+        d = y[j] - t[j]
+        s += np.float64(d) * np.float64(d)
+        g[j] = d * scale
+    return s
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
 def _mse_nb(y, t, grad, rows, scale, par):
-    """Row sweeps ``grad = (y - t) * scale``, ``rows[i] = sum_j (y - t)^2``
-    (float64), in parallel over rows when ``par``; returns the mean in row order."""
+    """:func:`_mse_row_nb` over the rows (in parallel when ``par``), into ``rows``;
+    returns the mean, summed in row order."""
     B, n = y.shape
     if par:
         for i in prange(B):
-            s = 0.0
-            for j in range(n):
-                d = y[i, j] - t[i, j]
-                s += np.float64(d) * np.float64(d)
-                grad[i, j] = d * scale
-            rows[i] = s
+            rows[i] = _mse_row_nb(y[i], t[i], grad[i], scale)
     else:
         for i in range(B):
-            s = 0.0
-            for j in range(n):
-                d = y[i, j] - t[i, j]
-                s += np.float64(d) * np.float64(d)
-                grad[i, j] = d * scale
-            rows[i] = s
+            rows[i] = _mse_row_nb(y[i], t[i], grad[i], scale)
     acc = 0.0
     for i in range(B):
         acc += rows[i]

@@ -49,6 +49,8 @@ reading two to four arrays and writing one to three.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._threading import (
@@ -68,12 +70,17 @@ _WD_NONE, _WD_L2, _WD_DECOUPLED = 0, 1, 2
 _PLAIN, _HEAVY, _NESTEROV = 0, 1, 2
 
 
+def training_threads(N: int, cost: int, c: bool = False) -> int:
+    """Threads for one sweep of a training kernel (an update, a loss head) over N
+    elements of relative cost ``cost`` (``_threading.sweep_threads``)."""
+    return sweep_threads(N, c_threads() if c else numba_threads(), cost)
+
+
 def update_threads(N: int, adam: bool, c: bool = False) -> int:
     """Threads for one update sweep over N elements: SGD costs about a statistics
     pass per element, Adam (a square root and a division) about a BatchNorm
     forward."""
-    cost = COST_BN_FORWARD if adam else COST_STATS
-    return sweep_threads(N, c_threads() if c else numba_threads(), cost)
+    return training_threads(N, COST_BN_FORWARD if adam else COST_STATS, c)
 
 
 def _sgd_mode(momentum: float, nesterov: bool) -> int:
@@ -124,19 +131,41 @@ def _adam_update_numpy(
 
 
 # --------------------------------------------------------------------------- numba
+# One element of each update, written once: jitted here for the CPU loops and by
+# ``_cuda_optim`` as a CUDA device function.  Scalars come in the array dtype.
+def _sgd_element(pk, gk, vk, lr, mu, wd, mode):
+    """One SGD element: returns (p', v') (v' is vk itself in _PLAIN mode)."""
+    if wd != wd - wd:
+        gk = gk + wd * pk
+    if mode != _PLAIN:
+        vk = mu * vk + gk
+        gk = gk + mu * vk if mode == _NESTEROV else vk
+    return pk - lr * gk, vk
+
+
+def _adam_element(pk, gk, mk, vk, w1, b2, w2, eps, wd, decay, ss, bc2s, mode):
+    """One Adam / AdamW element (``w1 = 1 - beta1``, ``w2 = 1 - beta2``,
+    ``decay = 1 - lr wd``): returns (p', m', v')."""
+    if mode == _WD_DECOUPLED:
+        pk = pk * decay
+    elif mode == _WD_L2:
+        gk = gk + wd * pk
+    mk = mk + w1 * (gk - mk)
+    vk = vk * b2 + (w2 * gk) * gk
+    return pk - (ss * mk) / (math.sqrt(vk) / bc2s + eps), mk, vk
+
+
+_sgd_element_nb = njit(cache=True, error_model="numpy")(_sgd_element)
+_adam_element_nb = njit(cache=True, error_model="numpy")(_adam_element)
+
+
 @njit(cache=True, error_model="numpy")
 def _sgd_span_nb(p, g, v, lr, mu, wd, mode):
-    """SGD on 1-D slices (``v`` unused for _PLAIN); scalars in the dtype."""
-    zero = wd - wd
+    """SGD on 1-D slices (``v`` neither read for use nor written in _PLAIN)."""
     for k in range(p.shape[0]):
-        gk = g[k]
-        if wd != zero:
-            gk = gk + wd * p[k]
+        p[k], vk = _sgd_element_nb(p[k], g[k], v[k], lr, mu, wd, mode)
         if mode != _PLAIN:
-            vk = mu * v[k] + gk
             v[k] = vk
-            gk = gk + mu * vk if mode == _NESTEROV else vk
-        p[k] = p[k] - lr * gk
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -160,22 +189,11 @@ def _sgd_nb(p, g, v, lr, mu, wd, mode, par):
 
 @njit(cache=True, error_model="numpy")
 def _adam_span_nb(p, g, m, v, w1, b2, w2, eps, wd, decay, ss, bc2s, mode):
-    """Adam / AdamW on 1-D slices; scalars in the dtype (``w1 = 1 - beta1``,
-    ``w2 = 1 - beta2``, ``decay = 1 - lr wd``)."""
+    """Adam / AdamW on 1-D slices."""
     for k in range(p.shape[0]):
-        gk = g[k]
-        pk = p[k]
-        if mode == _WD_DECOUPLED:
-            pk = pk * decay
-        elif mode == _WD_L2:
-            gk = gk + wd * pk
-        mk = m[k]
-        mk = mk + w1 * (gk - mk)
-        vk = v[k] * b2 + (w2 * gk) * gk
-        m[k] = mk
-        v[k] = vk
-        denom = np.sqrt(vk) / bc2s + eps
-        p[k] = pk - (ss * mk) / denom
+        p[k], m[k], v[k] = _adam_element_nb(
+            p[k], g[k], m[k], v[k], w1, b2, w2, eps, wd, decay, ss, bc2s, mode
+        )
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
