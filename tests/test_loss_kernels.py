@@ -25,6 +25,8 @@ from __future__ import annotations
 import naive  # noqa: E402  (tests/ is on sys.path under pytest's rootdir layout)
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import initdiag.kernels as K
 from initdiag.kernels import _cuda_common as cc
@@ -308,3 +310,44 @@ def test_cuda_takes_device_arrays():
     bad = cuda.to_device(np.array([0, 1, 2, 3, 4, 5, 6, 0, 0]))
     with pytest.raises(ValueError, match=r"labels\[6\] = 6 is outside \[0, 6\)"):
         K.softmax_xent_grad(d_z, bad)
+
+
+# ------------------------------------------------------------------ hypothesis
+_HSET = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@_HSET
+@given(data=st.data())
+@pytest.mark.parametrize("backend", CPU)
+def test_hypothesis_shapes_and_magnitudes(backend, data):
+    # batch 1, one class, odd sizes, logits up to 1e30 in magnitude; layouts that
+    # the dispatcher copies once (Fortran order, strided)
+    dtype = data.draw(st.sampled_from(DTYPES))
+    B = data.draw(st.integers(1, 9))
+    C = data.draw(st.integers(1, 11))
+    scale = data.draw(st.sampled_from([1e-3, 1.0, 30.0, 1e4, 1e30]))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    z = (scale * rng.standard_normal((B, C))).astype(dtype)
+    if data.draw(st.booleans()):
+        z = np.asfortranarray(z)
+    labels = rng.integers(0, C, B).astype(
+        data.draw(st.sampled_from(["i1", "u2", "i8"]))
+    )
+    got_loss, n_correct, grad = K.softmax_xent_grad(z, labels, backend=backend)
+    ref_loss, ref_correct, ref_grad = naive.naive_softmax_xent_grad(z, labels)
+    t_loss, t_grad = xent_tols(z, labels, ref_grad, dtype)
+    assert abs(got_loss - ref_loss) <= t_loss
+    assert n_correct == ref_correct
+    assert_grad(grad, ref_grad, t_grad)
+    y = z[:, ::-1] if C > 1 else z
+    t = (rng.standard_normal((B, C))).astype(dtype)
+    got_loss, grad = K.mse_loss_grad(y, t, backend=backend)
+    ref_loss, ref_grad = naive.naive_mse_loss_grad(y, t)
+    t_loss, t_grad = mse_tols(ref_loss, ref_grad, dtype)
+    assert abs(got_loss - ref_loss) <= t_loss
+    assert_grad(grad, ref_grad, t_grad)

@@ -305,3 +305,23 @@ def test_adam_rejects_aliased_moments():
     p, g, m = _arrays()
     with pytest.raises(ValueError, match="m and v share memory"):
         K.adam_update(p, g, m, m, step=1, lr=1e-3)
+
+
+def test_cuda_updates_device_arrays_in_place():
+    from numba import cuda
+
+    rng = np.random.default_rng(8)
+    p0 = rng.standard_normal((5, 9)).astype(np.float32)
+    g = rng.standard_normal((5, 9)).astype(np.float32)
+    d_p, d_g, d_v = cuda.to_device(p0), cuda.to_device(g), cuda.to_device(0 * p0)
+    K.sgd_update(d_p, d_g, d_v, lr=0.1, momentum=0.9)  # auto: cuda for device input
+    ref_p, ref_v = naive.naive_sgd_update(p0, g, 0 * p0, 0.1, 0.9)
+    e = eps(np.float32)
+    tol = 8 * e * (np.abs(f64(p0)) + 0.1 * np.abs(f64(g)))
+    assert_within(d_p.copy_to_host(), ref_p, tol, "param")
+    assert_within(d_v.copy_to_host(), ref_v, 8 * e * np.abs(f64(g)), "velocity")
+    d_m, d_w = cuda.to_device(0 * p0), cuda.to_device(0 * p0)
+    K.adam_update(d_p, d_g, d_m, d_w, step=1, lr=1e-3)
+    assert np.isfinite(d_p.copy_to_host()).all()
+    ref = naive.naive_adam_update(ref_p, g, 0 * p0, 0 * p0, 1, 1e-3)
+    assert_within(d_m.copy_to_host(), ref[1], 8 * e * 0.1 * np.abs(f64(g)), "m")
