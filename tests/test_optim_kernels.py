@@ -325,3 +325,13 @@ def test_cuda_updates_device_arrays_in_place():
     assert np.isfinite(d_p.copy_to_host()).all()
     ref = naive.naive_adam_update(ref_p, g, 0 * p0, 0 * p0, 1, 1e-3)
     assert_within(d_m.copy_to_host(), ref[1], 8 * e * 0.1 * np.abs(f64(g)), "m")
+
+
+def test_registered_on_every_backend():
+    from initdiag.kernels import _registry
+
+    for op in ("sgd_update", "adam_update", "mse_loss_grad", "softmax_xent_grad"):
+        assert op in K.__all__
+        assert _registry.OP_BACKENDS[op] == ("numpy", "numba", "c", "cuda")
+        for b in _registry.OP_BACKENDS[op]:
+            assert callable(_registry.resolve(op, b))
