@@ -241,6 +241,10 @@ def test_nonfinite_logits_do_not_crash(backend):
     ref_loss, ref_correct, ref_grad = naive.naive_softmax_xent_grad(z, labels)
     assert n_correct == ref_correct  # the NaN of row 1 is its argmax (label 2)
     assert_grad(grad[[0, 3]], ref_grad[[0, 3]], 4 * 9 * E64 / 4)
+    # a label whose logit alone is -inf: an infinite loss, finite gradients
+    z1 = np.array([[0.0, -np.inf, 1.0]])
+    inf_loss, _, g1 = K.softmax_xent_grad(z1, np.array([1]), backend=backend)
+    assert inf_loss == np.inf and np.isfinite(g1).all()
     y = np.ones((2, 2))
     y[0, 1] = np.inf
     assert K.mse_loss_grad(y, np.zeros((2, 2)), backend=backend)[0] == np.inf

@@ -31,13 +31,13 @@ Goodfellow, Bengio & Courville 2016, sec. 4.1), in float64::
                                               maximum, as in np.argmax / torch)
 
 Non-finite logits do not raise: a row holding NaN or +inf gives a NaN loss and
-NaN gradients (inf - inf), which the trainer records as divergence.  The row
-losses are summed in row order, so the result does not depend on the thread
-count.  In the numba and c variants one row is one fused sweep (max and argmax,
-the exponential sum, the gradient, while the row is in cache); the c variant
-runs rows in parallel from :func:`loss_threads`'s threshold on (512k entries
-for the softmax, 2M for the squared error; the reference batch's head is 512 x
-10), the numba variant stays
+NaN gradients (inf - inf), a label whose logit alone is -inf an infinite loss;
+the trainer records either as divergence.  The row losses are summed in row
+order, so the result does not depend on the thread count.  In the numba and c
+variants one row is one fused sweep (max and argmax, the exponential sum, the
+gradient, while the row is in cache); the c variant runs rows in parallel from
+:func:`loss_threads`'s threshold on (512k entries for the softmax, 2M for the
+squared error; the reference batch's head is 512 x 10); the numba variant stays
 serial (below that threshold a parallel region does not pay, and ``prange``
 would more than double its compile time); the cuda variant (``_cuda_loss``)
 runs a block per row; the numpy variant is the reference.
