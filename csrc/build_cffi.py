@@ -84,6 +84,11 @@ _native = os.environ.get("INITDIAG_PORTABLE", "") in ("", "0") and _compiler_acc
     "-march=native"
 )
 _cflags = ["-O3", "-std=c99", "-fno-strict-aliasing"]
+# sqrt() need not set errno (its IEEE result is the same): without this GCC keeps
+# a scalar libm call in every loop that takes a square root (Adam's update), and
+# such a loop does not vectorise
+if _compiler_accepts("-fno-math-errno"):
+    _cflags.append("-fno-math-errno")
 _ldflags: list[str] = []
 if sys.platform != "win32":
     _cflags.append("-fPIC")

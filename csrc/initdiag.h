@@ -120,3 +120,37 @@ int idg_masked_scale_f32(const float *x, const unsigned char *mask, long N,
                          double scale, float *out, int nthr);
 int idg_masked_scale_f64(const double *x, const unsigned char *mask, long N,
                          double scale, double *out, int nthr);
+
+/* Optimizer updates in place over N elements, on nthr threads (1: serial); every
+ * double argument is rounded to the element type first.  SGD: mode 0 plain, 1
+ * momentum, 2 Nesterov (v may be NULL in mode 0).  Adam: wd_mode 0 none, 1 L2
+ * (Adam), 2 decoupled (AdamW, p *= decay first); step_size = lr / (1 - beta1^t),
+ * bc2_sqrt = sqrt(1 - beta2^t).  csrc/optim_tmpl.inc, initdiag/kernels/optim.py. */
+int idg_sgd_update_f32(float *p, const float *g, float *v, long N, double lr,
+                       double momentum, double weight_decay, int mode, int nthr);
+int idg_sgd_update_f64(double *p, const double *g, double *v, long N, double lr,
+                       double momentum, double weight_decay, int mode, int nthr);
+int idg_adam_update_f32(float *p, const float *g, float *m, float *v, long N,
+                        double one_m_beta1, double beta2, double one_m_beta2,
+                        double eps, double weight_decay, double decay,
+                        double step_size, double bc2_sqrt, int wd_mode, int nthr);
+int idg_adam_update_f64(double *p, const double *g, double *m, double *v, long N,
+                        double one_m_beta1, double beta2, double one_m_beta2,
+                        double eps, double weight_decay, double decay,
+                        double step_size, double bc2_sqrt, int wd_mode, int nthr);
+
+/* Loss heads over (B, n) / (B, C) rows, rows in parallel on nthr threads: the mean
+ * squared error loss[0] = mean((y - t)^2) with grad = 2 (y - t) / (B n), and the
+ * softmax cross-entropy out[0] = mean loss, out[1] = correct rows, grad =
+ * (softmax(z) - onehot(labels)) / B; labels in [0, C) (int64); rows is scratch:
+ * B doubles (mse), 2 B doubles (softmax).  csrc/optim_tmpl.inc,
+ * initdiag/kernels/loss.py. */
+int idg_mse_loss_grad_f32(const float *y, const float *t, long B, long n, float *grad,
+                          double *rows, double *loss, int nthr);
+int idg_mse_loss_grad_f64(const double *y, const double *t, long B, long n,
+                          double *grad, double *rows, double *loss, int nthr);
+int idg_softmax_xent_grad_f32(const float *z, const long long *labels, long B, long C,
+                              float *grad, double *rows, double *out, int nthr);
+int idg_softmax_xent_grad_f64(const double *z, const long long *labels, long B,
+                              long C, double *grad, double *rows, double *out,
+                              int nthr);

@@ -75,6 +75,7 @@ static inline double act_grad_d(double g, double v, int code, double slope)
 #define SUF(name) name##_f32
 #include "kernels_tmpl.inc"
 #include "residual_tmpl.inc"
+#include "optim_tmpl.inc"
 #undef T
 #undef SUF
 
@@ -82,5 +83,6 @@ static inline double act_grad_d(double g, double v, int code, double slope)
 #define SUF(name) name##_f64
 #include "kernels_tmpl.inc"
 #include "residual_tmpl.inc"
+#include "optim_tmpl.inc"
 #undef T
 #undef SUF

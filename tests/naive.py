@@ -541,3 +541,100 @@ def naive_masked_scale(x, mask, scale: float) -> np.ndarray:
             w = float(scale) if mask[i, j] else 0.0
             out[i, j] = float(x[i, j]) * w
     return out
+
+
+# ------------------------------------------------------------------ optimizers
+def naive_sgd_update(
+    p, g, v, lr: float, momentum: float = 0.0, wd: float = 0.0, nesterov=False
+):
+    """One SGD step (torch.optim.SGD, dampening 0) element by element, float64:
+    g' = g + wd p; v' = momentum v + g'; d = g' + momentum v' (nesterov) or v';
+    p' = p - lr d (momentum 0: d = g').  Returns (p', v') (v' None without
+    momentum)."""
+    shape = np.shape(p)
+    pf = np.asarray(p, dtype=np.float64).reshape(-1)
+    gf = np.asarray(g, dtype=np.float64).reshape(-1)
+    vf = None if v is None else np.asarray(v, dtype=np.float64).reshape(-1)
+    p_new = np.empty(pf.size)
+    v_new = None if momentum == 0 else np.empty(pf.size)
+    for k in range(pf.size):
+        gk = float(gf[k]) + wd * float(pf[k])
+        if momentum != 0:
+            vk = momentum * float(vf[k]) + gk
+            v_new[k] = vk
+            d = gk + momentum * vk if nesterov else vk
+        else:
+            d = gk
+        p_new[k] = float(pf[k]) - lr * d
+    return p_new.reshape(shape), None if v_new is None else v_new.reshape(shape)
+
+
+def naive_adam_update(
+    p, g, m, v, step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
+    eps: float = 1e-8, wd: float = 0.0, decoupled: bool = False,
+):  # fmt: skip
+    """One Adam step (Kingma & Ba 2015, Algorithm 1; torch.optim.Adam) or AdamW
+    (Loshchilov & Hutter 2019; torch.optim.AdamW) element by element, float64:
+    m' = beta1 m + (1 - beta1) g', v' = beta2 v + (1 - beta2) g'^2,
+    p' = p - lr / (1 - beta1^t) * m' / (sqrt(v') / sqrt(1 - beta2^t) + eps),
+    with g' = g + wd p (Adam) or p first scaled by 1 - lr wd (AdamW).
+    Returns (p', m', v')."""
+    shape = np.shape(p)
+    pf, gf, mf, vf = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (p, g, m, v))
+    bc1 = 1.0 - math.pow(beta1, step)
+    bc2 = 1.0 - math.pow(beta2, step)
+    out = [np.empty(pf.size) for _ in range(3)]
+    for k in range(pf.size):
+        pk, gk = float(pf[k]), float(gf[k])
+        if decoupled:
+            pk = pk * (1.0 - lr * wd)
+        else:
+            gk = gk + wd * pk
+        mk = beta1 * float(mf[k]) + (1.0 - beta1) * gk
+        vk = beta2 * float(vf[k]) + (1.0 - beta2) * gk * gk
+        out[0][k] = pk - (lr / bc1) * mk / (math.sqrt(vk) / math.sqrt(bc2) + eps)
+        out[1][k] = mk
+        out[2][k] = vk
+    return tuple(a.reshape(shape) for a in out)
+
+
+# ------------------------------------------------------------------ loss heads
+def naive_mse_loss_grad(y, t) -> tuple[float, np.ndarray]:
+    """(mean (y - t)^2 over all entries, 2 (y - t) / N), float64 loops."""
+    y = np.asarray(y, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    B, n = y.shape
+    N = B * n
+    s = 0.0
+    grad = np.empty((B, n))
+    for i in range(B):
+        for j in range(n):
+            d = float(y[i, j]) - float(t[i, j])
+            s += d * d
+            grad[i, j] = 2.0 * d / N
+    return s / N, grad
+
+
+def naive_softmax_xent_grad(z, labels) -> tuple[float, int, np.ndarray]:
+    """(mean_b -log softmax(z_b)[y_b], #rows whose first argmax is y_b,
+    (softmax(z) - onehot(y)) / B), float64 loops with the row maximum
+    subtracted (math.fsum for the row sums).  A NaN is the row's argmax."""
+    z = np.asarray(z, dtype=np.float64)
+    B, C = z.shape
+    grad = np.empty((B, C))
+    total = 0.0
+    correct = 0
+    for b in range(B):
+        row = [float(z[b, j]) for j in range(C)]
+        arg = next((j for j in range(C) if math.isnan(row[j])), None)
+        if arg is None:
+            arg = max(range(C), key=lambda j: (row[j], -j))
+        zm = row[arg]
+        e = [_exp(r - zm) for r in row]
+        s = math.fsum(e)
+        y = int(labels[b])
+        total += (zm + math.log(s) - row[y]) if s > 0 else math.nan
+        correct += arg == y
+        for j in range(C):
+            grad[b, j] = (e[j] / s - (1.0 if j == y else 0.0)) / B
+    return total / B, correct, grad

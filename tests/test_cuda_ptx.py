@@ -27,6 +27,9 @@ import pytest
 
 PTXAS = shutil.which("ptxas")
 CCS = ((7, 5), (9, 0))
+# the training kernels (optimizer updates, loss heads), beside simulate's
+# ptx_kernels(); each module lists its kernels in PTX_KERNELS
+TRAINING_MODULES = ("initdiag.kernels._cuda_optim", "initdiag.kernels._cuda_loss")
 
 SCRIPT = textwrap.dedent(
     """
@@ -52,7 +55,13 @@ SCRIPT = textwrap.dedent(
 
     _disp.get_current_device = lambda: _TargetDevice
 
-    from initdiag.kernels._cuda_common import ptx_kernels
+    import importlib
+
+    from initdiag.kernels._cuda_common import ptx_kernels as _simulate_kernels
+
+    def ptx_kernels():
+        extra = [importlib.import_module(m).PTX_KERNELS for m in sys.argv[5:]]
+        return _simulate_kernels() + [k for ks in extra for k in ks]
 
     failures = 0
     count = 0
@@ -99,7 +108,8 @@ def test_every_cuda_kernel_compiles_to_ptx_and_assembles(tmp_path: Path) -> None
         d.mkdir()
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", SCRIPT, str(cc[0]), str(cc[1]), str(d), PTXAS],
+                [sys.executable, "-c", SCRIPT, str(cc[0]), str(cc[1]), str(d), PTXAS]
+                + list(TRAINING_MODULES),
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -117,9 +127,12 @@ def test_every_cuda_kernel_compiles_to_ptx_and_assembles(tmp_path: Path) -> None
         assert rc == 0, out
         assert "OK " in out, out
     # every (kernel, dtype) pair produced an assembled cubin for each target
+    import importlib
+
     from initdiag.kernels._cuda_common import ptx_kernels
 
-    expected = 2 * len(ptx_kernels())
+    extra = sum(len(importlib.import_module(m).PTX_KERNELS) for m in TRAINING_MODULES)
+    expected = 2 * (len(ptx_kernels()) + extra)
     for cc in CCS:
         cubins = list((tmp_path / f"sm{cc[0]}{cc[1]}").glob("*.cubin"))
         assert len(cubins) == expected, (cc, len(cubins), expected, text)

@@ -1,5 +1,7 @@
 """Kernels of the empirical engine: dense, activation, BatchNorm, statistics,
-residual add / scale / dropout masking, and the fused passes of ``simulate``.
+residual add / scale / dropout masking, and the fused passes of ``simulate``;
+and of training: the optimizer updates :func:`sgd_update` and :func:`adam_update`
+and the loss heads :func:`mse_loss_grad` and :func:`softmax_xent_grad`.
 
 Every op exists in four backends behind one public dispatcher (the fused ops
 :func:`layer_stats`, :func:`unit_forward`, :func:`unit_backward`, :func:`gram`,
@@ -79,6 +81,7 @@ __all__ = [
     "BackendUnavailableError",
     "activation_backward",
     "activation_forward",
+    "adam_update",
     "available_backends",
     "batchnorm_backward",
     "batchnorm_forward",
@@ -96,10 +99,13 @@ __all__ = [
     "layernorm_backward",
     "layernorm_forward",
     "masked_scale",
+    "mse_loss_grad",
     "residual_add",
     "residual_add_stats",
     "row_correlation",
     "set_backend",
+    "sgd_update",
+    "softmax_xent_grad",
     "unit_backward",
     "unit_forward",
 ]
@@ -1610,3 +1616,365 @@ def gram_dot(
     s, t = _call("gram_dot", name, a, b, h)
     res[0], res[1] = s, t
     return float(s), float(t)
+
+
+# ------------------------------------------------------------------ training
+def _hyper(value: Any, name: str, dtype: np.dtype, upper: float | None = None):
+    """A finite real hyper-parameter >= 0 (and < ``upper``), finite in ``dtype``."""
+    v = _scale(value, dtype, name)
+    if v < 0 or (upper is not None and v >= upper):
+        want = f"in [0, {upper})" if upper is not None else ">= 0"
+        raise ValueError(f"{name} must be {want}; got {value!r}")
+    return v
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
+def _inplace(a: Any, name: str, ndim: int, dtype: np.dtype | None = None):
+    """An array the op updates in place: validated like any input, but never
+    copied (a copy would lose the update), so it must be C-contiguous and
+    writeable."""
+    if isinstance(a, np.ndarray):
+        if not a.flags.c_contiguous:
+            raise TypeError(
+                f"{name} is updated in place, so it must be C-contiguous; got shape "
+                f"{a.shape} with strides {a.strides}; keep the optimizer state in "
+                f"np.ascontiguousarray({name}) and pass that array every step"
+            )
+        if not a.flags.writeable:
+            raise ValueError(f"{name} is updated in place but is read-only")
+    return _array(a, name, ndim, dtype)
+
+
+def _param_grad(param: Any, grad: Any) -> tuple:
+    """(param, grad): param 1-D or 2-D float (in place), grad its shape and dtype."""
+    nd = (
+        getattr(param, "ndim", 1)
+        if (isinstance(param, np.ndarray) or _is_device(param))
+        else 1
+    )
+    if nd not in (1, 2):
+        raise ValueError(
+            "param must be 1-D (a bias or a normalisation scale) or 2-D (a weight "
+            f"matrix); got shape {tuple(param.shape)}"
+        )
+    p = _inplace(param, "param", nd)
+    g = _array(grad, "grad", nd, p.dtype)
+    _shape(g, "grad", p.shape)
+    return p, g
+
+
+def _state(a: Any, name: str, p: Any):
+    s = _inplace(a, name, p.ndim, p.dtype)
+    _shape(s, name, p.shape)
+    return s
+
+
+def _distinct(op: str, arrays: dict) -> None:
+    """No two of the arrays share memory (each is read or updated element-wise
+    with the others: an alias would mix the parameter with its state)."""
+    items = [(k, a) for k, a in arrays.items() if isinstance(a, np.ndarray)]
+    for i, (ka, a) in enumerate(items):
+        for kb, b in items[i + 1 :]:
+            if np.may_share_memory(a, b):
+                raise ValueError(
+                    f"{op}: {ka} and {kb} share memory; each needs its own array"
+                )
+
+
+def sgd_update(
+    param: npt.NDArray[np.floating],
+    grad: npt.NDArray[np.floating],
+    velocity: npt.NDArray[np.floating] | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    backend: str | None = None,
+) -> None:
+    """One SGD step in place, with momentum, Nesterov momentum and weight decay.
+
+    Exactly ``torch.optim.SGD`` (dampening 0; single-tensor implementation),
+    element-wise in the array dtype with the hyper-parameters rounded to it::
+
+        g = grad + weight_decay * param
+        velocity = momentum * velocity + g
+        g = g + momentum * velocity   (nesterov)   else   g = velocity
+        param = param - lr * g
+
+    and ``param = param - lr * g`` when ``momentum == 0`` (heavy ball: Polyak
+    1964; Nesterov momentum in the form of Sutskever et al. 2013, "On the
+    importance of initialization and momentum in deep learning").  Start
+    ``velocity`` at zeros: the first step then gives torch's ``velocity = g``.
+    The numpy, numba and c variants agree bit for bit; with torch to a few ulps
+    a step (its CPU loops fuse some products into FMAs; ``initdiag.kernels.optim``).
+
+    Parameters
+    ----------
+    param : ndarray, shape (n,) or (n_out, n_in), float32 or float64
+        Updated in place; C-contiguous.
+    grad : ndarray, the shape and dtype of param
+    velocity : ndarray, the shape and dtype of param, or None
+        The momentum buffer, updated in place; may be None when momentum is 0
+        (then a given array is left untouched).
+    lr : float >= 0
+    momentum : float >= 0
+    weight_decay : float >= 0
+        L2 penalty added to the gradient (coupled, as torch.optim.SGD).
+    nesterov : bool
+        Needs momentum > 0.
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes, a non-contiguous param / velocity, a
+        non-real hyper-parameter.
+    ValueError
+        Wrong shapes, negative or non-finite hyper-parameters, nesterov without
+        momentum, momentum without a velocity, arrays that share memory;
+        BackendUnavailableError for an unavailable backend.
+    """
+    p, g = _param_grad(param, grad)
+    dt = p.dtype
+    a = _hyper(lr, "lr", dt)
+    mu = _hyper(momentum, "momentum", dt)
+    wd = _hyper(weight_decay, "weight_decay", dt)
+    nest = _flag(nesterov, "nesterov")
+    if nest and mu == 0:
+        raise ValueError(
+            "nesterov=True needs momentum > 0 (as torch.optim.SGD); got momentum=0"
+        )
+    if mu != 0 and velocity is None:
+        raise ValueError(
+            f"momentum={momentum!r} needs a velocity array: pass np.zeros_like(param)"
+            " before the first step and the same array at every step"
+        )
+    v = _state(velocity, "velocity", p) if velocity is not None else None
+    _distinct("sgd_update", {"param": p, "grad": g, "velocity": v})
+    name = _resolve_op("sgd_update", backend, (p, g, v))
+    _call("sgd_update", name, p, g, v if mu != 0 else None, a, mu, wd, nest)
+
+
+def adam_update(
+    param: npt.NDArray[np.floating],
+    grad: npt.NDArray[np.floating],
+    m: npt.NDArray[np.floating],
+    v: npt.NDArray[np.floating],
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    backend: str | None = None,
+) -> None:
+    """One Adam (or AdamW) step in place on ``param``, ``m`` and ``v``.
+
+    Adam (Kingma & Ba 2015, "Adam: a method for stochastic optimization",
+    Algorithm 1) as ``torch.optim.Adam``; with ``decoupled=True`` AdamW
+    (Loshchilov & Hutter 2019, "Decoupled weight decay regularization") as
+    ``torch.optim.AdamW``.  Element-wise, in the array dtype, in the operation
+    order of torch's single-tensor implementation::
+
+        param = param * (1 - lr * weight_decay)          (decoupled)
+        g = grad + weight_decay * param                  (not decoupled)
+        m = m + (1 - beta1) * (g - m)                    (= beta1 m + (1 - beta1) g)
+        v = beta2 * v + (1 - beta2) * g * g
+        param = param - (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+
+    with ``bc1 = 1 - beta1^step`` and ``bc2 = 1 - beta2^step`` computed here in
+    float64, once.  Start ``m`` and ``v`` at zeros.
+
+    Parameters
+    ----------
+    param : ndarray, shape (n,) or (n_out, n_in), float32 or float64
+        Updated in place; C-contiguous.
+    grad : ndarray, the shape and dtype of param
+    m, v : ndarray, the shape and dtype of param
+        First and second moment estimates, updated in place.
+    step : int >= 1
+        The 1-based count of this update (the bias corrections use it).
+    lr : float >= 0
+    beta1, beta2 : float in [0, 1)
+    eps : float >= 0
+    weight_decay : float >= 0
+    decoupled : bool
+        AdamW's decoupled decay instead of Adam's L2 term in the gradient.
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
+
+    Raises
+    ------
+    TypeError
+        Non-float or mixed dtypes, non-contiguous state, a non-integer step.
+    ValueError
+        Wrong shapes, step < 1, hyper-parameters out of range, arrays that share
+        memory; BackendUnavailableError for an unavailable backend.
+    """
+    p, g = _param_grad(param, grad)
+    dt = p.dtype
+    ms = _state(m, "m", p)
+    vs = _state(v, "v", p)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(
+            f"step must be an integer (1 for the first update); got {step!r}"
+        )
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the 1-based update count); got {step}")
+    a = _hyper(lr, "lr", dt)
+    b1 = _hyper(beta1, "beta1", dt, upper=1.0)
+    b2 = _hyper(beta2, "beta2", dt, upper=1.0)
+    e = _hyper(eps, "eps", dt)
+    wd = _hyper(weight_decay, "weight_decay", dt)
+    dec = _flag(decoupled, "decoupled")
+    _distinct("adam_update", {"param": p, "grad": g, "m": ms, "v": vs})
+    t = int(step)
+    step_size = a / (1.0 - b1**t)
+    # torch takes bias_correction2 ** 0.5 (pow, not sqrt): the same float64 value
+    # keeps the rounded scalar identical
+    bc2_sqrt = (1.0 - b2**t) ** 0.5
+    name = _resolve_op("adam_update", backend, (p, g, ms, vs))
+    _call("adam_update", name, p, g, ms, vs, a, b1, b2, e, wd, dec, step_size, bc2_sqrt)
+
+
+def mse_loss_grad(
+    y: npt.NDArray[np.floating],
+    target: npt.NDArray[np.floating],
+    *,
+    out: npt.NDArray[np.floating] | None = None,
+    backend: str | None = None,
+) -> tuple[float, npt.NDArray[np.floating]]:
+    """Mean squared error and its gradient, fused: one sweep over the entries.
+
+    ``loss = (1 / N) sum (y - target)^2`` over all N entries
+    (``torch.nn.MSELoss(reduction="mean")``), accumulated in float64, and
+    ``grad = dloss/dy = 2 (y - target) / N`` in y's dtype.
+
+    Parameters
+    ----------
+    y : ndarray, shape (B, n), float32 or float64
+    target : ndarray, shape (B, n), same dtype
+    out : ndarray (B, n), dtype of y, optional
+        Receives grad; may be ``y`` or ``target`` itself (in place).
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
+
+    Returns
+    -------
+    (loss, grad) : (float, ndarray (B, n))
+        The loss is NaN / inf when an entry is.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong dtype / shape; BackendUnavailableError for an unavailable backend.
+    """
+    y = _array(y, "y", 2)
+    t = _array(target, "target", 2, y.dtype)
+    _shape(t, "target", y.shape)
+    (out,) = _outs(out, ("grad",), "mse_loss_grad")
+    if out is not None:
+        _no_partial_overlap(out, "mse_loss_grad", {"y": y, "target": t})
+    name = _resolve(backend, (y, t))
+    cu = _Cuda(name, (y, t))
+    g = cu.target(out, "out", y.shape, y.dtype)
+    res = np.empty(1)
+    _call("mse_loss_grad", name, cu.put(y), cu.put(t), g, res)
+    return float(res[0]), cu.land(g, out)
+
+
+def _labels(labels: Any, B: int, C: int) -> npt.NDArray[np.int64]:
+    """Class indices: a (B,) integer array with entries in [0, C), as int64."""
+    if _is_device(labels):
+        from numba import cuda
+
+        # validated on the host (a copy of B integers); the kernel gets int64 back
+        view = labels if hasattr(labels, "copy_to_host") else cuda.as_cuda_array(labels)
+        labels = view.copy_to_host()
+    if not isinstance(labels, np.ndarray):
+        raise TypeError(
+            "labels must be a NumPy integer array of class indices; got "
+            f"{type(labels).__name__}; convert with np.asarray(labels, dtype=np.int64)"
+        )
+    if labels.dtype.kind not in "iu":
+        raise TypeError(
+            f"labels must be integer class indices in [0, {C}) (not one-hot or "
+            f"probabilities); got dtype {labels.dtype}; convert with "
+            "labels.astype(np.int64)"
+        )
+    if labels.shape != (B,):
+        raise ValueError(
+            f"labels must have shape ({B},), one class index per row of logits; got "
+            f"{labels.shape}"
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= C))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"labels[{i}] = {int(labels[i])} is outside [0, {C}): logits have {C} "
+            f"classes ({bad.size} label(s) out of range)"
+        )
+    return np.ascontiguousarray(labels, dtype=np.int64)
+
+
+def softmax_xent_grad(
+    logits: npt.NDArray[np.floating],
+    labels: npt.NDArray[np.integer],
+    *,
+    out: npt.NDArray[np.floating] | None = None,
+    backend: str | None = None,
+) -> tuple[float, int, npt.NDArray[np.floating]]:
+    """Softmax cross-entropy, its gradient and the correct count, fused per row.
+
+    Per row b, with the max-subtracted log-sum-exp (stable for any finite
+    logits; e.g. Goodfellow, Bengio & Courville 2016, "Deep Learning", sec. 4.1)
+    in float64::
+
+        loss = (1 / B) sum_b (M_b + log sum_j exp(z_bj - M_b) - z_b,y_b),
+        M_b = max_j z_bj
+        grad = (softmax(z) - onehot(labels)) / B          (in the logits' dtype)
+
+    (``torch.nn.CrossEntropyLoss()``, mean over rows).  ``n_correct`` counts the
+    rows whose first maximum (``np.argmax``; a NaN counts as the maximum) is the
+    label.  Non-finite logits do not raise: the loss and that row's gradient
+    come back NaN (or inf), for the caller to record.
+
+    Parameters
+    ----------
+    logits : ndarray, shape (B, C), float32 or float64
+    labels : ndarray, shape (B,), any integer dtype
+        Class indices in [0, C) (copied once to int64 when of another dtype; a
+        device array is copied to the host to be checked).
+    out : ndarray (B, C), dtype of logits, optional
+        Receives grad; must not overlap logits.
+    backend : {"numpy", "numba", "c", "cuda", "auto"} or None
+
+    Returns
+    -------
+    (loss, n_correct, grad) : (float, int, ndarray (B, C))
+
+    Raises
+    ------
+    TypeError
+        Non-float logits, non-integer labels (e.g. one-hot floats).
+    ValueError
+        Wrong shapes, a label outside [0, C) (named with its index), out
+        overlapping logits; BackendUnavailableError for an unavailable backend.
+    """
+    z = _array(logits, "logits", 2)
+    B, C = z.shape
+    lab = _labels(labels, B, C)
+    (out,) = _outs(out, ("grad",), "softmax_xent_grad")
+    _distinct("softmax_xent_grad", {"logits": z, "out": out})
+    name = _resolve(backend, (z,))
+    cu = _Cuda(name, (z,))
+    g = cu.target(out, "out", z.shape, z.dtype)
+    res = np.empty(2)
+    _call("softmax_xent_grad", name, cu.put(z), cu.put(lab), g, res)
+    return float(res[0]), int(res[1]), cu.land(g, out)

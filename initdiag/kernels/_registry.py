@@ -36,6 +36,10 @@ OPS = {
     "row_correlation": "stats",
     "residual_add": "residual",
     "masked_scale": "residual",
+    "sgd_update": "optim",
+    "adam_update": "optim",
+    "mse_loss_grad": "loss",
+    "softmax_xent_grad": "loss",
 }
 BACKENDS = ("numpy", "numba", "c", "cuda")
 _PKG = "initdiag.kernels"
