@@ -589,9 +589,7 @@ class Monitor:
         self._lock = threading.Lock()
         # (step, layer, source) -> values; measured and reference rows in the
         # order they were opened, which is the order the file sinks wrote them
-        self._rows: OrderedDict[tuple[int, str, str], dict[str, float]] = (
-            OrderedDict()
-        )
+        self._rows: OrderedDict[tuple[int, str, str], dict[str, float]] = OrderedDict()
         self._agg: dict[str, dict[str, list[float]]] = {}
         self._hist: dict[tuple[str, str], _Histogram] = {}
         self._findings: list[dict[str, Any]] = []
