@@ -1115,6 +1115,7 @@ def plot_rows(
                 transform=ax.transAxes,
                 fontsize="x-small",
                 va="bottom",
+                bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0},
             )
         ax.set_xlabel("step")
         ax.set_title(c)
