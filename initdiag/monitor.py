@@ -54,8 +54,9 @@ Reference rows
 run beside the measured ones, marked by a ``source`` other than ``"measured"``
 (e.g. ``"analytic"``: the prediction at initialisation that
 :class:`~initdiag.integrations.torch.TorchMonitor` writes with ``predict=``).
-They share the table, the history and the file sinks (CSV ``source`` column,
-JSON ``"source"`` key), are left out of :meth:`Monitor.summary`, and
+They share the table and the file sinks (CSV ``source`` column, JSON
+``"source"`` key), have a ``history`` of their own (measured rows never push
+them out), are left out of :meth:`Monitor.summary`, and
 :func:`plot_rows` draws each as a marker at its step and a dashed horizontal
 line from there on, so the measured curves' drift from them reads off the plot.
 A reference row holding ``output_grad_second_moment`` (m) and ``output_rows``
@@ -538,7 +539,8 @@ class Monitor:
     every : int
         Record steps ``step % every == 0`` only (:meth:`sampled`).
     history : int
-        Rows (one per step, layer and source) kept in the in-memory table.
+        Rows (one per step and layer) kept in the in-memory table; as many
+        reference rows (:meth:`record_reference`) are kept besides.
     bins : int, optional
         Histogram bins (a multiple of 4) per layer for activations and gradients;
         None: no histograms.
@@ -587,9 +589,14 @@ class Monitor:
         self._default = kernels.get_backend()
         self._sinks = _sinks(sink)
         self._lock = threading.Lock()
-        # (step, layer, source) -> values; measured and reference rows in the
-        # order they were opened, which is the order the file sinks wrote them
+        # (step, layer, source) -> values, measured rows and reference rows in
+        # tables of their own (a long run's measured rows never push the
+        # prediction out); _opened numbers every row, so rows() can give them in
+        # the order they were opened, which is the order the file sinks wrote
         self._rows: OrderedDict[tuple[int, str, str], dict[str, float]] = OrderedDict()
+        self._refs: OrderedDict[tuple[int, str, str], dict[str, float]] = OrderedDict()
+        self._opened: dict[tuple[int, str, str], int] = {}
+        self._count = 0
         self._agg: dict[str, dict[str, list[float]]] = {}
         self._hist: dict[tuple[str, str], _Histogram] = {}
         self._findings: list[dict[str, Any]] = []
@@ -775,11 +782,14 @@ class Monitor:
 
     def _row(self, step: int, layer: str, source: str) -> dict[str, float]:
         key = (step, layer, source)
-        row = self._rows.get(key)
+        table = self._rows if source == MEASURED else self._refs
+        row = table.get(key)
         if row is None:
-            row = self._rows[key] = {}
-            while len(self._rows) > self.history:
-                self._rows.popitem(last=False)
+            row = table[key] = {}
+            self._opened[key] = self._count
+            self._count += 1
+            while len(table) > self.history:
+                del self._opened[table.popitem(last=False)[0]]
         return row
 
     def _store(self, step, layer, values, nonfinite, hists) -> None:
@@ -817,11 +827,13 @@ class Monitor:
     def rows(self) -> list[dict[str, Any]]:
         """The in-memory table: ``[{"step", "layer", "source", <statistic>:
         value}]`` (``source`` ``"measured"``, or a reference row's), in the order
-        the rows were opened (the last ``history`` of them)."""
+        the rows were opened (the last ``history`` measured rows and the last
+        ``history`` reference rows)."""
         with self._lock:
+            both = [*self._rows.items(), *self._refs.items()]
+            both.sort(key=lambda kv: self._opened[kv[0]])
             return [
-                {"step": s, "layer": n, "source": src, **r}
-                for (s, n, src), r in self._rows.items()
+                {"step": s, "layer": n, "source": src, **r} for (s, n, src), r in both
             ]
 
     def to_frame(self):

@@ -497,13 +497,22 @@ def test_reference_rows_sit_beside_the_measured_ones(tmp_path):
     assert ("a/mean/analytic", 2.0, 0) in w.scalars
     m.close()
     assert json.dumps(read_rows(tmp_path / "r.csv")) == json.dumps(m.rows())
-    h = Monitor(history=2)  # the history bounds both kinds of row
+    h = Monitor(history=2)  # a history per kind of row
     h.record_reference(0, "a", {"mean": 2.0}, source="analytic")
-    for step in (1, 2):
+    for step in (1, 2, 3):
         h.record(step, "a", activations=np.ones((2, 2)))
     assert [(r["step"], r["source"]) for r in h.rows()] == [
-        (1, "measured"),
+        (0, "analytic"),
         (2, "measured"),
+        (3, "measured"),
+    ]
+    for step in (4, 5):
+        h.record_reference(step, "a", {"mean": 2.0}, source="analytic")
+    assert [(r["step"], r["source"]) for r in h.rows()] == [
+        (2, "measured"),
+        (3, "measured"),
+        (4, "analytic"),
+        (5, "analytic"),
     ]
 
 

@@ -77,7 +77,7 @@ __all__ = ["TorchMonitor"]
 
 #: the keyword arguments of diagnose that ``predict_options`` may set
 _PREDICT_OPTIONS = ("seeds", "resample", "batch_size", "init_fn", "rng")
-#: the Profile's gradient columns of parameters ({torch name: column} per kind)
+#: the Profile columns of parameter gradients (the values of _PARAM_COLS)
 _PARAM_PROFILE_COLS = {c for cols in _PARAM_COLS.values() for c in cols.values()}
 #: the Profile's columns that need no rescaling
 _FORWARD_COLS = tuple(
