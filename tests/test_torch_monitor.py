@@ -593,3 +593,50 @@ def test_predict_bad_arguments():
         TorchMonitor(mlp(), predict_options={"seeds": 2})
     with pytest.raises(TypeError, match=r"\['seed'\] are not diagnose options"):
         TorchMonitor(mlp(), predict=torch.randn(4, 6), predict_options={"seed": 2})
+
+
+def test_lightning_callback_logs_the_prediction(tmp_path):
+    pl = pytest.importorskip(
+        "lightning.pytorch", reason="needs lightning (pip install lightning==2.6.0)"
+    )
+    import csv
+
+    from initdiag.integrations.lightning import InitdiagCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, idx):
+            return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    X, Y = torch.randn(80, 6), torch.randn(80, 3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, Y), batch_size=8
+    )
+    cb = InitdiagCallback(every=5, predict=X[:8], predict_options={"seeds": 2})
+    trainer = pl.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=pl.loggers.CSVLogger(tmp_path),
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny(), loader)
+    ref = {r["layer"]: r for r in cb.monitor.rows() if r["source"] == "analytic"}
+    assert set(ref) == {"net.0", "net.1", "net.2", "net.3", "net.4"}
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as fh:
+        logged = list(csv.DictReader(fh))
+    key = "initdiag/net.2/grad_second_moment/analytic"
+    got = [(int(r["step"]), float(r[key])) for r in logged if r.get(key)]
+    assert got == [(0, pytest.approx(ref["net.2"]["grad_second_moment"]))]
