@@ -591,6 +591,11 @@ def test_predict_bad_arguments():
         TorchMonitor(mlp(), predict=[1, 2])
     with pytest.raises(ValueError, match="predict_options needs predict="):
         TorchMonitor(mlp(), predict_options={"seeds": 2})
+    on_meta = nn.Linear(6, 3, device="meta")  # as a model on cuda: not the host
+    with pytest.raises(
+        ValueError, match=r"on the CPU; got tensors on \['cpu', 'meta'\]"
+    ):
+        TorchMonitor(on_meta, predict=torch.randn(4, 6))
     with pytest.raises(TypeError, match=r"\['seed'\] are not diagnose options"):
         TorchMonitor(mlp(), predict=torch.randn(4, 6), predict_options={"seed": 2})
 

@@ -119,7 +119,9 @@ class TorchMonitor:
         The step-0 link (module docstring): an example input batch (like the
         training batches: the prediction is for its size) given to
         :func:`~initdiag.integrations.torch.diagnose` now, or a Diagnosis of
-        this model already made.  Its rows are written as reference rows
+        this model already made (diagnose runs on the CPU: for a model on cuda,
+        pass ``diagnose(copy.deepcopy(model).cpu(), x.cpu())``).  Its rows are
+        written as reference rows
         (``source`` ``"analytic"`` and ``"ensemble"``) at the first sampled step
         that runs, gradient columns times the output-gradient second moment
         measured there.
@@ -446,6 +448,14 @@ def _diagnosis(root: Any, predict: Any, options: Mapping[str, Any] | None) -> An
             "predict must be an example input batch (a torch.Tensor shaped like the "
             "training batches) or a Diagnosis from initdiag.integrations.torch."
             f"diagnose; got {type(predict).__name__}"
+        )
+    where = {t.device.type for t in (predict, *root.parameters(), *root.buffers())}
+    if where != {"cpu"}:
+        # diagnose measures the model on the host (its rows through NumPy)
+        raise ValueError(
+            f"predict= diagnoses the model on the CPU; got tensors on {sorted(where)}: "
+            "pass predict=diagnose(copy.deepcopy(model).cpu(), example.cpu()) (a "
+            "Diagnosis of the same model; rows are matched by module name)"
         )
     opts = dict(options or {})
     bad = sorted(set(opts) - set(_PREDICT_OPTIONS))
