@@ -121,10 +121,9 @@ class TorchMonitor:
         :func:`~initdiag.integrations.torch.diagnose` now, or a Diagnosis of
         this model already made (diagnose runs on the CPU: for a model on cuda,
         pass ``diagnose(copy.deepcopy(model).cpu(), x.cpu())``).  Its rows are
-        written as reference rows
-        (``source`` ``"analytic"`` and ``"ensemble"``) at the first sampled step
-        that runs, gradient columns times the output-gradient second moment
-        measured there.
+        written as reference rows (``source`` ``"analytic"`` and ``"ensemble"``)
+        at the first sampled step that runs, gradient columns times the
+        output-gradient second moment measured there.
     predict_options : mapping, optional
         Keyword arguments for diagnose: ``seeds`` (default 8), ``resample``,
         ``batch_size``, ``init_fn``, ``rng``.
