@@ -48,6 +48,22 @@ axis second, as PyTorch lays convolutions out):
 These are the raw values of one batch (the Profile's gradient columns are
 normalised by the output gradient; the monitor's are not).
 
+Reference rows
+--------------
+:meth:`Monitor.record_reference` stores values that were not measured in this
+run beside the measured ones, marked by a ``source`` other than ``"measured"``
+(e.g. ``"analytic"``: the prediction at initialisation that
+:class:`~initdiag.integrations.torch.TorchMonitor` writes with ``predict=``).
+They share the table and the file sinks (CSV ``source`` column, JSON
+``"source"`` key), have a ``history`` of their own (measured rows never push
+them out), are left out of :meth:`Monitor.summary`, and
+:func:`plot_rows` draws each as a marker at its step and a dashed horizontal
+line from there on, so the measured curves' drift from them reads off the plot.
+A reference row holding ``output_grad_second_moment`` (m) and ``output_rows``
+(B) had its gradient columns put on the monitor's raw scale: a Profile's
+normalised ``grad_second_moment`` times m, its parameter gradient norms times
+B m (the legend says so).
+
 NaN and inf
 -----------
 A non-finite entry is a *finding* (``monitor.findings``: ``{"kind": "nonfinite",
@@ -82,14 +98,16 @@ under it.
 
 Sinks
 -----
-``sink=`` takes a path (``.csv``: long format ``step,layer,statistic,value``;
-``.jsonl``: one JSON object per record, NaN as null and inf as "inf"), a
-:class:`CSVSink`, :class:`JSONLinesSink`, an object with TensorBoard's
-``add_scalar`` (wrapped in :class:`TensorBoardSink`: scalars ``layer/statistic``
-and, with ``bins``, histograms of the finite values only, since
-``add_histogram`` fails on NaN), any object with ``write(step, layer, values)``,
-or a list of these.  Files are opened for appending and flushed after every
-record, so a crash keeps every record written before it.
+``sink=`` takes a path (``.csv``: long format
+``step,layer,source,statistic,value``; ``.jsonl``: one JSON object per record,
+NaN as null and inf as "inf"), a :class:`CSVSink`, :class:`JSONLinesSink`, an
+object with TensorBoard's ``add_scalar`` (wrapped in :class:`TensorBoardSink`:
+scalars ``layer/statistic``, reference rows ``layer/statistic/source``, and, with
+``bins``, histograms of the finite values only, since ``add_histogram`` fails on
+NaN), any object with ``write(step, layer, values)`` (and, to receive reference
+rows, ``write_reference(step, layer, source, values)``), or a list of these.
+Files are opened for appending and flushed after every record, so a crash keeps
+every record written before it.
 """
 
 from __future__ import annotations
@@ -118,11 +136,16 @@ __all__ = [
     "read_rows",
     "plot_rows",
     "ACTIVATION_FIELDS",
+    "MEASURED",
 ]
 
 #: the statistics of an activation tensor (the kernels' LAYER_STATS_FIELDS less
 #: ``any_nonzero``)
 ACTIVATION_FIELDS = LAYER_STATS_FIELDS[:9]
+#: the ``source`` of the rows Monitor.record measured (reference rows have others)
+MEASURED = "measured"
+#: the keys of a row that are not statistics
+_ROW_KEYS = ("step", "layer", "source")
 #: columns Monitor.plot draws when none are named (those present)
 DEFAULT_PLOT_COLUMNS = (
     "second_moment",
@@ -366,34 +389,71 @@ class _FileSink:
             self._fh.close()
 
 
+_CSV_HEADER = "step,layer,source,statistic,value"
+#: the header before reference rows existed (read as source "measured")
+_CSV_HEADER_V1 = "step,layer,statistic,value"
+
+
 class CSVSink(_FileSink):
-    """Long-format CSV ``step,layer,statistic,value`` (one line per value; the
-    header is written when the file is new or empty)."""
+    """Long-format CSV ``step,layer,source,statistic,value`` (one line per value;
+    the header is written when the file is new or empty).
+
+    Raises
+    ------
+    ValueError
+        The file exists with another header (appending would mix formats).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = os.fspath(path)
+        if os.path.exists(path) and os.path.getsize(path):
+            with open(path, encoding="utf-8", newline="") as fh:
+                head = fh.readline().strip()
+            if head != _CSV_HEADER:
+                raise ValueError(
+                    f"{path} starts with {head[:60]!r}, not the monitor CSV header "
+                    f"{_CSV_HEADER!r}: write to a new file (read_rows still reads "
+                    "the older 'step,layer,statistic,value' files)"
+                )
+        super().__init__(path)
 
     def _header(self) -> None:
-        self._fh.write("step,layer,statistic,value\n")
+        self._fh.write(_CSV_HEADER + "\n")
         self._fh.flush()
 
     def write(self, step: int, layer: str, values: Mapping[str, float]) -> None:
+        self.write_reference(step, layer, MEASURED, values)
+
+    def write_reference(
+        self, step: int, layer: str, source: str, values: Mapping[str, float]
+    ) -> None:
         w = csv.writer(self._fh, lineterminator="\n")
-        w.writerows((step, layer, k, _fmt(v)) for k, v in values.items())
+        w.writerows((step, layer, source, k, _fmt(v)) for k, v in values.items())
         self._fh.flush()
 
 
 class JSONLinesSink(_FileSink):
-    """One JSON object per record: ``{"step", "layer", <statistic>: value}``
-    (NaN as null, inf as "inf", as :meth:`Profile.to_dict`)."""
+    """One JSON object per record: ``{"step", "layer", "source", <statistic>:
+    value}`` (NaN as null, inf as "inf", as :meth:`Profile.to_dict`)."""
 
     def write(self, step: int, layer: str, values: Mapping[str, float]) -> None:
-        rec = {"step": step, "layer": layer, **_jsonable(dict(values))}
+        self.write_reference(step, layer, MEASURED, values)
+
+    def write_reference(
+        self, step: int, layer: str, source: str, values: Mapping[str, float]
+    ) -> None:
+        rec = {"step": step, "layer": layer, "source": source}
+        rec.update(_jsonable(dict(values)))
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
 
 
 class TensorBoardSink:
-    """Scalars ``layer/statistic`` to a ``SummaryWriter``-like object and, when
-    the monitor has ``bins``, histograms ``layer/activations`` / ``layer/grads`` of
-    the finite values only.  The writer is the caller's: never closed here."""
+    """Scalars ``layer/statistic`` to a ``SummaryWriter``-like object (reference
+    rows as ``layer/statistic/source``, so TensorBoard files them under the same
+    layer) and, when the monitor has ``bins``, histograms ``layer/activations`` /
+    ``layer/grads`` of the finite values only.  The writer is the caller's: never
+    closed here."""
 
     def __init__(self, writer: Any) -> None:
         if not callable(getattr(writer, "add_scalar", None)):
@@ -406,6 +466,12 @@ class TensorBoardSink:
     def write(self, step: int, layer: str, values: Mapping[str, float]) -> None:
         for k, v in values.items():
             self.writer.add_scalar(f"{layer}/{k}", float(v), step)
+
+    def write_reference(
+        self, step: int, layer: str, source: str, values: Mapping[str, float]
+    ) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(f"{layer}/{k}/{source}", float(v), step)
 
     def histogram(self, step: int, tag: str, finite: np.ndarray) -> None:
         add = getattr(self.writer, "add_histogram", None)
@@ -448,6 +514,17 @@ def _sinks(sink: Any) -> list[Any]:
 
 
 # ------------------------------------------------------------------ the monitor
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"step must be an integer >= 0; got {step!r}")
+    return int(step)
+
+
+def _check_layer(layer: Any) -> None:
+    if not isinstance(layer, str) or not layer:
+        raise TypeError(f"layer must be a non-empty string; got {layer!r}")
+
+
 def _positive_int(v: Any, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
@@ -462,7 +539,8 @@ class Monitor:
     every : int
         Record steps ``step % every == 0`` only (:meth:`sampled`).
     history : int
-        Rows (one per step and layer) kept in the in-memory table.
+        Rows (one per step and layer) kept in the in-memory table; as many
+        reference rows (:meth:`record_reference`) are kept besides.
     bins : int, optional
         Histogram bins (a multiple of 4) per layer for activations and gradients;
         None: no histograms.
@@ -511,7 +589,14 @@ class Monitor:
         self._default = kernels.get_backend()
         self._sinks = _sinks(sink)
         self._lock = threading.Lock()
-        self._rows: OrderedDict[tuple[int, str], dict[str, float]] = OrderedDict()
+        # (step, layer, source) -> values, measured rows and reference rows in
+        # tables of their own (a long run's measured rows never push the
+        # prediction out); _opened numbers every row, so rows() can give them in
+        # the order they were opened, which is the order the file sinks wrote
+        self._rows: OrderedDict[tuple[int, str, str], dict[str, float]] = OrderedDict()
+        self._refs: OrderedDict[tuple[int, str, str], dict[str, float]] = OrderedDict()
+        self._opened: dict[tuple[int, str, str], int] = {}
+        self._count = 0
         self._agg: dict[str, dict[str, list[float]]] = {}
         self._hist: dict[tuple[str, str], _Histogram] = {}
         self._findings: list[dict[str, Any]] = []
@@ -568,11 +653,8 @@ class Monitor:
         TypeError, ValueError
             Bad step, layer name or tensor type / dtype; never for NaN / inf.
         """
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"step must be an integer >= 0; got {step!r}")
-        if not isinstance(layer, str) or not layer:
-            raise TypeError(f"layer must be a non-empty string; got {layer!r}")
-        step = int(step)
+        step = _check_step(step)
+        _check_layer(layer)
         if not self.sampled(step):
             return None
         # NaN / inf are findings: NumPy's warnings about them are noise here
@@ -643,14 +725,75 @@ class Monitor:
                     nonfinite.append((f"{name} update", bad))
         return values, nonfinite, hists
 
-    def _store(self, step, layer, values, nonfinite, hists) -> None:
-        key = (step, layer)
-        row = self._rows.get(key)
+    def record_reference(
+        self,
+        step: int,
+        layer: str,
+        values: Mapping[str, float],
+        *,
+        source: str,
+    ) -> None:
+        """Store a row that was not measured in this run (a prediction) beside
+        the measured ones (module docstring, "Reference rows").
+
+        Parameters
+        ----------
+        step : int >= 0
+            Where it belongs (a prediction at initialisation: the first step).
+        layer : str
+        values : mapping str -> float
+            Statistics named as :meth:`record`'s, on the same scale.
+        source : str
+            What it is (``"analytic"``, ...); anything but ``"measured"``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad step, layer, source or values.
+        """
+        step = _check_step(step)
+        _check_layer(layer)
+        if not isinstance(source, str) or not source or source == MEASURED:
+            raise ValueError(
+                f"source must be a non-empty string other than {MEASURED!r} (the "
+                f"rows record() measures), e.g. 'analytic'; got {source!r}"
+            )
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"values must be a mapping statistic -> number; got "
+                f"{type(values).__name__}"
+            )
+        vals: dict[str, float] = {}
+        for k, v in values.items():
+            if not isinstance(k, str) or not k or k in _ROW_KEYS:
+                raise ValueError(
+                    f"values: statistic names must be non-empty strings other than "
+                    f"{_ROW_KEYS}; got {k!r}"
+                )
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"values[{k!r}] must be a number; got {v!r}")
+            vals[k] = float(v)
+        with self._lock:
+            self._row(step, layer, source).update(vals)
+            for s in self._sinks:
+                fn = getattr(s, "write_reference", None)
+                if callable(fn):
+                    fn(step, layer, source, vals)
+
+    def _row(self, step: int, layer: str, source: str) -> dict[str, float]:
+        key = (step, layer, source)
+        table = self._rows if source == MEASURED else self._refs
+        row = table.get(key)
         if row is None:
-            row = self._rows[key] = {}
-            while len(self._rows) > self.history:
-                self._rows.popitem(last=False)
-        row.update(values)
+            row = table[key] = {}
+            self._opened[key] = self._count
+            self._count += 1
+            while len(table) > self.history:
+                del self._opened[table.popitem(last=False)[0]]
+        return row
+
+    def _store(self, step, layer, values, nonfinite, hists) -> None:
+        self._row(step, layer, MEASURED).update(values)
         agg = self._agg.setdefault(layer, {})
         for k, v in values.items():
             _aggregate(agg, k, v, step)
@@ -682,10 +825,16 @@ class Monitor:
 
     # -- reading --------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
-        """The in-memory table: ``[{"step", "layer", <statistic>: value}]``, in
-        the order the rows were opened (the last ``history`` of them)."""
+        """The in-memory table: ``[{"step", "layer", "source", <statistic>:
+        value}]`` (``source`` ``"measured"``, or a reference row's), in the order
+        the rows were opened (the last ``history`` measured rows and the last
+        ``history`` reference rows)."""
         with self._lock:
-            return [{"step": s, "layer": n, **r} for (s, n), r in self._rows.items()]
+            both = [*self._rows.items(), *self._refs.items()]
+            both.sort(key=lambda kv: self._opened[kv[0]])
+            return [
+                {"step": s, "layer": n, "source": src, **r} for (s, n, src), r in both
+            ]
 
     def to_frame(self):
         """:meth:`rows` as a pandas DataFrame.
@@ -799,8 +948,11 @@ def _aggregate(agg: dict[str, list[float]], k: str, v: float, step: int) -> None
 
 # ------------------------------------------------------------------ files back
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows a CSV or JSON-lines sink wrote, records of one step and layer
-    merged, in file order.
+    """The rows a CSV or JSON-lines sink wrote, records of one step, layer and
+    source merged, in file order: ``[{"step", "layer", "source", <statistic>:
+    value}]``, as :meth:`Monitor.rows`.  Files written before reference rows
+    existed (CSV header ``step,layer,statistic,value``, JSON without
+    ``"source"``) read as ``source="measured"``.
 
     Raises
     ------
@@ -809,33 +961,39 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         Not a monitor file (the message names the line).
     """
     path = os.fspath(path)
-    rows: OrderedDict[tuple[int, str], dict[str, Any]] = OrderedDict()
+    rows: OrderedDict[tuple[int, str, str], dict[str, Any]] = OrderedDict()
 
-    def put(step: Any, layer: Any, k: str, v: float, where: str) -> None:
+    def put(step: Any, layer: Any, src: Any, k: str, v: float, where: str) -> None:
         try:
             s = int(step)
         except (TypeError, ValueError):
             raise ValueError(f"{where}: step {step!r} is not an integer") from None
-        rows.setdefault((s, str(layer)), {"step": s, "layer": str(layer)})[k] = v
+        if not isinstance(src, str) or not src:
+            raise ValueError(f"{where}: source {src!r} is not a non-empty string")
+        key = (s, str(layer), src)
+        rows.setdefault(key, {"step": s, "layer": str(layer), "source": src})[k] = v
 
     with open(path, encoding="utf-8", newline="") as fh:
-        head = fh.readline()
-        if head.strip() == "step,layer,statistic,value":
+        head = fh.readline().strip()
+        if head in (_CSV_HEADER, _CSV_HEADER_V1):
+            n = head.count(",") + 1
             for i, rec in enumerate(csv.reader(fh), start=2):
                 if not rec:
                     continue
                 where = f"{path}:{i}"
-                if len(rec) != 4:
-                    raise ValueError(f"{where}: expected 4 fields, got {len(rec)}")
+                if len(rec) != n:
+                    raise ValueError(f"{where}: expected {n} fields, got {len(rec)}")
                 try:
-                    v = float(rec[3])
+                    v = float(rec[-1])
                 except ValueError:
                     raise ValueError(
-                        f"{where}: value {rec[3]!r} is not a number"
+                        f"{where}: value {rec[-1]!r} is not a number"
                     ) from None
-                put(rec[0], rec[1], rec[2], v, where)
+                src = rec[2] if n == 5 else MEASURED
+                put(rec[0], rec[1], src, rec[-2], v, where)
         else:
-            for i, line in enumerate([head, *fh], start=1):
+            fh.seek(0)
+            for i, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
                 where = f"{path}:{i}"
@@ -844,22 +1002,32 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:
                     raise ValueError(
                         f"{where}: neither the monitor CSV header "
-                        "'step,layer,statistic,value' nor a JSON line"
+                        f"{_CSV_HEADER!r} nor a JSON line"
                     ) from None
                 if not isinstance(rec, dict) or "step" not in rec or "layer" not in rec:
                     raise ValueError(
                         f"{where}: a JSON object with step and layer expected"
                     )
+                src = rec.get("source", MEASURED)
                 for k, v in rec.items():
-                    if k not in ("step", "layer"):
+                    if k not in _ROW_KEYS:
                         try:
                             num = _from_json_number(v)
                         except (TypeError, ValueError):
                             raise ValueError(
                                 f"{where}: {k}={v!r} is not a number"
                             ) from None
-                        put(rec["step"], rec["layer"], k, num, where)
+                        put(rec["step"], rec["layer"], src, k, num, where)
     return list(rows.values())
+
+
+def _is_grad_column(c: str) -> bool:
+    return c == "grad_second_moment" or c.endswith("_grad_norm2")
+
+
+#: the columns of a reference row saying how its gradient columns were rescaled
+_SCALE_KEYS = ("output_grad_second_moment", "output_rows")
+_REFERENCE_STYLES = ("--", ":", "-.")
 
 
 def plot_rows(
@@ -869,7 +1037,14 @@ def plot_rows(
     *,
     pyplot: bool = False,
 ):
-    """One panel per statistic, one line per layer, against the step.
+    """One panel per statistic, one line per layer, against the step; reference
+    rows (``source`` other than ``"measured"``) as an open marker at their step
+    and a horizontal line from there to the last step, in the layer's colour,
+    one line style per source (the legend names it).  In a gradient panel, a
+    note says how the references were rescaled (``x m``: grad_second_moment
+    times the measured output-gradient second moment; ``x B m``: parameter
+    gradient norms, B the output's rows) when their rows say so (module
+    docstring).
 
     Parameters
     ----------
@@ -891,15 +1066,19 @@ def plot_rows(
     ValueError
         No rows, or a named column / layer absent.
     """
+    from matplotlib.lines import Line2D
+
     from .report.plots import _new_figure
 
     rows = list(rows)
     if not rows:
         raise ValueError("nothing to plot: no rows (was anything recorded?)")
-    present = {k for r in rows for k in r} - {"step", "layer"}
+    present = {k for r in rows for k in r} - set(_ROW_KEYS)
     order = list(dict.fromkeys(str(r["layer"]) for r in rows))
     if columns is None:
-        cols = [c for c in DEFAULT_PLOT_COLUMNS if c in present] or sorted(present)[:4]
+        cols = [c for c in DEFAULT_PLOT_COLUMNS if c in present] or sorted(
+            present - set(_SCALE_KEYS)
+        )[:4]
     else:
         cols = list(columns)
         bad = [c for c in cols if c not in present]
@@ -911,16 +1090,57 @@ def plot_rows(
     bad = [n for n in names if n not in order]
     if bad:
         raise ValueError(f"layers {bad} are not in the rows; have {order}")
+    measured = [r for r in rows if r.get("source", MEASURED) == MEASURED]
+    refs = [r for r in rows if r.get("source", MEASURED) != MEASURED]
+    sources = list(dict.fromkeys(r["source"] for r in refs))
+    style = {src: _REFERENCE_STYLES[i % 3] for i, src in enumerate(sources)}
+    color = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    last = max(r["step"] for r in rows)
     fig, axes = _new_figure(len(cols), pyplot=pyplot)
     for ax, c in zip(axes, cols, strict=True):
         for n in names:
-            pts = sorted((r["step"], r[c]) for r in rows if r["layer"] == n and c in r)
+            pts = sorted(
+                (r["step"], r[c]) for r in measured if r["layer"] == n and c in r
+            )
             pts = [(s, v) for s, v in pts if math.isfinite(v)]
             if pts:
                 s, v = zip(*pts, strict=True)
-                ax.plot(s, v, label=n, lw=1.2)
+                ax.plot(s, v, label=n, lw=1.2, color=color[n])
+        rescaled = set()
+        for r in refs:
+            v = r.get(c)
+            if r["layer"] not in color or v is None or not math.isfinite(v):
+                continue
+            col, ls = color[r["layer"]], style[r["source"]]
+            ax.plot([r["step"]], [v], marker="o", mfc="none", ls="none", color=col)
+            ax.hlines(v, r["step"], last, colors=col, linestyles=ls, lw=1.0)
+            if _is_grad_column(c) and "output_grad_second_moment" in r:
+                rescaled.add((r["source"], r["step"]))
+        if rescaled:
+            factor = "m" if c == "grad_second_moment" else "B m"
+            what = ", ".join(f"{src} x {factor}" for src, _ in sorted(rescaled))
+            at = ", ".join(sorted({str(st) for _, st in rescaled}))
+            ax.text(
+                0.02,
+                0.02,
+                f"{what}\nm = E[g_out^2] measured at step {at}",
+                transform=ax.transAxes,
+                fontsize="x-small",
+                va="bottom",
+                bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0},
+            )
         ax.set_xlabel("step")
         ax.set_title(c)
-    if len(names) <= 12:
-        axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(names) > 12:
+        handles, labels = [], []
+    for src in sources:
+        at = sorted({r["step"] for r in refs if r["source"] == src})
+        steps = ", ".join(map(str, at[:3])) + (", ..." if len(at) > 3 else "")
+        handles.append(
+            Line2D([], [], color="0.3", ls=style[src], marker="o", mfc="none")
+        )
+        labels.append(f"{src} (step {steps})")
+    if handles:
+        axes[0].legend(handles, labels, fontsize="small")
     return fig

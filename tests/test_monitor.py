@@ -401,6 +401,159 @@ def test_tensorboard_writer_gets_scalars_and_finite_histograms():
     assert m.findings[0]["step"] == 2
 
 
+def test_a_real_summary_writer_gets_scalars_references_and_finite_histograms(
+    tmp_path,
+):
+    pytest.importorskip(
+        "tensorboard",
+        reason='needs tensorboard: pip install "initdiag[tensorboard]" '
+        "(tensorboard==2.21.0)",
+    )
+    tb = pytest.importorskip(
+        "torch.utils.tensorboard", reason="SummaryWriter needs torch (initdiag[torch])"
+    )
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    rng = np.random.default_rng(21)
+    writer = tb.SummaryWriter(log_dir=str(tmp_path))
+    # the peer fault: SummaryWriter.add_histogram raises on an all-NaN tensor
+    # (and writes NaN min / max / sum for a partly NaN one)
+    with pytest.raises(ValueError):
+        writer.add_histogram("raw", np.full(4, np.nan), 0)
+    m = Monitor(sink=writer, bins=8)
+    acts = {}
+    for step in range(3):
+        h = rng.standard_normal((16, 4))
+        h[0, 0], h[1, 1] = np.nan, np.inf
+        g = rng.standard_normal((16, 4)) if step != 1 else np.full((16, 4), np.nan)
+        acts[step] = (h, g)
+        m.record(step, "l1", activations=h, grads=g, params={"weight": h[:4]})
+        m.record(step, "l2", activations=np.abs(h))
+    m.record_reference(0, "l1", {"second_moment": 0.75}, source="analytic")
+    m.close()  # flushes; the writer is the caller's
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    rows = {(r["step"], r["layer"]): r for r in m.rows() if r["source"] == "measured"}
+    written = 0
+    for (step, layer), r in rows.items():
+        for k, v in r.items():
+            if k in ("step", "layer", "source"):
+                continue
+            got = {e.step: e.value for e in acc.Scalars(f"{layer}/{k}")}
+            # TensorBoard stores float32
+            np.testing.assert_allclose(got[step], np.float32(v), rtol=1e-7)
+            written += 1
+    assert written == sum(len(r) - 3 for r in rows.values())
+    assert [(e.step, e.value) for e in acc.Scalars("l1/second_moment/analytic")] == [
+        (0, 0.75)
+    ]
+    hist = {e.step: e.histogram_value for e in acc.Histograms("l1/activations")}
+    ghist = {e.step: e.histogram_value for e in acc.Histograms("l1/grads")}
+    assert sorted(hist) == [0, 1, 2] and sorted(ghist) == [0, 2]  # all-NaN: none
+    for step, (h, g) in acts.items():
+        fin = h[np.isfinite(h)]
+        hv = hist[step]
+        assert hv.num == fin.size == h.size - 2
+        assert (hv.min, hv.max) == (fin.min(), fin.max())
+        assert hv.sum == pytest.approx(fin.sum(), rel=1e-12)
+        if step != 1:
+            assert ghist[step].num == g.size
+    assert {f["tensor"] for f in m.findings if f["step"] == 1} == {
+        "activations",
+        "grads",
+        "weight",
+    }
+
+
+def test_reference_rows_sit_beside_the_measured_ones(tmp_path):
+    class OnlyWrite:  # a sink without write_reference gets the measured rows only
+        def __init__(self):
+            self.calls = []
+
+        def write(self, step, layer, values):
+            self.calls.append((step, layer))
+
+    own = OnlyWrite()
+    w = FakeWriter()
+    m = Monitor(sink=[own, w, str(tmp_path / "r.csv")])
+    m.record(0, "a", activations=np.ones((2, 2)))
+    m.record_reference(0, "a", {"mean": 2.0, "output_rows": 2}, source="analytic")
+    m.record_reference(0, "a", {"variance": np.float32(0.5)}, source="analytic")
+    measured, ref = m.rows()
+    assert (measured["source"], measured["mean"]) == ("measured", 1.0)
+    assert ref == {
+        "step": 0,
+        "layer": "a",
+        "source": "analytic",
+        "mean": 2.0,
+        "output_rows": 2.0,
+        "variance": 0.5,
+    }
+    assert m.summary()["a"]["mean"]["count"] == 1  # references stay out
+    assert own.calls == [(0, "a")]
+    assert ("a/mean/analytic", 2.0, 0) in w.scalars
+    m.close()
+    assert json.dumps(read_rows(tmp_path / "r.csv")) == json.dumps(m.rows())
+    h = Monitor(history=2)  # a history per kind of row
+    h.record_reference(0, "a", {"mean": 2.0}, source="analytic")
+    for step in (1, 2, 3):
+        h.record(step, "a", activations=np.ones((2, 2)))
+    assert [(r["step"], r["source"]) for r in h.rows()] == [
+        (0, "analytic"),
+        (2, "measured"),
+        (3, "measured"),
+    ]
+    for step in (4, 5):
+        h.record_reference(step, "a", {"mean": 2.0}, source="analytic")
+    assert [(r["step"], r["source"]) for r in h.rows()] == [
+        (2, "measured"),
+        (3, "measured"),
+        (4, "analytic"),
+        (5, "analytic"),
+    ]
+
+
+def test_files_of_the_older_format_are_read_and_not_appended_to(tmp_path):
+    old_csv = tmp_path / "old.csv"
+    old_csv.write_text("step,layer,statistic,value\n0,a,mean,1.5\n0,a,mean2,nan\n")
+    old_jl = tmp_path / "old.jsonl"
+    old_jl.write_text('{"step": 3, "layer": "b", "mean": null}\n')
+    got = read_rows(old_csv)[0]
+    assert (got["source"], got["mean"], math.isnan(got["mean2"])) == (
+        "measured",
+        1.5,
+        True,
+    )
+    got = read_rows(old_jl)[0]
+    assert (got["step"], got["source"], math.isnan(got["mean"])) == (
+        3,
+        "measured",
+        True,
+    )
+    with pytest.raises(ValueError, match="write to a new file"):
+        Monitor(sink=str(old_csv))
+
+
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        ((0, "a", {"mean": 1.0}), ValueError, "source must be a non-empty string"),
+        ((-1, "a", {"mean": 1.0}, "analytic"), ValueError, "step must be"),
+        ((0, "", {"mean": 1.0}, "analytic"), TypeError, "layer must be"),
+        ((0, "a", [1.0], "analytic"), TypeError, "values must be a mapping"),
+        ((0, "a", {"source": 1.0}, "analytic"), ValueError, "statistic names"),
+        ((0, "a", {"mean": "x"}, "analytic"), TypeError, r"values\['mean'\]"),
+    ],
+)
+def test_record_reference_bad_input(args, exc, match):
+    *pos, src = args if len(args) == 4 else (*args, "measured")
+    with pytest.raises(exc, match=match):
+        Monitor().record_reference(*pos, source=src)
+
+
 def test_to_frame_or_how_to_get_pandas():
     m = Monitor()
     m.record(0, "a", activations=np.ones((2, 2)))
@@ -410,8 +563,10 @@ def test_to_frame_or_how_to_get_pandas():
         with pytest.raises(ImportError, match=r'pip install "initdiag\[frames\]"'):
             m.to_frame()
     else:
+        m.record_reference(0, "a", {"mean": 0.5}, source="analytic")
         df = m.to_frame()
-        assert list(df["step"]) == [0] and df["mean"][0] == 1.0
+        assert list(df["step"]) == [0, 0] and list(df["mean"]) == [1.0, 0.5]
+        assert list(df["source"]) == ["measured", "analytic"]
 
 
 # ------------------------------------------------------------------ bad input
@@ -490,6 +645,7 @@ def test_plot_and_monitor_report(tmp_path, capsys):
         ("hello\n", "neither the monitor CSV"),
         ("", "no rows"),
         ("step,layer,statistic,value\n0,a,mean,x\n", "not a number"),
+        ("step,layer,source,statistic,value\n0,a,mean,1\n", "expected 5 fields"),
     ],
 )
 def test_monitor_report_bad_input_exits_2_with_one_line(

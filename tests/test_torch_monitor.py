@@ -6,6 +6,7 @@ memory, torch.compile.  Skipped without torch."""
 from __future__ import annotations
 
 import gc
+import json
 import math
 import tracemalloc
 import warnings
@@ -136,7 +137,9 @@ def test_training_loop_statistics_equal_direct_computation(make, shape):
             for k, v in want.items():
                 assert r[k] == pytest.approx(v, rel=2e-5, abs=1e-7), (step, layer, k)
                 checked += 1
-            assert set(r) - {"step", "layer", "grad_nonfinite_count"} == set(want)
+            assert set(r) - {"step", "layer", "source", "grad_nonfinite_count"} == set(
+                want
+            )
     assert checked >= 10 * len(leaves) * 11  # every step, layer and statistic
 
 
@@ -327,3 +330,318 @@ def test_outputs_that_are_not_float_tensors_are_skipped_with_a_reason():
         model(torch.randn(2, 3))
     assert tm.skipped == {"1": "its output is a tuple, not a tensor"}
     assert [r["layer"] for r in tm.monitor.rows()] == ["0"]
+
+
+# ------------------------------------------------------------------ the step-0 link
+WIDTH, BATCH, SEEDS = 256, 64, 8
+
+
+def wide_mlp():
+    return nn.Sequential(
+        nn.Linear(16, WIDTH), nn.ReLU(),
+        nn.Linear(WIDTH, WIDTH), nn.ReLU(inplace=True),
+        nn.Linear(WIDTH, WIDTH), nn.ReLU(),
+        nn.Linear(WIDTH, 10),
+    )  # fmt: skip
+
+
+def _scale(column, m, B):
+    """The stated rescaling of a Profile column onto the monitor's raw scale."""
+    if column == "grad_second_moment":
+        return m
+    return B * m if column.endswith("_grad_norm2") else 1.0
+
+
+#: the Profile columns the step-0 link carries for a Linear / ReLU MLP (named
+#: alike in the monitor's rows)
+LINKED = (
+    "mean", "second_moment", "variance", "squared_mean", "correlation",
+    "active_fraction", "dead_fraction", "grad_second_moment",
+    "weight_grad_norm2", "bias_grad_norm2",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def step0_run(tmp_path_factory):
+    """A training run with the step-0 link, the probe loss of diagnose at step 0
+    (an output gradient G independent of the forward pass) and MSE after; and an
+    independent diagnose of the same model."""
+    from initdiag.integrations.torch import diagnose
+
+    tmp = tmp_path_factory.mktemp("step0")
+    torch.manual_seed(11)
+    model = wide_mlp()
+    g = torch.Generator().manual_seed(12)
+    x0 = torch.randn(BATCH, 16, generator=g)
+    # a non-unit output gradient, so that the rescaling by m shows
+    G = 0.1 * torch.randn(BATCH, 10, generator=g)
+    d = diagnose(model, x0, seeds=SEEDS, kernels=False)
+    paths = [tmp / "run.csv", tmp / "run.jsonl"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with TorchMonitor(
+        model,
+        every=10,
+        optimizer=opt,
+        sink=[str(p) for p in paths],
+        predict=x0,
+        predict_options={"seeds": SEEDS},
+    ) as tm:
+        for step in range(30):
+            if step == 0:
+                loss = (model(x0) * G).sum()
+            else:
+                x = torch.randn(BATCH, 16, generator=g)
+                loss = nn.functional.mse_loss(model(x), torch.sin(x[:, :10]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    m = float(G.double().pow(2).mean())
+    return tm, d, x0, m, paths
+
+
+def _rows(tm, source, step=0):
+    return {
+        r["layer"]: r
+        for r in tm.monitor.rows()
+        if r["source"] == source and r["step"] == step
+    }
+
+
+def test_predicted_rows_are_diagnoses_columns_rescaled_by_the_measured_output_gradient(
+    step0_run,
+):
+    tm, d, _, m, _ = step0_run
+    assert tm.diagnosis is not None and _hooks(tm.model) == 0
+    for source, prof in (("analytic", d.analytic), ("ensemble", d.measured)):
+        rows = _rows(tm, source)
+        # nn.Sequential: module k is the network's k-th row
+        assert sorted(rows, key=int) == [str(k) for k in range(len(d.network.names))]
+        for name, r in rows.items():
+            i = int(name)
+            want = {}
+            for c in LINKED:
+                v = prof.columns[c][i]
+                if np.isfinite(v):
+                    want[c] = v * _scale(c, m, BATCH)
+            assert set(r) - {"step", "layer", "source"} == {
+                *want,
+                "output_grad_second_moment",
+                "output_rows",
+            }
+            assert r["output_grad_second_moment"] == pytest.approx(m, rel=1e-12)
+            assert r["output_rows"] == BATCH
+            for k, v in want.items():
+                assert r[k] == pytest.approx(v, rel=1e-12, abs=1e-300), (
+                    source,
+                    name,
+                    k,
+                )
+    # the readout's gradient is the output gradient itself: 1 x m
+    assert _rows(tm, "analytic")["6"]["grad_second_moment"] == pytest.approx(
+        m, rel=1e-12
+    )
+
+
+def test_measured_step0_agrees_with_the_prediction(step0_run):
+    """The step-0 rows are one draw of the initialisation diagnose averages over:
+    against its measured column within 4 single-draw standard deviations (sd = se
+    sqrt(seeds), the draw and the mean independent: sd sqrt(1 + 1/seeds)); against
+    the analytic column within 4 sd plus the finite-width and input terms of
+    tests/test_torch_integration.py (5 sum 1/n over the dense layers the signal
+    passed, the input's spread v / 2), for the columns that term covers."""
+    tm, d, x0, m, _ = step0_run
+    measured, S = _rows(tm, "measured"), SEEDS
+    e, a = d.measured, d.analytic
+    infos = d.network.infos
+    inv = np.array([1 / i.width if i.kind == "dense" else 0.0 for i in infos])
+    inv_hidden = inv.copy()
+    inv_hidden[-1] = 0.0
+    beta_fwd = 5 * (np.cumsum(inv) - inv)
+    beta_grad = 5 * (inv_hidden[::-1].cumsum()[::-1] - inv_hidden)
+    beta = {
+        "second_moment": beta_fwd,
+        "grad_second_moment": beta_grad,
+        "weight_grad_norm2": beta_fwd + beta_grad,
+        "bias_grad_norm2": beta_grad,
+    }
+    qb = (x0.double() ** 2).mean(dim=1)
+    v = float(qb.var(unbiased=False) / qb.mean() ** 2)
+    n_ens = n_ana = 0
+    worst = {"ensemble": 0.0, "analytic": 0.0}
+    for name, r in measured.items():
+        i = int(name)
+        for c in LINKED:
+            if not np.isfinite(e.columns[c][i]):  # a column the row lacks
+                assert c not in r, (name, c)
+                continue
+            got = r[c] / _scale(c, m, BATCH)  # back on the Profile's scale
+            sd = e.columns[f"{c}_se"][i] * np.sqrt(S)
+            # float32 rounding of the statistics (measured in float32)
+            f32 = 1e-5 * abs(got) + 1e-9
+            tol = 4 * sd * np.sqrt(1 + 1 / S) + f32
+            diff = abs(got - e.columns[c][i])
+            assert diff <= tol, (name, c, got, e.columns[c][i], tol)
+            worst["ensemble"] = max(worst["ensemble"], diff / tol)
+            n_ens += 1
+            if c in beta and np.isfinite(a.columns[c][i]):
+                ana = a.columns[c][i]
+                tol = 4 * sd + (beta[c][i] + v / 2) * abs(ana) + f32
+                assert abs(got - ana) <= tol, (name, c, got, ana, tol)
+                worst["analytic"] = max(worst["analytic"], abs(got - ana) / tol)
+                n_ana += 1
+    assert n_ens >= 7 * 6 and n_ana >= 7 * 2
+    print(
+        f"step 0 vs the prediction, worst |diff| / tol {worst}, {n_ens} / {n_ana} cells"
+    )
+
+
+def test_prediction_round_trips_through_the_files_and_is_plotted(step0_run, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.collections import LineCollection
+
+    from initdiag.cli import main as cli
+    from initdiag.monitor import plot_rows, read_rows
+
+    tm, *_, paths = step0_run
+    rows = tm.monitor.rows()
+    assert {r["source"] for r in rows} == {"measured", "analytic", "ensemble"}
+    for p in paths:
+        assert json.dumps(read_rows(p)) == json.dumps(rows), p
+    refs = [r for r in rows if r["source"] != "measured"]
+    for fig in (tm.monitor.plot(), plot_rows(read_rows(paths[1]))):
+        axes = {ax.get_title(): ax for ax in fig.axes}
+        for c in ("second_moment", "grad_second_moment"):
+            segs = [
+                seg
+                for coll in axes[c].collections
+                if isinstance(coll, LineCollection)
+                for seg in coll.get_segments()
+            ]
+            # one horizontal line per reference row, from step 0 to the last step
+            np.testing.assert_allclose(
+                sorted(seg[0][1] for seg in segs), sorted(r[c] for r in refs)
+            )
+            assert {tuple(seg[:, 0]) for seg in segs} == {(0, 20)}
+            assert all(seg[0][1] == seg[1][1] for seg in segs)
+        note = " ".join(t.get_text() for t in axes["grad_second_moment"].texts)
+        assert "analytic x m" in note and "E[g_out^2] measured at step 0" in note
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert "analytic (step 0)" in legend and "ensemble (step 0)" in legend
+    assert cli(["monitor-report", str(paths[0]), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "monitor.png").stat().st_size > 0
+
+
+def test_a_precomputed_diagnosis_and_a_step0_without_backward(step0_run):
+    tm0, d, x0, *_ = step0_run
+    torch.manual_seed(11)
+    model = wide_mlp()  # the same initial model as step0_run's
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TorchMonitor(model, predict=d) as tm:
+            tm.step(0)
+            with torch.no_grad():
+                model(x0)
+    assert "no gradient reached the model's output at step 0" in " ".join(
+        str(w.message) for w in caught
+    )
+    rows = _rows(tm, "analytic")
+    assert rows["2"]["second_moment"] == _rows(tm0, "analytic")["2"]["second_moment"]
+    assert not any(
+        k.startswith("grad") or "grad_norm2" in k for r in rows.values() for k in r
+    )
+    assert "output_rows" not in rows["2"]
+
+
+def test_the_prediction_is_written_when_the_first_step_fails():
+    torch.manual_seed(2)
+    model = mlp()
+    x = torch.randn(8, 6)
+    with pytest.raises(RuntimeError, match="first step"):
+        with TorchMonitor(model, predict=x, predict_options={"seeds": 2}) as tm:
+            tm.step(0)
+            (model(x) ** 2).sum().backward()
+            raise RuntimeError("the loop fails in its first step")
+    assert {r["source"] for r in tm.monitor.rows()} == {
+        "measured",
+        "analytic",
+        "ensemble",
+    }
+    assert _hooks(model) == 0
+
+
+def test_conv_rows_leave_correlation_out_of_the_prediction():
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 25, 3)
+    )
+    x = torch.randn(8, 2, 5, 5)
+    with TorchMonitor(model, predict=x, predict_options={"seeds": 2}) as tm:
+        tm.step(0)
+        model(x).sum().backward()
+    rows = _rows(tm, "ensemble")
+    assert "correlation" not in rows["0"] and "correlation" not in rows["1"]
+    assert "correlation" in rows["3"] and "2" not in rows  # Flatten: passed through
+    assert rows["3"]["output_rows"] == 8
+
+
+def test_predict_bad_arguments():
+    with pytest.raises(TypeError, match="example input batch"):
+        TorchMonitor(mlp(), predict=[1, 2])
+    with pytest.raises(ValueError, match="predict_options needs predict="):
+        TorchMonitor(mlp(), predict_options={"seeds": 2})
+    on_meta = nn.Linear(6, 3, device="meta")  # as a model on cuda: not the host
+    with pytest.raises(
+        ValueError, match=r"on the CPU; got tensors on \['cpu', 'meta'\]"
+    ):
+        TorchMonitor(on_meta, predict=torch.randn(4, 6))
+    with pytest.raises(TypeError, match=r"\['seed'\] are not diagnose options"):
+        TorchMonitor(mlp(), predict=torch.randn(4, 6), predict_options={"seed": 2})
+
+
+def test_lightning_callback_logs_the_prediction(tmp_path):
+    pl = pytest.importorskip(
+        "lightning.pytorch", reason="needs lightning (pip install lightning==2.6.0)"
+    )
+    import csv
+
+    from initdiag.integrations.lightning import InitdiagCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, idx):
+            return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    X, Y = torch.randn(80, 6), torch.randn(80, 3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, Y), batch_size=8
+    )
+    cb = InitdiagCallback(every=5, predict=X[:8], predict_options={"seeds": 2})
+    trainer = pl.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        logger=pl.loggers.CSVLogger(tmp_path),
+        callbacks=[cb],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny(), loader)
+    ref = {r["layer"]: r for r in cb.monitor.rows() if r["source"] == "analytic"}
+    assert set(ref) == {"net.0", "net.1", "net.2", "net.3", "net.4"}
+    with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as fh:
+        logged = list(csv.DictReader(fh))
+    key = "initdiag/net.2/grad_second_moment/analytic"
+    got = [(int(r["step"]), float(r[key])) for r in logged if r.get(key)]
+    assert got == [(0, pytest.approx(ref["net.2"]["grad_second_moment"]))]

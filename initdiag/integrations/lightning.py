@@ -34,7 +34,17 @@ class _LoggerSink:
         self.trainer = trainer
 
     def write(self, step: int, layer: str, values: dict[str, float]) -> None:
-        metrics = {f"initdiag/{layer}/{k}": float(v) for k, v in values.items()}
+        self._log({f"initdiag/{layer}/{k}": float(v) for k, v in values.items()}, step)
+
+    def write_reference(
+        self, step: int, layer: str, source: str, values: dict[str, float]
+    ) -> None:
+        self._log(
+            {f"initdiag/{layer}/{k}/{source}": float(v) for k, v in values.items()},
+            step,
+        )
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
         for lg in getattr(self.trainer, "loggers", None) or []:
             lg.log_metrics(metrics, step=step)
 
@@ -46,8 +56,11 @@ class InitdiagCallback(Callback):
     ----------
     every : int
         Record optimizer steps ``global_step % every == 0``.
-    modules, bins, history, backend
-        As :class:`~initdiag.integrations._torch_monitor.TorchMonitor`.
+    modules, bins, history, backend, predict, predict_options
+        As :class:`~initdiag.integrations._torch_monitor.TorchMonitor`
+        (``predict``: an example batch for the LightningModule's ``forward``;
+        the prediction is logged as ``initdiag/<layer>/<statistic>/<source>`` at
+        the first step).
     sink : optional
         An extra sink (path, SummaryWriter, ...), besides the trainer's loggers.
 
@@ -66,10 +79,13 @@ class InitdiagCallback(Callback):
         bins: int | None = None,
         history: int = 10_000,
         backend: str | None = None,
+        predict: Any = None,
+        predict_options: Any = None,
     ) -> None:
         super().__init__()
         self.every, self.modules, self.sink = every, modules, sink
         self.bins, self.history, self.backend = bins, history, backend
+        self.predict, self.predict_options = predict, predict_options
         self.monitor = None
         self._tm: TorchMonitor | None = None
         self._last: int | None = None
@@ -84,6 +100,8 @@ class InitdiagCallback(Callback):
             bins=self.bins,
             history=self.history,
             backend=self.backend,
+            predict=self.predict,
+            predict_options=self.predict_options,
         ).__enter__()
         self.monitor = self._tm.monitor
         self._last = None
