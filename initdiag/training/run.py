@@ -129,7 +129,7 @@ def _run_seed(
         idx = perm[pos : pos + batch]
         pos += batch
         log = evals[j] == k + 1
-        before = [{s: v.copy() for s, v in p.items()} for p in tr.params] if log else None
+        before = tr.flat.copy() if log else None
         value, correct = tr.step(X[idx], yt[idx])
         if not np.isfinite(value):
             finding = {

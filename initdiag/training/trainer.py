@@ -12,6 +12,7 @@ no dropout), as torch's ``model.eval()``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -139,12 +140,28 @@ class Trainer:
         self.backend = backend
         self.entropy, self.seed = entropy, seed
         self.inits = network.param_inits()
-        self.params = [
+        drawn = [
             layer_params(info, self.inits[i], self.dt, entropy, seed)
             for i, info in enumerate(network.infos)
         ]
-        self.grads = [{k: np.empty_like(v) for k, v in p.items()} for p in self.params]
-        self.state = [{k: optimizer.state(v) for k, v in p.items()} for p in self.params]
+        # every tensor is a view of one flat buffer (and its gradient of another):
+        # the optimizer updates the whole network in one kernel call, whose
+        # element-wise arithmetic is torch's per-tensor update
+        n = sum(v.size for p in drawn for v in p.values())
+        self.flat = np.empty(n, self.dt)
+        self.flat_grad = np.zeros(n, self.dt)
+        self.params, self.grads = [], []
+        off = 0
+        for p in drawn:
+            mine, grad = {}, {}
+            for k, v in p.items():
+                mine[k] = self.flat[off : off + v.size].reshape(v.shape)
+                mine[k][...] = v
+                grad[k] = self.flat_grad[off : off + v.size].reshape(v.shape)
+                off += v.size
+            self.params.append(mine)
+            self.grads.append(grad)
+        self.state = optimizer.state(self.flat)
         ops = Ops(backend)
         ctx = []
         for i, info in enumerate(network.infos):
@@ -199,9 +216,10 @@ class Trainer:
             return value, correct
         with np.errstate(all="ignore"):
             self.updates += 1
-            for p, gr, st in zip(self.params, self.grads, self.state):
-                for k, v in p.items():
-                    self.opt.update(v, gr[k], st[k], self.updates, self.lr, self.backend)
+            self.opt.update(
+                self.flat, self.flat_grad, self.state, self.updates, self.lr,
+                self.backend,
+            )
         return value, correct
 
     def evaluate(
@@ -225,11 +243,12 @@ class Trainer:
             info.name: p for info, p in zip(self.net.infos, self.params) if p
         }
 
-    def layer_stats(self, before: list[dict[str, np.ndarray]] | None) -> list[dict]:
+    def layer_stats(self, before: np.ndarray | None) -> list[dict]:
         """Per parameter tensor: the norm of its last gradient, of its value, and
         the update-to-weight ratio ``||w_after - w_before|| / ||w_before||``
-        (``before``: copies taken before the update)."""
+        (``before``: a copy of :attr:`flat` taken before the update)."""
         rows = []
+        off = 0
         for i, info in enumerate(self.net.infos):
             for k, v in self.params[i].items():
                 g = self.grads[i][k]
@@ -241,9 +260,10 @@ class Trainer:
                     "weight_norm": float(np.linalg.norm(w)),
                 }
                 if before is not None:
-                    w0 = before[i][k].astype(np.float64)
+                    w0 = before[off : off + v.size].reshape(v.shape).astype(np.float64)
                     n0 = float(np.linalg.norm(w0))
                     du = float(np.linalg.norm(w - w0))
-                    row["update_ratio"] = du / n0 if n0 > 0 else float("inf" if du else 0)
+                    row["update_ratio"] = du / n0 if n0 > 0 else (math.inf if du > 0 else 0.0)
+                off += v.size
                 rows.append(row)
         return rows
