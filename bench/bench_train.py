@@ -53,8 +53,14 @@ class Ours:
 
         net = idg.mlp(DEPTH, WIDTH, batchnorm=True)
         self.tr = Trainer(
-            net, "mse", make_optimizer("sgd", MOMENTUM), LR,
-            np.dtype("float32"), None, 0, 0,
+            net,
+            "mse",
+            make_optimizer("sgd", MOMENTUM),
+            LR,
+            np.dtype("float32"),
+            None,
+            0,
+            0,
         )
         self.x, self.y = _batch()
 
@@ -125,7 +131,8 @@ def report(res: dict) -> str:
         f"PyTorch / initdiag (median of per-round ratios): {m['torch/initdiag']:.2f}x",
         "per round (torch/initdiag, initdiag/floor): "
         + "; ".join(
-            f"{r['torch/initdiag']:.2f}x {r['initdiag/floor']:.2f}" for r in res["rounds"]
+            f"{r['torch/initdiag']:.2f}x {r['initdiag/floor']:.2f}"
+            for r in res["rounds"]
         ),
     ]
     return "\n".join(lines)

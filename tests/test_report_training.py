@@ -139,13 +139,20 @@ def _summary(name, loss, se, reached=2, steps_to=50.0, diverged=0):
 
 
 def test_the_noise_sentence_says_when_variants_do_not_differ():
-    same = [_summary("a", 0.50, 0.02), _summary("b", 0.52, 0.02), _summary("c", 0.49, 0.03)]
+    same = [
+        _summary("a", 0.50, 0.02),
+        _summary("b", 0.52, 0.02),
+        _summary("c", 0.49, 0.03),
+    ]
     s = {x.id: x.text for x in training_sentences(same, {"train": {}})}
     assert "No variant's final training loss differs" in s["training:noise"]
     assert "within noise" in s["training:b"]
     apart = [_summary("a", 0.50, 0.01), _summary("b", 0.90, 0.01)]
     s = {x.id: x.text for x in training_sentences(apart, {"train": {}})}
-    assert "beyond noise" in s["training:noise"] and "below every other" in s["training:noise"]
+    assert (
+        "beyond noise" in s["training:noise"]
+        and "below every other" in s["training:noise"]
+    )
     assert "higher than a's" in s["training:b"]
     assert "1.00x the steps of a" in s["training:b"]
     div = [_summary("a", 0.5, 0.01), _summary("b", math.inf, math.nan, 0, math.nan, 2)]
@@ -177,7 +184,7 @@ def test_training_in_worker_processes_equals_training_here(tmp_path):
     s = {"steps": 10, "seeds": 1, "lr": 0.05, "batch_size": 16, "eval_every": 5}
     here = run_training(nets, {**s, "workers": 1})
     pool = run_training(nets, {**s, "workers": 2})
-    for a, b in zip(here, pool):
+    for a, b in zip(here, pool, strict=True):
         np.testing.assert_array_equal(a.step_loss, b.step_loss)
 
 

@@ -58,7 +58,11 @@ def test_parameter_gradients_match_finite_differences(loss):
     tr = Trainer(net, loss, make_optimizer("sgd"), 0.1, F64, "numpy", 5, 1)
     gen = np.random.default_rng(0)
     x = gen.standard_normal((16, 6))
-    y = gen.integers(0, 4, 16) if loss == "cross_entropy" else gen.standard_normal((16, 4))
+    y = (
+        gen.integers(0, 4, 16)
+        if loss == "cross_entropy"
+        else gen.standard_normal((16, 4))
+    )
     tr.gradients(x, y)
     grads = [{k: v.copy() for k, v in g.items()} for g in tr.grads]
     h = 1e-6
@@ -76,7 +80,9 @@ def test_parameter_gradients_match_finite_differences(loss):
                 fd = (lp - lm) / (2 * h)
                 got = grads[i][k].reshape(-1)[j]
                 assert got == pytest.approx(fd, rel=1e-5, abs=1e-8), (
-                    net.infos[i].name, k, j
+                    net.infos[i].name,
+                    k,
+                    j,
                 )
             checked.add(net.infos[i].kind)
     assert {"dense", "batchnorm", "layernorm", "scale"} <= checked
@@ -152,9 +158,7 @@ def test_final_loss_and_steps_to_target_from_the_curves():
     t = float(np.median(r.step_loss[:, 20:]))
     got = r.steps_to(t)
     for s in range(3):
-        run = np.array(
-            [r.step_loss[s, max(0, k - w) : k].mean() for k in range(1, 41)]
-        )
+        run = np.array([r.step_loss[s, max(0, k - w) : k].mean() for k in range(1, 41)])
         hit = np.flatnonzero(run <= t)
         assert (got[s] != got[s] and hit.size == 0) or got[s] == hit[0] + 1
     # the training curve at an evaluation step is the mean of the batches before

@@ -19,7 +19,7 @@ STEPS = 20
 def _torch_model(net, params):
     """nn.Sequential of the network's rows with initdiag's initial parameters."""
     mods = []
-    for info, p in zip(net.infos, params):
+    for info, p in zip(net.infos, params, strict=True):
         kind = info.kind
         if kind == "dense":
             m = torch.nn.Linear(info.fan_in, info.width, bias="bias" in p)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import os
 import queue
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,8 +69,14 @@ def train_kwargs(settings: Mapping[str, Any], rng: int = 0) -> dict[str, Any]:
     kw = {
         k: settings[k]
         for k in (
-            "steps", "seeds", "optimizer", "lr", "momentum", "batch_size",
-            "eval_every", "search_steps",
+            "steps",
+            "seeds",
+            "optimizer",
+            "lr",
+            "momentum",
+            "batch_size",
+            "eval_every",
+            "search_steps",
         )
         if k in settings
     }
@@ -77,7 +84,9 @@ def train_kwargs(settings: Mapping[str, Any], rng: int = 0) -> dict[str, Any]:
         kw["lr_grid"] = tuple(settings["lr_grid"])
     if "lr" in kw:
         kw.pop("search_steps", None)
-    kw["data"] = None if settings.get("data", "synthetic") == "synthetic" else settings["data"]
+    kw["data"] = (
+        None if settings.get("data", "synthetic") == "synthetic" else settings["data"]
+    )
     kw["rng"] = rng
     return kw
 
@@ -85,7 +94,9 @@ def train_kwargs(settings: Mapping[str, Any], rng: int = 0) -> dict[str, Any]:
 def total_steps(n_networks: int, settings: Mapping[str, Any]) -> int:
     """Optimizer steps of the whole study's training (the progress bar's share)."""
     kw = train_kwargs(settings)
-    n_lr = 1 if "lr" in kw else len(kw.get("lr_grid") or DEFAULT_LR_GRIDS[kw["optimizer"]])
+    n_lr = (
+        1 if "lr" in kw else len(kw.get("lr_grid") or DEFAULT_LR_GRIDS[kw["optimizer"]])
+    )
     return n_networks * training_steps(
         n_lr, kw["seeds"], kw["steps"], kw.get("search_steps")
     )
@@ -142,19 +153,25 @@ def run_training(
     if workers <= 1:
         try:
             for k, net in enumerate(networks):
-                seen = [0]
-
-                def tell(done: int, total: int, k: int = k) -> None:
-                    if progress is not None:
-                        progress(f"{names[k]}: train", done - seen[0])
-                    seen[0] = done
-
-                results[k] = train(net, **kw, progress=tell)
+                results[k] = train(net, **kw, progress=_teller(progress, names[k]))
         except KeyboardInterrupt as exc:
             exc.partial = results  # type: ignore[attr-defined]
             raise
         return results
     return _run_pool(networks, kw, workers, progress, names, results)
+
+
+def _teller(progress, name: str) -> Callable[[int, int], None]:
+    """``train``'s ``progress(done, total)`` as increments of ``progress(label,
+    steps)``."""
+    seen = [0]
+
+    def tell(done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"{name}: train", done - seen[0])
+        seen[0] = done
+
+    return tell
 
 
 def _run_pool(networks, kw, workers, progress, names, results):
@@ -339,15 +356,19 @@ def _setup_sentence(s0: Mapping[str, Any], settings: Mapping[str, Any]):
         "variants' final training losses."
     )
     return Sentence(
-        "training:setup", text, [(0, "train_steps"), (0, "train_seeds"), (0, "train_target")]
+        "training:setup",
+        text,
+        [(0, "train_steps"), (0, "train_seeds"), (0, "train_target")],
     )
 
 
 def _step0_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
     """What the step-0 profile said: the signal's growth over the blocks and the
     gradient ratio first / last."""
-    q0, q1, gr = s.get("q_first", math.nan), s.get("q_last", math.nan), s.get(
-        "grad_ratio", math.nan
+    q0, q1, gr = (
+        s.get("q_first", math.nan),
+        s.get("q_last", math.nan),
+        s.get("grad_ratio", math.nan),
     )
     ratio = q1 / q0 if q0 and q0 == q0 else math.nan
     text = (
@@ -446,7 +467,11 @@ def training_sentences(
         who = s["name"] + (" (the reference)" if i == r0 else "")
         text = f"{who}: " + "; ".join(parts) + "."
         pos = [(i, k) for k in keys]
-        if i != r0 and math.isfinite(ref["train_final_loss"]) and not s["train_diverged"]:
+        if (
+            i != r0
+            and math.isfinite(ref["train_final_loss"])
+            and not s["train_diverged"]
+        ):
             ref_keys += ["train_final_loss", "train_final_loss_se"]
         pos += [(r0, k) for k in ref_keys]
         out.append(Sentence(f"training:{s['name']}", text, pos))
@@ -472,8 +497,12 @@ def _noise_sentence(summaries, idx) -> Any:
     def z(i: int) -> float:
         s = summaries[i]
         comb = math.hypot(
-            s["train_final_loss_se"] if s["train_final_loss_se"] == s["train_final_loss_se"] else 0.0,
-            b["train_final_loss_se"] if b["train_final_loss_se"] == b["train_final_loss_se"] else 0.0,
+            s["train_final_loss_se"]
+            if s["train_final_loss_se"] == s["train_final_loss_se"]
+            else 0.0,
+            b["train_final_loss_se"]
+            if b["train_final_loss_se"] == b["train_final_loss_se"]
+            else 0.0,
         )
         d = s["train_final_loss"] - b["train_final_loss"]
         return d / comb if comb > 0 else (0.0 if d == 0 else math.inf)
@@ -485,25 +514,30 @@ def _noise_sentence(summaries, idx) -> Any:
     if len(tied) == len(ok) - 1 and tied:
         text = (
             f"No variant's final training loss differs from the lowest ({name}: "
-            f"{_f(b['train_final_loss'])}) beyond noise ({NOISE_Z:g} standard errors): "
-            f"after {b['train_steps']} steps these initialisations train alike."
+            f"{_f(b['train_final_loss'])}) beyond noise ({NOISE_Z:g} standard "
+            f"errors): after {b['train_steps']} steps these initialisations train "
+            "alike."
         )
     elif tied:
         text = (
-            f"The lowest final training loss is {name}'s ({_f(b['train_final_loss'])}); "
+            f"The lowest final training loss is {name}'s "
+            f"({_f(b['train_final_loss'])}); "
             + ", ".join(summaries[i]["name"] for i in tied)
             + f" {'is' if len(tied) == 1 else 'are'} the same within noise "
             f"({NOISE_Z:g} standard errors), every other variant ends higher."
         )
     else:
         text = (
-            f"The lowest final training loss is {name}'s ({_f(b['train_final_loss'])}), "
+            f"The lowest final training loss is {name}'s "
+            f"({_f(b['train_final_loss'])}), "
             f"beyond noise ({NOISE_Z:g} standard errors) below every other variant's."
         )
     return Sentence("training:noise", text, keys)
 
 
-def write_training_plot(entries: Sequence[Any], out_dir: str, title: str = "") -> str | None:
+def write_training_plot(
+    entries: Sequence[Any], out_dir: str, title: str = ""
+) -> str | None:
     """``training.png``: every variant's curves (whole or not at all)."""
     from ..training.plot import plot_training
     from .writers import atomic_open

@@ -178,14 +178,14 @@ def _check_xy(X: Any, y: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
             f"{what}: y must have one entry (class label) or one row (targets) per "
             f"example: X has {X.shape[0]} rows, y has shape {y.shape}"
         )
-    if not np.all(np.isfinite(X)) or (y.dtype.kind == "f" and not np.all(np.isfinite(y))):
+    if not np.all(np.isfinite(X)) or (
+        y.dtype.kind == "f" and not np.all(np.isfinite(y))
+    ):
         raise ValueError(f"{what}: X and y must be finite (found NaN or inf)")
     return X.astype(np.float64), y
 
 
-def from_arrays(
-    data: tuple, seed: int = 0, test_fraction: float = 0.2
-) -> Dataset:
+def from_arrays(data: tuple, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """The user's data: ``(X, y)`` (a seeded held-out split of ``test_fraction``) or
     ``(X_train, y_train, X_test, y_test)``.  Integer ``y`` of shape (n,) are class
     labels (softmax cross-entropy over ``max(y) + 1`` classes), float ``y`` targets
@@ -201,7 +201,12 @@ def from_arrays(
                 f"{test_fraction:.0%} held-out split; pass more examples or "
                 "(X_train, y_train, X_test, y_test)"
             )
-        Xtr, ytr, Xte, yte = X[idx[n_test:]], y[idx[n_test:]], X[idx[:n_test]], y[idx[:n_test]]
+        Xtr, ytr, Xte, yte = (
+            X[idx[n_test:]],
+            y[idx[n_test:]],
+            X[idx[:n_test]],
+            y[idx[:n_test]],
+        )
     elif len(data) == 4:
         Xtr, ytr = _check_xy(data[0], data[1], "training data")
         Xte, yte = _check_xy(data[2], data[3], "held-out data")

@@ -167,30 +167,32 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         """Everything as JSON-ready values (non-finite numbers as None)."""
         fl, fse = self.final_loss()
-        return _finite({
-            "network": self.network,
-            "data": self.data,
-            "loss": self.loss,
-            "optimizer": self.optimizer,
-            "lr": self.lr,
-            "lr_search": self.lr_search,
-            "steps": self.steps,
-            "seeds": self.seeds,
-            "batch_size": self.batch_size,
-            "eval_every": self.eval_every,
-            "target": self.target,
-            "final_loss": fl,
-            "final_loss_se": fse,
-            "steps_to_target": self.steps_to(),
-            "eval_steps": self.eval_steps,
-            "train_loss": self.train_curve(),
-            "test_loss": self.test_loss,
-            "test_acc": self.test_acc,
-            "step_loss": self.step_loss,
-            "layer_stats": self.layer_stats,
-            "findings": self.findings,
-            "meta": self.meta,
-        })
+        return _finite(
+            {
+                "network": self.network,
+                "data": self.data,
+                "loss": self.loss,
+                "optimizer": self.optimizer,
+                "lr": self.lr,
+                "lr_search": self.lr_search,
+                "steps": self.steps,
+                "seeds": self.seeds,
+                "batch_size": self.batch_size,
+                "eval_every": self.eval_every,
+                "target": self.target,
+                "final_loss": fl,
+                "final_loss_se": fse,
+                "steps_to_target": self.steps_to(),
+                "eval_steps": self.eval_steps,
+                "train_loss": self.train_curve(),
+                "test_loss": self.test_loss,
+                "test_acc": self.test_acc,
+                "step_loss": self.step_loss,
+                "layer_stats": self.layer_stats,
+                "findings": self.findings,
+                "meta": self.meta,
+            }
+        )
 
     def to_json(self, path: str | None = None) -> str:
         """The result as JSON text (non-finite numbers as null); written to

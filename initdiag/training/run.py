@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +31,13 @@ def with_readout(network: Network, outputs: int) -> tuple[Network, str | None]:
     the readout's row name (None when none was needed)."""
     if network.output_dim == outputs:
         return network, None
-    layers = (*network.layers, Dense(outputs, bias=any(
-        getattr(la, "bias", False) is True for la in network.layers
-    )))
+    layers = (
+        *network.layers,
+        Dense(
+            outputs,
+            bias=any(getattr(la, "bias", False) is True for la in network.layers),
+        ),
+    )
     net = Network(network.input_dim, layers, network.init, network.name)
     return net, net.infos[-1].name
 
@@ -284,7 +289,9 @@ def train(
     if batch_size <= 3 and any(i.kind == "batchnorm" for i in network.infos):
         from ..meanfield import batchnorm_small_batch
 
-        raise ValueError(f"{batchnorm_small_batch(batch_size)}; use a batch of at least 4")
+        raise ValueError(
+            f"{batchnorm_small_batch(batch_size)}; use a batch of at least 4"
+        )
     net, readout = with_readout(network, ds.outputs)
     _check_memory(net, batch_size, ds.X_test.shape[0], dt, opt)
     tgt = TARGET_FRACTION * ds.chance_loss() if target is None else float(target)
@@ -303,17 +310,40 @@ def train(
     def run(lr_k: float, n_seeds: int, n_steps: int) -> TrainResult:
         per_seed = [
             _run_seed(
-                net, ds, loss, opt, lr_k, n_steps, batch_size, eval_every, dt,
-                backend, entropy, s, tick,
+                net,
+                ds,
+                loss,
+                opt,
+                lr_k,
+                n_steps,
+                batch_size,
+                eval_every,
+                dt,
+                backend,
+                entropy,
+                s,
+                tick,
             )
             for s in range(n_seeds)
         ]
-        return _assemble(per_seed, lr_k, network.name, ds, loss, opt, n_steps,
-                         n_seeds, batch_size, eval_every, tgt)
+        return _assemble(
+            per_seed,
+            lr_k,
+            network.name,
+            ds,
+            loss,
+            opt,
+            n_steps,
+            n_seeds,
+            batch_size,
+            eval_every,
+            tgt,
+        )
 
     t0 = time.perf_counter()
-    runs = [run(lr_k, 1, search_steps) if pilot else run(lr_k, seeds, steps)
-            for lr_k in lrs]
+    runs = [
+        run(lr_k, 1, search_steps) if pilot else run(lr_k, seeds, steps) for lr_k in lrs
+    ]
     search = [
         {
             "lr": r.lr,

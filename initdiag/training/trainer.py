@@ -4,9 +4,9 @@
 draws seed ``seed``: the trained networks are the random networks the step-0
 Profile measures), their gradients and optimizer state, and BatchNorm's running
 statistics.  A step runs the empirical engine's one interpreter
-(:func:`initdiag.empirical.engine.forward_pass` / :func:`~initdiag.empirical.engine.propagate`)
-through :class:`TrainExecutor`, whose units are the network's layers in training
-mode; evaluation runs the same interpreter in evaluation mode (running statistics,
+(:func:`~initdiag.empirical.engine.forward_pass` /
+:func:`~initdiag.empirical.engine.propagate`) through :class:`TrainExecutor`,
+whose units are the network's layers in training mode; evaluation runs the same interpreter in evaluation mode (running statistics,
 no dropout), as torch's ``model.eval()``.
 """
 
@@ -186,8 +186,16 @@ class Trainer:
 
     def _context(self, B: int) -> SeedContext:
         return SeedContext(
-            self.net, self.inits, self.dt, self.entropy, self.seed, B, None,
-            np.empty((0, 0)), [], self._timing,
+            self.net,
+            self.inits,
+            self.dt,
+            self.entropy,
+            self.seed,
+            B,
+            None,
+            np.empty((0, 0)),
+            [],
+            self._timing,
         )
 
     def _forward(self, x: np.ndarray, mode: str) -> np.ndarray:
@@ -217,7 +225,11 @@ class Trainer:
         with np.errstate(all="ignore"):
             self.updates += 1
             self.opt.update(
-                self.flat, self.flat_grad, self.state, self.updates, self.lr,
+                self.flat,
+                self.flat_grad,
+                self.state,
+                self.updates,
+                self.lr,
                 self.backend,
             )
         return value, correct
@@ -240,7 +252,9 @@ class Trainer:
     def named_params(self) -> dict[str, dict[str, np.ndarray]]:
         """The current parameters by row name and slot (``weight``, ``bias``)."""
         return {
-            info.name: p for info, p in zip(self.net.infos, self.params) if p
+            info.name: p
+            for info, p in zip(self.net.infos, self.params, strict=True)
+            if p
         }
 
     def layer_stats(self, before: np.ndarray | None) -> list[dict]:
@@ -263,7 +277,9 @@ class Trainer:
                     w0 = before[off : off + v.size].reshape(v.shape).astype(np.float64)
                     n0 = float(np.linalg.norm(w0))
                     du = float(np.linalg.norm(w - w0))
-                    row["update_ratio"] = du / n0 if n0 > 0 else (math.inf if du > 0 else 0.0)
+                    row["update_ratio"] = (
+                        du / n0 if n0 > 0 else (math.inf if du > 0 else 0.0)
+                    )
                 off += v.size
                 rows.append(row)
         return rows
