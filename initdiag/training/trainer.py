@@ -6,8 +6,9 @@ Profile measures), their gradients and optimizer state, and BatchNorm's running
 statistics.  A step runs the empirical engine's one interpreter
 (:func:`~initdiag.empirical.engine.forward_pass` /
 :func:`~initdiag.empirical.engine.propagate`) through :class:`TrainExecutor`,
-whose units are the network's layers in training mode; evaluation runs the same interpreter in evaluation mode (running statistics,
-no dropout), as torch's ``model.eval()``.
+whose units are the network's layers in training mode; evaluation runs the same
+interpreter in evaluation mode (running statistics, no dropout), as torch's
+``model.eval()``.
 """
 
 from __future__ import annotations
