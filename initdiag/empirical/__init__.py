@@ -34,7 +34,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -209,6 +209,7 @@ def simulate(
     jacobian: bool = False,
     memory_limit: int | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    parameters: Sequence[Mapping[str, Mapping[str, npt.ArrayLike]]] | None = None,
 ) -> Profile:
     """Measure a network's step-0 statistics by Monte Carlo over random networks.
 
@@ -234,9 +235,10 @@ def simulate(
         The default inputs' second moment ``E[x^2]`` per feature (as ``analyze``).
     input_correlation : float in [0, 1]
         The default inputs' correlation ``c``.
-    output_grad : array (B, output_dim) or callable, optional
-        ``g_out``; a callable receives the network output (B, output_dim) and returns
-        the gradient of the user's loss.  Default: standard Gaussian, fresh per seed.
+    output_grad : array (B, output_dim), sequence of them, or callable, optional
+        ``g_out``; a sequence gives one array per seed; a callable receives the
+        network output (B, output_dim) and returns the gradient of the user's
+        loss.  Default: standard Gaussian, fresh per seed.
     backend : str, optional
         Kernel backend (``"numba"``, ``"c"``, ``"numpy"``); default as
         :func:`initdiag.kernels.dense_forward` resolves it.
@@ -262,6 +264,12 @@ def simulate(
         ``progress(finished, seeds)`` after each seed completes (from the thread
         that ran it; calls are serialised by a lock), e.g. to advance a progress
         bar.
+    parameters : sequence of mappings, optional
+        The parameters themselves instead of draws: one mapping per seed from row
+        name (``network.names``) to ``{slot: array}`` (``"weight"``, ``"bias"``;
+        every row with parameters, each of its layer's shape), e.g. a PyTorch
+        model's tensors after each of its initialisations; statistics then follow
+        those very networks (the generic executor runs them).
 
     Returns
     -------
@@ -316,15 +324,23 @@ def simulate(
 
         raise ValueError(f"{batchnorm_small_batch(B)}; use a batch of at least 4")
     g_spec: Any = None
-    if output_grad is not None:
-        if callable(output_grad):
-            g_spec = output_grad
-        else:
-            g_spec = check_array(
-                output_grad, (B, network.output_dim), "output_grad", dt
+    per_seed_grad = isinstance(output_grad, (list, tuple)) or (
+        isinstance(output_grad, np.ndarray) and output_grad.ndim == 3
+    )
+    if per_seed_grad:
+        if len(output_grad) != seeds:
+            raise ValueError(
+                f"output_grad holds {len(output_grad)} per-seed arrays for "
+                f"{seeds} seeds; give one per seed (or one array for all)"
             )
-            if not np.any(g_spec):
-                raise ValueError("output_grad is all zeros; nothing to propagate")
+        g_spec = [_check_grad(g, B, network, dt) for g in output_grad]
+    elif output_grad is not None:
+        g_spec = output_grad if callable(output_grad) else _check_grad(
+            output_grad, B, network, dt
+        )
+    given = (
+        None if parameters is None else _given_parameters(network, parameters, seeds, dt)
+    )
     if not isinstance(jacobian, bool):
         raise TypeError(f"jacobian must be True or False, got {jacobian!r}")
     entropy = _rng.entropy_of(rng)
@@ -358,7 +374,7 @@ def simulate(
         else None
     )
     # the Jacobian probes read the generic executor's saved linearisations
-    fused = fused_ok(network, backend) and not jacobian
+    fused = fused_ok(network, backend) and not jacobian and given is None
     workers, threads = _thread_plan(
         seeds,
         fused,
@@ -379,8 +395,9 @@ def simulate(
             else default_inputs(B, network.input_dim, q_in, c_in, dt, entropy, s, buf)
         )
         tm["sample"] += time.perf_counter() - t0
+        g = g_spec[s] if per_seed_grad else g_spec
         sc = SeedContext(
-            network, inits, dt, entropy, s, B, g_spec, stats[s], seed_findings[s], tm
+            network, inits, dt, entropy, s, B, g, stats[s], seed_findings[s], tm
         )
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             run_seed(ex, sc, x, jac)
@@ -405,7 +422,7 @@ def simulate(
                     one_seed(s, ex, timing)
         else:
             for s in range(seeds):
-                one_seed(s, GenericExecutor(network, ops), timing)
+                one_seed(s, GenericExecutor(network, ops, given), timing)
     except (KeyboardInterrupt, _interrupt.Stopped):
         interrupted = True
         # a seed cut off mid-way left some layers filled: keep finished seeds only
@@ -458,6 +475,63 @@ def simulate(
     if interrupted:
         raise _interrupt.Interrupted(prof)
     return prof
+
+
+def _check_grad(g: Any, B: int, network: Network, dt: np.dtype) -> np.ndarray:
+    g = check_array(g, (B, network.output_dim), "output_grad", dt)
+    if not np.any(g):
+        raise ValueError("output_grad is all zeros; nothing to propagate")
+    return g
+
+
+def _given_parameters(
+    network: Network, parameters: Any, seeds: int, dt: np.dtype
+) -> list[list[dict[str, np.ndarray]]]:
+    """``simulate(parameters=...)`` checked: per seed, per row, by slot, arrays of
+    the layer's shapes in ``dt``."""
+    if isinstance(parameters, Mapping) or len(parameters) != seeds:
+        got = "a mapping" if isinstance(parameters, Mapping) else len(parameters)
+        raise ValueError(
+            f"parameters must be a sequence of one mapping per seed ({seeds}), got "
+            f"{got}"
+        )
+    out = []
+    for s, per in enumerate(parameters):
+        rows = []
+        for info in network.infos:
+            want = {
+                sl.name: info.layer.param_shape(sl, info.fan_in, info.width)
+                for sl in info.layer.slots()
+            }
+            have = per.get(info.name, {}) if want else {}
+            missing = sorted(set(want) - set(have))
+            if missing:
+                raise ValueError(
+                    f"parameters[{s}]: row {info.name!r} needs {sorted(want)}, "
+                    f"missing {missing}"
+                )
+            row = {}
+            for k, shape in want.items():
+                a = np.asarray(have[k])
+                if a.shape != tuple(shape):
+                    raise ValueError(
+                        f"parameters[{s}][{info.name!r}][{k!r}] must have shape "
+                        f"{tuple(shape)}, got {a.shape}"
+                    )
+                if not np.all(np.isfinite(a)):
+                    raise ValueError(
+                        f"parameters[{s}][{info.name!r}][{k!r}] contains NaN or inf"
+                    )
+                row[k] = np.ascontiguousarray(a, dtype=dt)
+            rows.append(row)
+        unknown = sorted(set(per) - set(network.names))
+        if unknown:
+            raise ValueError(
+                f"parameters[{s}] names rows the network does not have: {unknown}; "
+                f"its rows: {network.names}"
+            )
+        out.append(rows)
+    return out
 
 
 def _aggregate(network: Network, stats: np.ndarray) -> Profile:

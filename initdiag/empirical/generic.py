@@ -19,9 +19,12 @@ class GenericExecutor:
     """Runs :meth:`initdiag.layers.Layer.forward` / ``backward`` for each layer and
     keeps what they save (also the linearisation the Jacobian probes use)."""
 
-    def __init__(self, net: Any, ops: Ops) -> None:
+    def __init__(self, net: Any, ops: Ops, given: list | None = None) -> None:
         self.net = net
         self.ops = ops
+        #: per seed, per row, the user's parameter tensors by slot
+        #: (``simulate(parameters=...)``) instead of draws
+        self.given = given
         self.units = plan(net, net.top, list)
         self.saved: list[Any] = [None] * len(net.infos)
         self.ctx: list[StepContext | None] = [None] * len(net.infos)
@@ -29,7 +32,10 @@ class GenericExecutor:
 
     def sample(self, i: int, sc: SeedContext) -> None:
         info = self.net.infos[i]
-        params = layer_params(info, sc.inits[i], sc.dt, sc.entropy, sc.seed)
+        if self.given is not None:
+            params = self.given[sc.seed][i]
+        else:
+            params = layer_params(info, sc.inits[i], sc.dt, sc.entropy, sc.seed)
         self.ctx[i] = step_context(info, params, sc, self.ops)
 
     def forward(self, i: int, x: np.ndarray, sc: SeedContext):
