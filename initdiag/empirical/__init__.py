@@ -338,9 +338,9 @@ def simulate(
         g_spec = output_grad if callable(output_grad) else _check_grad(
             output_grad, B, network, dt
         )
-    given = (
-        None if parameters is None else _given_parameters(network, parameters, seeds, dt)
-    )
+    given = None
+    if parameters is not None:
+        given = _given_parameters(network, parameters, seeds, dt)
     if not isinstance(jacobian, bool):
         raise TypeError(f"jacobian must be True or False, got {jacobian!r}")
     entropy = _rng.entropy_of(rng)
