@@ -23,6 +23,31 @@ __all__ = ["train", "with_readout", "training_steps"]
 
 #: the default target as a fraction of the task's chance-level loss
 TARGET_FRACTION = 0.25
+#: a network whose largest Dense GEMM (2 B fan_in width flops) is below this
+#: trains on one thread: waking a second BLAS / Numba thread for every small
+#: kernel costs more than the split saves (and a machine loaded by other work
+#: makes it far worse)
+SINGLE_THREAD_FLOPS = 2**27
+
+
+def _thread_context(net: Network, batch: int):
+    """One BLAS and one Numba thread for a small network, the caller's otherwise;
+    (context, "1" or "default")."""
+    import contextlib
+
+    flops = max(
+        (2 * batch * i.fan_in * i.width for i in net.infos if i.kind == "dense"),
+        default=0,
+    )
+    if flops >= SINGLE_THREAD_FLOPS:
+        return contextlib.nullcontext(), "default"
+    from ..empirical import _blas_single
+    from ..empirical.fused import numba_threads
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(_blas_single())
+    stack.enter_context(numba_threads(1))
+    return stack, "1"
 
 
 def with_readout(network: Network, outputs: int) -> tuple[Network, str | None]:
@@ -237,7 +262,11 @@ def train(
     dtype : {"float32", "float64"}
     rng : int, Generator or None
         Seeds the task, the parameters and the data order: the same ``rng`` gives
-        the same curves.
+        the same curves.  A network whose largest Dense GEMM is below
+        :data:`SINGLE_THREAD_FLOPS` trains on one BLAS and one Numba thread
+        (faster there), so its curves do not depend on the caller's thread
+        count; a larger one uses the caller's threads, and BLAS's thread count
+        changes its rounding, which training can amplify over many steps.
     target : float, optional
         The loss :meth:`TrainResult.steps_to` counts steps to; default
         ``0.25`` of the task's chance-level loss.
@@ -341,6 +370,26 @@ def train(
         )
 
     t0 = time.perf_counter()
+    threads_ctx, threads = _thread_context(net, batch_size)
+    with threads_ctx:
+        res = _search(run, lrs, pilot, seeds, steps, search_steps)
+    res.meta = {
+        "backend": backend,
+        "dtype": dt.name,
+        "rng": entropy,
+        "readout": readout,
+        "seconds": time.perf_counter() - t0,
+        "final_window": final_window(steps),
+        "bn_momentum": 0.1,
+        "network_rows": len(net.infos),
+        "search": "pilot" if pilot else ("grid" if len(lrs) > 1 else "fixed"),
+        "threads": threads,
+    }
+    return res
+
+
+def _search(run, lrs, pilot, seeds, steps, search_steps) -> TrainResult:
+    """Every rate of ``lrs`` (on the pilot or in full); the best rate's run."""
     runs = [
         run(lr_k, 1, search_steps) if pilot else run(lr_k, seeds, steps) for lr_k in lrs
     ]
@@ -359,17 +408,6 @@ def train(
     best = min(range(len(runs)), key=lambda i: (search[i]["final_loss"], runs[i].lr))
     res = run(lrs[best], seeds, steps) if pilot else runs[best]
     res.lr_search = search
-    res.meta = {
-        "backend": backend,
-        "dtype": dt.name,
-        "rng": entropy,
-        "readout": readout,
-        "seconds": time.perf_counter() - t0,
-        "final_window": final_window(steps),
-        "bn_momentum": 0.1,
-        "network_rows": len(net.infos),
-        "search": "pilot" if pilot else ("grid" if len(lrs) > 1 else "fixed"),
-    }
     return res
 
 
