@@ -62,6 +62,9 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse quotes the user's text raw: a newline in it would break the
+        # one-line error
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         raise _UsageError(f"{self.prog}: error: {message} (see --help)")
 
 
