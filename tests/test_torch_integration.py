@@ -96,6 +96,17 @@ def mlp(width=32, depth=3, act=nn.ReLU):
     return nn.Sequential(*layers, nn.Linear(width, 4))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The models here are tiny: torch's intra-op threads only contend (on a
+    loaded 2-core machine a (64, 32) BatchNorm took 87 ms at 2 threads, 0.23 ms
+    at 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rows(cov):
     return {r.name: r for r in cov.rows}
 
@@ -406,8 +417,9 @@ def test_diagnose_leaves_the_model_as_it_was():
     model(torch.randn(8, 16)).sum().backward()  # .grad set, running stats moved
     x = torch.randn(16, 16)
     before = _snapshot_of(model)
-    with pytest.warns(UserWarning, match=r"layer1.0.bn1 \(BatchNorm1d\)"):
-        itorch.diagnose(model, x, seeds=2, kernels=False)
+    d = itorch.diagnose(model, x, seeds=2, kernels=False)
+    # the eval-mode BatchNorm is read as the affine map of its running statistics
+    assert _rows(d.coverage)["layer1.0.bn1"].row == "block2.affine1"
     after = _snapshot_of(model)
     assert before[0].keys() == after[0].keys()
     for k in before[0]:
@@ -782,14 +794,11 @@ def test_fix_data_route_bounds_the_stream_of_a_basicblock_resnet():
     torch.manual_seed(10)
     model = ResNet()
     x = torch.randn(64, 16)
-    before = _state(model)
-    res = itorch.fix(model, x, seeds=2)
-    assert _same(before, _state(model))
+    res = itorch.fix(model, x, seeds=2, dry_run=False)
     assert res.route.startswith("data: no mean-field rule")
     knobs = {r.tensor for r in res.rows}
     assert {"layer1.0.bn2.weight", "layer1.0.bn2.bias", "layer2.0.bn2.weight"} <= knobs
     assert all("bounded stream growth" in r.reason for r in res.rows)
-    itorch.fix(model, x, seeds=2, dry_run=False)
     # every block adds 1/L of its shortcut's second moment (L = 3), measured
     # here with the blocks written out (BatchNorm in training mode: the batch's
     # statistics, as fix measured them); exact on the batch up to the solve's
