@@ -675,7 +675,7 @@ def test_diagnose_labels_the_convolution_approximation():
     assert d.measured.name == d.network.names
 
 
-# -- fix's data route (issue 16, deliverable 4) ------------------------------------------
+# -- fix's data route (issue 16, deliverable 4) ----------------------------------
 class Shift(nn.Module):
     """A module initdiag cannot map: it moves the pre-activation's mean."""
 
@@ -818,7 +818,7 @@ def test_fix_method_bad_input():
         itorch.fix(mlp(), torch.randn(8, 16), method="lsuv")
 
 
-# -- GroupNorm and eval-mode BatchNorm --------------------------------------------------
+# -- GroupNorm and eval-mode BatchNorm ------------------------------------------
 def test_read_groupnorm_and_eval_batchnorm():
     torch.manual_seed(11)
     model = nn.Sequential(

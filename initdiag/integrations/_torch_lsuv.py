@@ -212,7 +212,7 @@ def _branch_operand(add: G.Node, branch: list, by_key: dict) -> str | None:
     return None
 
 
-# -- measurement -----------------------------------------------------------------------
+# -- measurement ---------------------------------------------------------------------
 def _capture(
     model: nn.Module, x: torch.Tensor, wants: dict[tuple[Any, int], str]
 ) -> dict[str, Any]:
@@ -295,7 +295,7 @@ def block_terms(
     return float(s.pow(2).mean()), float((s * b).mean()), float(b.pow(2).mean())
 
 
-# -- the plan ----------------------------------------------------------------------------
+# -- the plan ------------------------------------------------------------------------
 def _scale_module(m: nn.Module, s: float, names: tuple[str, ...]) -> None:
     with torch.no_grad():
         for pn in names:
@@ -352,10 +352,11 @@ def plan_data(
                 f"data: the branch adds {residual_fraction:.3g} of its shortcut's "
                 "second moment (bounded stream growth)"
             )
+        owner = ev.module if kind == "unit" else ev.knob
         for pn in names:
-            if getattr(mods[ev.module if kind == "unit" else ev.knob], pn, None) is None:
+            if getattr(mods[owner], pn, None) is None:
                 continue
-            k = f"{ev.module if kind == 'unit' else ev.knob}.{pn}"
+            k = f"{owner}.{pn}"
             scales[k] = scales.get(k, 1.0) * s
             reasons[k] = why
     return scales, reasons, gains

@@ -40,14 +40,14 @@ from ..initializers import Normal as _Normal
 from ..layers.base import check_bool
 from ..network import Network
 from . import _torch_graph as G
+from . import _torch_lsuv as LS
 from . import _torch_map as M
 from . import _torch_measure as MS
 from ._torch_audit import Audit, AuditRow
 from ._torch_audit import audit as _audit
-from . import _torch_lsuv as LS
 from ._torch_fix import FixRow, data_rows, plan_fix
-from ._torch_monitor import TorchMonitor
 from ._torch_laws import TensorLaw, module_fans, tensor_law
+from ._torch_monitor import TorchMonitor
 
 __all__ = [
     "read",
@@ -908,9 +908,7 @@ def fix(
     check_bool(dry_run, "dry_run")
     seeds = _check_count(seeds, "seeds", 2)
     if method not in ("auto", "analytic", "data"):
-        raise ValueError(
-            f"method must be 'auto', 'analytic' or 'data', got {method!r}"
-        )
+        raise ValueError(f"method must be 'auto', 'analytic' or 'data', got {method!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         network, fixed, fixes, patch, route, gains = _plan(
