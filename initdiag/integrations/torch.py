@@ -699,6 +699,11 @@ class FixResult:
             "chi1 analytic {analytic_before:.4g} -> {analytic_after:.4g}, measured "
             "{measured_before:.4g} -> {measured_after:.4g}".format(**self.chi1)
         )
+        for name, g in self.gains.items():
+            lines.append(
+                f"data route, {name}: measured Jacobian gain {g['chi1_before']:.4g} "
+                f"-> {g['chi1_after']:.4g} +- {g['chi1_se']:.2g}"
+            )
         lines.append("applied" if self.applied else "dry run: the model is unchanged")
         return "\n".join(lines)
 
@@ -909,11 +914,18 @@ def fix(
     seeds = _check_count(seeds, "seeds", 2)
     if method not in ("auto", "analytic", "data"):
         raise ValueError(f"method must be 'auto', 'analytic' or 'data', got {method!r}")
+    read(model, x)  # its warnings (unsupported modules), once
     with warnings.catch_warnings():
+        # the same warnings again from every measurement below: silenced
         warnings.simplefilter("ignore")
-        network, fixed, fixes, patch, route, gains = _plan(
-            model, x, target, residual, method
-        )
+        return _fix(model, x, target, residual, method, dry_run, seeds, init_fn, rng)
+
+
+def _fix(model, x, target, residual, method, dry_run, seeds, init_fn, rng):
+    """:func:`fix` after its checks: the plan, the before / after profiles."""
+    network, fixed, fixes, patch, route, gains = _plan(
+        model, x, target, residual, method
+    )
     after_model = copy.deepcopy(model)
     _apply(after_model, patch)
     analytic, measured, chi = {}, {}, {}
