@@ -121,7 +121,9 @@ def plan_fix(
 ) -> tuple[list[FixRow], Any]:
     """The per-tensor scales and the network with its laws scaled.
 
-    ``rows`` maps a row name to (the module's qualified name, the module).
+    ``rows`` maps a row name to (the module's qualified name, the module);
+    ``target="none"`` applies the residual rules alone (the data route measures
+    the rest).
     """
     fixes: list[FixRow] = []
     over = {k: dict(v) for k, v in net.init.overrides.items()}

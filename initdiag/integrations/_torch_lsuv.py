@@ -170,9 +170,9 @@ def _blocks(nodes, kinds, occ, order) -> list[Block]:
         for it in its:
             if it[0] != "residual":
                 continue
-            _, branch, _short, key = it
+            _, branch, short, key = it
             walk(branch)
-            walk(_short)
+            walk(short)
             knob = None
             for sub in reversed(branch):
                 if sub[0] == "residual":
@@ -309,20 +309,19 @@ def plan_data(
     x: torch.Tensor,
     target: str,
     residual_fraction: float | None,
-    only: set[str] | None,
     rng: int,
 ) -> tuple[dict[str, float], dict[str, str], dict[str, dict[str, float]]]:
     """Rescale ``work`` in place, in execution order.
 
     Returns the scale of every tensor changed (``qualified.weight`` ->
     ``s``), the reason per tensor, and per unit its measured gain before and after
-    (``{"chi1_before", "chi1_after", "chi1_se", "q_pre"}``).  ``only`` limits the
-    units rescaled (module names; None: every unit); ``residual_fraction``: the
-    branch share per block (None: the blocks are left alone).
+    (``{"chi1_before", "chi1_after", "chi1_se", "q_pre"}``);
+    ``residual_fraction``: the branch share per block (None: the blocks are left
+    alone); ``rng`` seeds the probes.
     """
     units, blocks, _, _ = find_units(work, x)
     mods = dict(work.named_modules())
-    events = [("unit", u.order, u) for u in units if only is None or u.module in only]
+    events = [("unit", u.order, u) for u in units]
     if residual_fraction is not None:
         events += [("block", b.order, b) for b in blocks]
     events.sort(key=lambda e: e[1])
@@ -368,7 +367,7 @@ def _solve_unit(work, x, unit: Unit, target: str, seed: int) -> tuple[float, dic
     m = dict(work.named_modules())[unit.module]
     chi0, se0, q0 = unit_gain(work, x, unit, seed)
     stat = chi0 if target == "edge_of_chaos" else q0
-    total, prev = 1.0, None
+    total = 1.0
     slope = 2.0  # chi1 and E[h^2] of a linear or ReLU path grow as s^2
     chi, se, q = chi0, se0, q0
     for _ in range(MAX_ITER):
@@ -387,8 +386,7 @@ def _solve_unit(work, x, unit: Unit, target: str, seed: int) -> tuple[float, dic
         if new > 0 and stat > 0 and abs(math.log(step)) > 1e-12:
             slope = (math.log(new) - math.log(stat)) / math.log(step)
             slope = min(max(slope, 0.2), 4.0)
-        prev, stat = stat, new
-    del prev
+        stat = new
     return total, {"chi1_before": chi0, "chi1_after": chi, "chi1_se": se, "q_pre": q}
 
 

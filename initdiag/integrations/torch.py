@@ -790,7 +790,7 @@ def _plan(
         zeroed = {f.tensor.rpartition(".")[0] for f in fixes}
         n_blocks = sum(1 for i in network.infos if i.branch)
         rho = None if residual is not None or not n_blocks else 1.0 / n_blocks
-        scales, reasons, gains = LS.plan_data(work, x, target, rho, None, 0)
+        scales, reasons, gains = LS.plan_data(work, x, target, rho, 0)
         for k in [k for k in scales if k.rpartition(".")[0] in zeroed]:
             del scales[k]
         row_of = {r.name: r.row for r in cov.rows if r.row and "," not in r.row}
