@@ -519,8 +519,15 @@ def _measure_targets(mapping: Mapping) -> list[tuple[Any, int]]:
 
 
 def _is_mlp_subset(network: Network, cov: Coverage) -> bool:
-    ok = {"dense", "batchnorm", "layernorm", "affine", "activation", "residual"}
-    ok.add("dropout")
+    ok = {
+        "dense",
+        "batchnorm",
+        "layernorm",
+        "affine",
+        "activation",
+        "residual",
+        "dropout",
+    }
     return all(i.kind in ok for i in network.infos) and not any(
         "approximation" in r.note for r in cov.rows
     )
