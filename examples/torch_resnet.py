@@ -5,7 +5,9 @@ model as an initdiag network, prints the coverage table, the audit of its
 parameters (nn.Linear's default init), the measured profile beside the
 analytic one, then fixes the initialisation (edge of chaos for every
 Linear -> ReLU, zero-init of every residual branch) and shows chi1 and the
-gradient profile before and after.
+gradient profile before and after.  Last, a model with a module initdiag cannot
+map (``nn.Mish``): ``fix`` takes the data route there, measuring each layer's
+Jacobian gain in execution order.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def main() -> None:
         print(f"{name:<24} {g0:10.4g} -> {g1:10.4g}")
     # dry_run=True (the default) left the model alone; apply it:
     itorch.fix(model, x, residual="zero_gamma", seeds=2, dry_run=False)
+
+    # what the theory cannot map: the data route (method="auto" picks it)
+    mish = nn.Sequential(
+        nn.Linear(32, 128),
+        nn.Mish(),
+        nn.Linear(128, 128),
+        nn.Mish(),
+        nn.Linear(128, 10),
+    )
+    res = itorch.fix(mish, x, seeds=2)
+    print(res)  # the per-layer route, scale and measured gain
 
 
 if __name__ == "__main__":

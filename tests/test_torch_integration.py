@@ -3,6 +3,7 @@ PyTorch models (skipped without torch)."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -93,6 +94,17 @@ def mlp(width=32, depth=3, act=nn.ReLU):
     for _ in range(depth - 1):
         layers += [nn.Linear(width, width), act()]
     return nn.Sequential(*layers, nn.Linear(width, 4))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The models here are tiny: torch's intra-op threads only contend (on a
+    loaded 2-core machine a (64, 32) BatchNorm took 87 ms at 2 threads, 0.23 ms
+    at 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _rows(cov):
@@ -405,8 +417,9 @@ def test_diagnose_leaves_the_model_as_it_was():
     model(torch.randn(8, 16)).sum().backward()  # .grad set, running stats moved
     x = torch.randn(16, 16)
     before = _snapshot_of(model)
-    with pytest.warns(UserWarning, match=r"layer1.0.bn1 \(BatchNorm1d\)"):
-        itorch.diagnose(model, x, seeds=2, kernels=False)
+    d = itorch.diagnose(model, x, seeds=2, kernels=False)
+    # the eval-mode BatchNorm is read as the affine map of its running statistics
+    assert _rows(d.coverage)["layer1.0.bn1"].row == "block2.affine1"
     after = _snapshot_of(model)
     assert before[0].keys() == after[0].keys()
     for k in before[0]:
@@ -660,3 +673,232 @@ def test_diagnose_labels_the_convolution_approximation():
     assert d.kernels is None and "subset" in d.notes["kernels"]
     assert "conv (dense1)" in d.notes["approximation"]
     assert d.measured.name == d.network.names
+
+
+# -- fix's data route (issue 16, deliverable 4) ----------------------------------
+class Shift(nn.Module):
+    """A module initdiag cannot map: it moves the pre-activation's mean."""
+
+    def forward(self, x):
+        return x + 0.5
+
+
+def _unsupported_mlp(w=128):
+    return nn.Sequential(
+        nn.Linear(16, w),
+        nn.Tanh(),
+        nn.Linear(w, w),
+        Shift(),
+        nn.Tanh(),
+        nn.Linear(w, w),
+        nn.Mish(),
+        nn.Linear(w, 4),
+    )
+
+
+def _jacobian_gain(lin, pre_fn, h):
+    """The exact per-unit Jacobian gain of ``h -> pre_fn(lin(h))`` for an
+    elementwise ``pre_fn``: ``(fan_in/fan_out) ||J||_F^2 / fan_in`` per example =
+    mean over examples and units of ``phi'(z_i)^2 |w_i|^2`` (written out here, by
+    autograd of the elementwise function alone)."""
+    W = lin.weight.detach().double()
+    z = (h.double() @ W.T + lin.bias.detach().double()).requires_grad_(True)
+    (d,) = torch.autograd.grad(pre_fn(z).sum(), z)
+    return float((d**2 * (W**2).sum(1)).mean()), pre_fn(z).detach().float()
+
+
+def test_fix_data_route_hits_chi1_through_unsupported_modules():
+    torch.manual_seed(7)
+    model = _unsupported_mlp()
+    x = torch.randn(128, 16)
+    before = _state(model)
+    with pytest.warns(UserWarning, match=r"3 \(Shift\)"):
+        res = itorch.fix(model, x, seeds=2, dry_run=True)
+    assert _same(before, _state(model))  # dry run: bit-identical
+    assert res.route.startswith("data: unsupported modules")
+    assert {r.route for r in res.rows} == {"data"}
+    assert [r.tensor for r in res.rows] == ["0.weight", "2.weight", "5.weight"]
+    assert "tanh after 3 (unsupported, measured)" in res.rows[1].reason
+    applied = itorch.fix(model, x, seeds=2, dry_run=False)
+    for k, v in applied.patch.items():
+        assert torch.equal(model.state_dict()[k], v)
+    # the gains of the fixed model, computed here layer by layer: 1 within the
+    # probe estimate's standard error (the solve is exact on the probes; the
+    # Jacobian is the batch's own, so no finite-width term enters)
+    h = x
+    for i, fn in ((0, torch.tanh), (2, lambda z: torch.tanh(z + 0.5)), (5, F.mish)):
+        gain, h = _jacobian_gain(model[i], fn, h)
+        se = applied.gains[str(i)]["chi1_se"]
+        assert abs(gain - 1) <= 4 * se + 1e-4, (i, gain, se)
+
+
+class Reversed(nn.Module):
+    """Modules registered in the opposite order to the one the forward runs."""
+
+    def __init__(self, w=128):
+        super().__init__()
+        self.c = nn.Linear(w, 4)
+        self.b = nn.Linear(w, w)
+        self.a = nn.Linear(16, w)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_fix_data_route_runs_in_execution_order():
+    from initdiag.integrations import _torch_lsuv as LS
+
+    torch.manual_seed(8)
+    model = Reversed()
+    x = torch.randn(128, 16)
+    assert [q for q, _ in model.named_children()] == ["c", "b", "a"]
+    units, _, skipped, _ = LS.find_units(model, x)
+    assert [u.module for u in units] == ["a", "b"] and skipped == {"c": "a readout"}
+    res = itorch.fix(model, x, method="data", seeds=2, dry_run=False)
+    assert [r.tensor for r in res.rows] == ["a.weight", "b.weight"]
+    # b measured after a was rescaled: both gains hold on the final model
+    g_a, h = _jacobian_gain(model.a, torch.tanh, x)
+    g_b, _ = _jacobian_gain(model.b, torch.tanh, h)
+    for g, k in ((g_a, "a"), (g_b, "b")):
+        assert abs(g - 1) <= 4 * res.gains[k]["chi1_se"] + 1e-4, (k, g)
+
+
+def test_fix_data_route_beats_unit_variance_lsuv_on_tanh():
+    torch.manual_seed(9)
+    model = mlp(width=256, depth=4, act=nn.Tanh)
+    x = torch.randn(128, 16)
+    # LSUV as published: every Linear before an activation to unit variance of
+    # its output, in registration order (written here, independent of initdiag)
+    lsuv = copy.deepcopy(model)
+    h = x
+    gains = []
+    lin = [m for m in lsuv if isinstance(m, nn.Linear)][:-1]
+    for m in lin:
+        with torch.no_grad():
+            z = m(h)
+            m.weight /= float(z.pow(2).mean()) ** 0.5
+            m.bias /= float(z.pow(2).mean()) ** 0.5
+        g, h = _jacobian_gain(m, torch.tanh, h)
+        gains.append(g)
+    # unit variance for tanh is in the chaotic phase: chi1 about 1.1-1.2
+    assert min(gains[1:]) > 1.08
+    res = itorch.fix(model, x, method="data", seeds=2, dry_run=False)
+    h = x
+    for i, m in enumerate([m for m in model if isinstance(m, nn.Linear)][:-1]):
+        g, h = _jacobian_gain(m, torch.tanh, h)
+        se = res.gains[str(2 * i)]["chi1_se"]
+        assert abs(g - 1) <= 4 * se + 1e-4, (i, g, se)
+
+
+def test_fix_data_route_bounds_the_stream_of_a_basicblock_resnet():
+    torch.manual_seed(10)
+    model = ResNet()
+    x = torch.randn(64, 16)
+    res = itorch.fix(model, x, seeds=2, dry_run=False)
+    assert res.route.startswith("data: no mean-field rule")
+    knobs = {r.tensor for r in res.rows}
+    assert {"layer1.0.bn2.weight", "layer1.0.bn2.bias", "layer2.0.bn2.weight"} <= knobs
+    assert all("bounded stream growth" in r.reason for r in res.rows)
+
+    # every block adds 1/L of its shortcut's second moment (L = 3), measured
+    # here with the blocks written out (BatchNorm in training mode: the batch's
+    # statistics, as fix measured them): exact on the example batch up to the
+    # solve's tolerance, and on fresh batches of the same law within their Monte
+    # Carlo error plus the example batch's own (the scales were fitted on it:
+    # one batch's standard deviation)
+    def gains(xb):
+        h = F.relu(model.bn(model.stem(xb)))
+        out = []
+        with torch.no_grad():
+            for blk in [*model.layer1, *model.layer2]:
+                b = blk.bn2(blk.fc2(F.relu(blk.bn1(blk.fc1(h)))))
+                s = h if blk.downsample is None else blk.downsample(h)
+                out.append(float((s + b).pow(2).mean() / s.pow(2).mean()))
+                h = F.relu(s + b)
+        return np.array(out)
+
+    assert gains(x) == pytest.approx(np.full(3, 1 + 1 / 3), rel=1e-3)
+    fresh = np.array(
+        [
+            gains(torch.randn(64, 16, generator=torch.Generator().manual_seed(100 + k)))
+            for k in range(8)
+        ]
+    )
+    sd = fresh.std(axis=0, ddof=1)
+    tol = 4 * np.hypot(sd / np.sqrt(len(fresh)), sd)
+    assert np.all(np.abs(fresh.mean(axis=0) - (1 + 1 / 3)) <= tol), (fresh.mean(0), tol)
+
+
+def test_fix_method_bad_input():
+    with pytest.raises(ValueError, match="method must be 'auto', 'analytic' or 'data'"):
+        itorch.fix(mlp(), torch.randn(8, 16), method="lsuv")
+
+
+# -- GroupNorm and eval-mode BatchNorm ------------------------------------------
+def test_read_groupnorm_and_eval_batchnorm():
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        nn.Linear(16, 256),
+        nn.GroupNorm(1, 256),
+        nn.ReLU(),
+        nn.Linear(256, 256),
+        nn.GroupNorm(8, 256),
+        nn.Tanh(),
+        nn.Linear(256, 256),
+        nn.BatchNorm1d(256),
+        nn.Tanh(),
+        nn.Linear(256, 4),
+    )
+    model[7].eval()
+    x = torch.randn(64, 16)
+    net, cov = itorch.read(model, x)
+    kinds = [i.kind for i in net.infos]
+    assert kinds[1] == kinds[4] == "layernorm" and kinds[7] == "affine"
+    rows = _rows(cov)
+    assert "approximation" not in rows["1"].note
+    assert rows["4"].note.startswith("approximation: GroupNorm(8, 256)")
+    # fresh running statistics: a = 1/sqrt(1 + eps), b = 0, exactly (no label)
+    assert "eval mode" in rows["7"].note and "approximation" not in rows["7"].note
+    law = net.param_inits()[7]["weight"]
+    assert law.mean(1, 1) == pytest.approx((1 + 1e-5) ** -0.5, rel=1e-12)
+    d = itorch.diagnose(model, x, seeds=4, kernels=False)
+    assert not model[7].training and model[1].training  # modes as left
+    a, e = d.analytic.columns, d.measured.columns
+    for r in (1, 2, 7, 8):
+        # GroupNorm(1, C) is LayerNorm: after it the second moment is 1 up to
+        # eps; the affine rows follow their input within the width-256 term
+        tol = 4 * e["second_moment_se"][r] + 5 * 3 / 256 * a["second_moment"][r]
+        assert abs(e["second_moment"][r] - a["second_moment"][r]) <= tol, r
+
+
+def test_eval_batchnorm_reads_its_running_statistics():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(16, 256), nn.BatchNorm1d(256), nn.Tanh())
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(4.0)
+        bn.weight.fill_(1.5)
+        bn.bias.fill_(0.2)
+    model.eval()
+    x = torch.randn(64, 16)
+    net, cov = itorch.read(model, x)
+    p = net.param_inits()[1]
+    a = 1.5 / (4 + 1e-5) ** 0.5
+    # the module's float32 buffers and parameters: 0.2 and 0.3 to float32
+    assert p["weight"].mean(1, 1) == pytest.approx(a, rel=1e-7)
+    assert p["bias"].mean(1, 1) == pytest.approx(0.2 - 0.3 * a, rel=1e-6)
+    with pytest.warns(UserWarning, match="another law"):
+        # reset_parameters resets the running statistics: diagnose says so
+        itorch.diagnose(model, x, seeds=2, kernels=False)
+    d = itorch.diagnose(model, x, seeds=2, resample=False, kernels=False)
+    h = model[0](x).detach().double()
+    y = a * h + (0.2 - 0.3 * a)
+    assert d.measured.columns["second_moment"][1] == pytest.approx(
+        float(y.pow(2).mean()), rel=1e-6
+    )
+    # the analytic row: E[(a h + b)^2] = a^2 E[h^2] + b^2 for the dense output h
+    an = d.analytic.columns["second_moment"]
+    ga, gb = p["weight"].mean(1, 1), p["bias"].mean(1, 1)
+    assert an[1] == pytest.approx(ga * ga * an[0] + gb * gb, rel=1e-9)
+    assert not model.training

@@ -44,14 +44,16 @@ from .. import initializers as I
 from .. import meanfield as mf
 from ..analytic import analyze
 
-__all__ = ["FixRow", "plan_fix", "scaled_law"]
+__all__ = ["FixRow", "plan_fix", "scaled_law", "data_rows"]
 
 
 @dataclass(frozen=True)
 class FixRow:
     """One tensor's rescaling: ``tensor`` (state_dict key), ``row`` (initdiag row),
     ``scale`` (``s`` in ``W -> s W``), ``before`` / ``after`` (``fan_in E[W^2]``
-    for a weight, ``E[x^2]`` otherwise), ``reason``."""
+    for a weight, ``E[x^2]`` otherwise), ``reason``, ``route`` (``"analytic"``:
+    from the mapped network's mean-field rules; ``"data"``: measured,
+    :mod:`._torch_lsuv`)."""
 
     tensor: str
     row: str
@@ -59,6 +61,7 @@ class FixRow:
     before: float
     after: float
     reason: str
+    route: str = "analytic"
 
 
 def scaled_law(law: Any, s: float) -> Any:
@@ -118,7 +121,9 @@ def plan_fix(
 ) -> tuple[list[FixRow], Any]:
     """The per-tensor scales and the network with its laws scaled.
 
-    ``rows`` maps a row name to (the module's qualified name, the module).
+    ``rows`` maps a row name to (the module's qualified name, the module);
+    ``target="none"`` applies the residual rules alone (the data route measures
+    the rest).
     """
     fixes: list[FixRow] = []
     over = {k: dict(v) for k, v in net.init.overrides.items()}
@@ -139,6 +144,8 @@ def plan_fix(
 
     if residual is not None:
         _residual_plan(net, rows, residual, scale)
+    if target == "none":  # the residual rules alone (fix's data route)
+        return fixes, net.with_init(replace(net.init, overrides=over))
     done = {(f.row, f.tensor.rpartition(".")[2]) for f in fixes}
     for i, info in enumerate(net.infos):
         if info.kind != "dense" or (info.name, "weight") in done:
@@ -233,3 +240,28 @@ def _residual_plan(net: Any, rows: dict, how: str, scale: Any) -> None:
                 scale(
                     d.name, "weight", s, f"fixup: L^(-1/(2m-2)) with L = {L}, m = {m}"
                 )
+
+
+def data_rows(
+    net: Any,
+    model: Any,
+    row_of: dict[str, str],
+    scales: dict[str, float],
+    reasons: dict[str, str],
+) -> tuple[list[FixRow], Any]:
+    """The :class:`FixRow` of every tensor the data route scaled (``scales``:
+    state_dict key -> ``s``, measured on ``model``'s current tensors) and ``net``
+    with those rows' laws scaled by the same ``s``."""
+    state = model.state_dict()
+    over = {k: dict(v) for k, v in net.init.overrides.items()}
+    fixes = []
+    for key, s in scales.items():
+        q, _, pname = key.rpartition(".")
+        t = state[key]
+        fan = torch.nn.init._calculate_fan_in_and_fan_out(t)[0] if t.dim() >= 2 else 1
+        before = fan * _m2(t)
+        row = row_of.get(q, "")
+        fixes.append(FixRow(key, row, s, before, before * s * s, reasons[key], "data"))
+        if row in over and pname in over[row]:
+            over[row][pname] = scaled_law(over[row][pname], s)
+    return fixes, net.with_init(replace(net.init, overrides=over))

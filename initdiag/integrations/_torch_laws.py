@@ -114,7 +114,9 @@ def tensor_law(name: str, t: torch.Tensor, fans: tuple[int, int] | None) -> Tens
     x = t.detach().double().flatten()
     n = x.numel()
     mean = float(x.mean())
-    var = float(x.var(unbiased=False)) if n > 1 else 0.0
+    # an exactly constant tensor has variance 0 (not the rounding of its sum)
+    const = n <= 1 or bool((x == x[0]).all())
+    var = 0.0 if const else float(x.var(unbiased=False))
     kurt = float(((x - mean) ** 4).mean() / var**2) if var > 0 else math.nan
     fi, fo = fans if fans is not None else (n, n)
     kind = "weight" if t.dim() >= 2 else "bias" if name.endswith("bias") else "gain"

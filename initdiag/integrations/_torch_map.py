@@ -18,12 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import layers as L
 from ._torch_graph import Node
 
-__all__ = ["Mapped", "GraphError", "classify", "sequence", "flatten_keys"]
+__all__ = [
+    "Mapped",
+    "GraphError",
+    "classify",
+    "sequence",
+    "flatten_keys",
+    "eval_affine",
+]
 
 
 class GraphError(ValueError):
@@ -129,14 +137,62 @@ def _conv(m: nn.Module) -> Mapped:
     return Mapped("mapped", layer, CONV_NOTE, approx=True)
 
 
+def eval_affine(m: nn.Module) -> dict[str, Any] | None:
+    """An eval-mode BatchNorm's map ``a x + b`` per channel: ``{"weight": a,
+    "bias": b}`` with ``a = gamma / sqrt(running_var + eps)``, ``b = beta - a
+    running_mean`` (None for a BatchNorm that normalises by the batch: training
+    mode, or no running statistics)."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training:
+        return None
+    if m.running_var is None:
+        return None
+    with torch.no_grad():
+        a = (m.running_var.double() + m.eps).rsqrt()
+        if m.weight is not None:
+            a = a * m.weight.double()
+        b = -a * m.running_mean.double()
+        if m.bias is not None:
+            b = b + m.bias.double()
+    return {"weight": a, "bias": b}
+
+
 def _batchnorm(m: nn.Module) -> Mapped:
-    if not m.training:
+    if m.training or m.running_var is None:
+        return Mapped("mapped", L.BatchNorm(eps=m.eps, affine=m.affine))
+    ab = eval_affine(m)
+    exact = all(bool((t == t.flatten()[0]).all()) for t in ab.values())
+    note = EVAL_BN_NOTE + ("" if exact else EVAL_BN_APPROX)
+    return Mapped("mapped", L.Affine(), note, approx=not exact)
+
+
+EVAL_BN_NOTE = (
+    "eval mode: the per-channel affine map a x + b of the running statistics, "
+    "a = gamma / sqrt(running_var + eps), b = beta - a running_mean"
+)
+EVAL_BN_APPROX = (
+    "; approximation: a and b differ between channels and are read as independent "
+    "laws of their measured moments (their correlation across channels is not "
+    "modelled)"
+)
+
+
+def _groupnorm(m: nn.Module) -> Mapped:
+    layer = L.LayerNorm(eps=m.eps, affine=m.affine)
+    if m.num_groups == 1:
         return Mapped(
-            "unsupported",
-            note="eval-mode BatchNorm is the affine map of its running statistics, "
-            "not a BatchNorm of the batch; call model.train() to read it as one",
+            "mapped",
+            layer,
+            "GroupNorm(1, C) is LayerNorm over the channels (exact on a (B, C) "
+            "input; a spatial input is read per position, as the convolutions are)",
         )
-    return Mapped("mapped", L.BatchNorm(eps=m.eps, affine=m.affine))
+    return Mapped(
+        "mapped",
+        layer,
+        f"approximation: GroupNorm({m.num_groups}, {m.num_channels}) normalises "
+        "each group of channels per example; at infinite width each group has "
+        "the law of a LayerNorm of its own channels, read as one LayerNorm",
+        approx=True,
+    )
 
 
 def _layernorm(m: nn.Module) -> Mapped:
@@ -173,6 +229,7 @@ _HANDLERS: dict[type, Any] = {
     nn.BatchNorm1d: _batchnorm,
     nn.BatchNorm2d: _batchnorm,
     nn.LayerNorm: _layernorm,
+    nn.GroupNorm: _groupnorm,
     nn.Dropout: _dropout,
     **{t: _act for t in _ACT_MODULES},
     **{t: lambda m: Mapped("passed through", note=POOL_NOTE) for t in _POOL_MODULES},

@@ -40,13 +40,14 @@ from ..initializers import Normal as _Normal
 from ..layers.base import check_bool
 from ..network import Network
 from . import _torch_graph as G
+from . import _torch_lsuv as LS
 from . import _torch_map as M
 from . import _torch_measure as MS
 from ._torch_audit import Audit, AuditRow
 from ._torch_audit import audit as _audit
-from ._torch_fix import FixRow, plan_fix
-from ._torch_monitor import TorchMonitor
+from ._torch_fix import FixRow, data_rows, plan_fix
 from ._torch_laws import TensorLaw, module_fans, tensor_law
+from ._torch_monitor import TorchMonitor
 
 __all__ = [
     "read",
@@ -237,7 +238,10 @@ def read(
     residual blocks, from the leaf modules in execution order (with a warning
     that the residual structure is unknown).  ``nn.Linear`` -> Dense,
     ``nn.Conv1d/2d`` -> Dense on channels (an approximation, labelled),
-    BatchNorm1d/2d in training mode -> BatchNorm, LayerNorm, Dropout,
+    BatchNorm1d/2d in training mode -> BatchNorm, in eval mode -> Affine (the
+    per-channel map ``a x + b`` of its running statistics), LayerNorm,
+    GroupNorm -> LayerNorm (exact for ``GroupNorm(1, C)`` on ``(B, C)``; G > 1 an
+    infinite-width approximation, labelled), Dropout,
     activation modules and their functional forms -> activations,
     ``x + f(x)`` / ``out += identity`` -> Residual (branch: the longer path from
     the fork to the add; shortcut: the other, e.g. a downsample Linear + BN),
@@ -282,7 +286,7 @@ def read(
     if not layers:
         raise ValueError(
             f"{type(model).__name__} maps to no initdiag layer; supported: Linear, "
-            "Conv1d/2d, BatchNorm1d/2d, LayerNorm, Dropout, activations"
+            "Conv1d/2d, BatchNorm1d/2d, LayerNorm, GroupNorm, Dropout, activations"
         )
     net0 = Network(input_dim=int(x.shape[1]), layers=layers, name=type(model).__name__)
     row_of = dict(zip(keys, net0.names, strict=True))
@@ -345,9 +349,11 @@ def module_laws(qualname: str, m: nn.Module) -> dict[str, TensorLaw]:
     """:class:`TensorLaw` of each direct parameter of ``m`` (a bias gets its
     weight's fans, as torch's default initialisation does)."""
     fans = module_fans(m)
+    # an eval-mode BatchNorm maps to an Affine whose tensors are derived ones
+    tensors = M.eval_affine(m) or dict(m.named_parameters(recurse=False))
     return {
         pname: tensor_law(f"{qualname}.{pname}" if qualname else pname, p, fans)
-        for pname, p in m.named_parameters(recurse=False)
+        for pname, p in tensors.items()
     }
 
 
@@ -513,7 +519,15 @@ def _measure_targets(mapping: Mapping) -> list[tuple[Any, int]]:
 
 
 def _is_mlp_subset(network: Network, cov: Coverage) -> bool:
-    ok = {"dense", "batchnorm", "layernorm", "activation", "residual", "dropout"}
+    ok = {
+        "dense",
+        "batchnorm",
+        "layernorm",
+        "affine",
+        "activation",
+        "residual",
+        "dropout",
+    }
     return all(i.kind in ok for i in network.infos) and not any(
         "approximation" in r.note for r in cov.rows
     )
@@ -659,7 +673,11 @@ class FixResult:
     network has no mean-field rule); ``measured``: the model's measured Profile
     before and after (current parameters, ``resample=False``); ``chi1``: the
     analytic summary's chi1 and the measured per-block gradient gain, before and
-    after; ``applied``: whether the model was changed (``dry_run=False``).
+    after; ``applied``: whether the model was changed (``dry_run=False``);
+    ``route``: which route set the scales and why (every row also says its own,
+    ``FixRow.route``); ``gains``: per unit rescaled by the data route (module
+    name), its measured Jacobian gain ``chi1_before`` / ``chi1_after`` with
+    ``chi1_se`` and ``q_pre`` (E[h^2] at its nonlinearity's input).
     """
 
     rows: list[FixRow]
@@ -670,21 +688,29 @@ class FixResult:
     measured: dict[str, Any]
     chi1: dict[str, float]
     applied: bool
+    route: str = "analytic"
+    gains: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [
+            f"route {self.route}",
             f"{'tensor':<28} {'row':<22} {'scale':>8} {'before':>9} "
-            f"{'after':>9}  reason"
+            f"{'after':>9}  {'route':<8}  reason",
         ]
         for r in self.rows:
             lines.append(
                 f"{r.tensor:<28} {r.row:<22} {r.scale:>8.4g} {r.before:>9.4g} "
-                f"{r.after:>9.4g}  {r.reason}"
+                f"{r.after:>9.4g}  {r.route:<8}  {r.reason}"
             )
         lines.append(
             "chi1 analytic {analytic_before:.4g} -> {analytic_after:.4g}, measured "
             "{measured_before:.4g} -> {measured_after:.4g}".format(**self.chi1)
         )
+        for name, g in self.gains.items():
+            lines.append(
+                f"data route, {name}: measured Jacobian gain {g['chi1_before']:.4g} "
+                f"-> {g['chi1_after']:.4g} +- {g['chi1_se']:.2g}"
+            )
         lines.append("applied" if self.applied else "dry run: the model is unchanged")
         return "\n".join(lines)
 
@@ -739,9 +765,15 @@ def measured_chi1(model: nn.Module, x: torch.Tensor, seeds: int = 2) -> float:
     return math.exp(sum(vals) / len(vals)) if vals else math.nan
 
 
-def _plan(model: nn.Module, x: torch.Tensor, target: str, residual: Any) -> tuple:
-    """(network, fixed network, FixRows, patch) for the model's current tensors."""
-    network, cov = read(model, x)
+def _plan(
+    model: nn.Module, x: torch.Tensor, target: str, residual: Any, method: str = "auto"
+) -> tuple:
+    """(network, fixed network, FixRows, patch, route, gains) for the model's
+    current tensors; ``route`` says which route set the scales and why, ``gains``
+    the data route's measured gain per unit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read's warnings were given by fix
+        network, cov = read(model, x)
     by_key = {n.key: n for n in cov.mapping.nodes}
     rows = {
         info.name: (by_key[k].qualname, by_key[k].target)
@@ -749,13 +781,53 @@ def _plan(model: nn.Module, x: torch.Tensor, target: str, residual: Any) -> tupl
         if by_key[k].op == "module" and info.layer.slots()
     }
     q_in = _input_moments(x)["input_second_moment"]
-    fixes, fixed = plan_fix(network, rows, target, residual, q_in)
+    why = _needs_data(network, cov) if method == "auto" else ""
+    if method == "analytic" or (method == "auto" and not why):
+        fixes, fixed = plan_fix(network, rows, target, residual, q_in)
+        route = "analytic: every scale from the mapped network's mean-field rules"
+        gains: dict = {}
+    else:
+        route = "data: " + (why or "method='data' asked for")
+        # the residual rules that zero a branch are structural (no measurement)
+        fixes, fixed = [], network
+        if residual is not None:
+            fixes, fixed = plan_fix(network, rows, "none", residual, q_in)
+        work = copy.deepcopy(model)
+        _apply(work, _patch(model, fixes))
+        zeroed = {f.tensor.rpartition(".")[0] for f in fixes}
+        n_blocks = sum(1 for i in network.infos if i.branch)
+        rho = None if residual is not None or not n_blocks else 1.0 / n_blocks
+        scales, reasons, gains = LS.plan_data(work, x, target, rho, 0)
+        for k in [k for k in scales if k.rpartition(".")[0] in zeroed]:
+            del scales[k]
+        row_of = {r.name: r.row for r in cov.rows if r.row and "," not in r.row}
+        extra, fixed = data_rows(fixed, model, row_of, scales, reasons)
+        fixes = fixes + extra
+    return network, fixed, fixes, _patch(model, fixes), route, gains
+
+
+def _patch(model: nn.Module, fixes: list[FixRow]) -> dict[str, torch.Tensor]:
     state = model.state_dict()
-    patch = {f.tensor: state[f.tensor].detach() * f.scale for f in fixes}
-    return network, fixed, fixes, patch
+    return {f.tensor: state[f.tensor].detach() * f.scale for f in fixes}
 
 
-def _chi1_ensemble(model, x, target, residual, seeds, init_fn, rng, fixed):
+def _needs_data(network: Network, cov: Coverage) -> str:
+    """Why the analytic route cannot set the scales ("" when it can)."""
+    bad = cov.unsupported()
+    if bad:
+        return "unsupported modules the mean-field rules cannot map: " + ", ".join(
+            f"{r.name} ({r.type})" for r in bad
+        )
+    if cov.method == "module order":
+        return "the residual structure is unknown (graph read as module order)"
+    try:
+        analyze(network, input_second_moment=1.0)
+    except NotImplementedError as exc:
+        return f"no mean-field rule: {exc}"
+    return ""
+
+
+def _chi1_ensemble(model, x, target, residual, method, seeds, init_fn, rng, fixed):
     """Mean and standard error of :func:`measured_chi1` over ``seeds`` fresh
     networks (re-initialised as :func:`diagnose` does; with ``fixed``, each draw
     then fixed by the same rule)."""
@@ -766,7 +838,7 @@ def _chi1_ensemble(model, x, target, residual, seeds, init_fn, rng, fixed):
             torch.manual_seed(rng + s)
             _reinit(m, init_fn)
         if fixed:
-            _apply(m, _plan(m, x, target, residual)[3])
+            _apply(m, _plan(m, x, target, residual, method)[3])
         vals.append(measured_chi1(m, x))
     v = np.array(vals)
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
@@ -778,13 +850,16 @@ def fix(
     target: str = "edge_of_chaos",
     *,
     residual: str | None = None,
+    method: str = "auto",
     dry_run: bool = True,
     seeds: int = 8,
     init_fn: Any = None,
     rng: int = 0,
 ) -> FixResult:
-    """Rescale a model's initialisation, computed analytically on its mapped
-    network (:mod:`initdiag.integrations._torch_fix` has the formulas).
+    """Rescale a model's initialisation: analytically on its mapped network
+    (:mod:`initdiag.integrations._torch_fix` has the formulas) or, for what the
+    theory cannot map, by measurement in execution order
+    (:mod:`initdiag.integrations._torch_lsuv`).
 
     Parameters
     ----------
@@ -797,7 +872,19 @@ def fix(
         (the edge point with q* = 1; ReLU: sigma_w2 = 2, bias zeroed);
         ``unit_variance``: unit second moment of every such pre-activation.
     residual : {None, "zero_gamma", "fixup"}
-        Also make every residual block start as its shortcut.
+        Also make every residual block start as its shortcut.  With None, the
+        data route sets every branch's last scale so that the block adds 1/L of
+        its shortcut's second moment (L blocks: the stream grows at most e-fold).
+    method : {"auto", "analytic", "data"}
+        ``analytic``: the mapped network's mean-field rules
+        (:mod:`initdiag.integrations._torch_fix`); ``data``: measured rescaling
+        in execution order (:mod:`initdiag.integrations._torch_lsuv`: the
+        Jacobian gain chi1 = 1 through each nonlinearity, or E[h^2] = 1 for
+        ``unit_variance``; residual branches at a 1/L share), for modules the
+        rules cannot map, a ReLU after a residual add, or a convolution whose
+        analytic column is an approximation; ``auto`` (default): ``analytic``
+        unless the model has unsupported modules, no mean-field rule or an
+        unknown residual structure, then ``data``.
     dry_run : bool
         True (default): compute the scales, the patch and the before / after
         profiles on copies; the model is not touched.  False: apply the patch to
@@ -832,7 +919,20 @@ def fix(
         )
     check_bool(dry_run, "dry_run")
     seeds = _check_count(seeds, "seeds", 2)
-    network, fixed, fixes, patch = _plan(model, x, target, residual)
+    if method not in ("auto", "analytic", "data"):
+        raise ValueError(f"method must be 'auto', 'analytic' or 'data', got {method!r}")
+    read(model, x)  # its warnings (unsupported modules), once
+    with warnings.catch_warnings():
+        # the same warnings again from every measurement below: silenced
+        warnings.simplefilter("ignore")
+        return _fix(model, x, target, residual, method, dry_run, seeds, init_fn, rng)
+
+
+def _fix(model, x, target, residual, method, dry_run, seeds, init_fn, rng):
+    """:func:`fix` after its checks: the plan, the before / after profiles."""
+    network, fixed, fixes, patch, route, gains = _plan(
+        model, x, target, residual, method
+    )
     after_model = copy.deepcopy(model)
     _apply(after_model, patch)
     analytic, measured, chi = {}, {}, {}
@@ -842,12 +942,23 @@ def fix(
         measured[when] = d.measured
         chi[f"analytic_{when}"] = math.nan if a is None else float(a.summary["chi1"])
         mean, se = _chi1_ensemble(
-            model, x, target, residual, seeds, init_fn, rng, when == "after"
+            model, x, target, residual, method, seeds, init_fn, rng, when == "after"
         )
         chi[f"measured_{when}"], chi[f"measured_{when}_se"] = mean, se
     if not dry_run:
         _apply(model, patch)
-    return FixResult(fixes, patch, network, fixed, analytic, measured, chi, not dry_run)
+    return FixResult(
+        fixes,
+        patch,
+        network,
+        fixed,
+        analytic,
+        measured,
+        chi,
+        not dry_run,
+        route,
+        gains,
+    )
 
 
 def _apply(model: nn.Module, patch: dict[str, torch.Tensor]) -> None:

@@ -20,6 +20,7 @@ from .activation import (
     Tanh,
     activation,
 )
+from .affine import Affine
 from .base import LAYER_TYPES, Layer, Slot, layer_from_dict, register
 from .dense import Dense
 from .dropout import Dropout
@@ -28,6 +29,7 @@ from .residual import Residual, Scale
 
 __all__ = [
     "ACTIVATIONS",
+    "Affine",
     "LAYER_TYPES",
     "Activation",
     "BatchNorm",
