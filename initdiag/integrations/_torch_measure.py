@@ -79,8 +79,11 @@ def measure_seed(
     targets: list[tuple[Any, int]],
     modules: list[nn.Module | None],
     gen: torch.Generator,
+    capture: dict | None = None,
 ) -> np.ndarray:
-    """One seed's statistics, (rows, len(COL)), NaN where a column does not apply."""
+    """One seed's statistics, (rows, len(COL)), NaN where a column does not apply;
+    ``capture`` (a dict) receives what initdiag's kernels need to run the very same
+    network: ``params`` (row name -> {slot: array}), ``x`` and ``g_out``."""
     stats = np.full((len(targets), len(COL)), np.nan)
     want = {t: r for r, t in enumerate(targets)}
     seen: Counter = Counter()
@@ -108,6 +111,19 @@ def measure_seed(
             "another path?)"
         )
     g_out = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    if capture is not None:
+        capture.update(
+            x=x.detach().numpy().copy(),
+            g_out=g_out.numpy().copy(),
+            params={
+                network.infos[r].name: {
+                    k: p.detach().numpy().copy()
+                    for k, p in m.named_parameters(recurse=False)
+                }
+                for r, m in enumerate(modules)
+                if m is not None and network.infos[r].layer.slots()
+            },
+        )
     params = [p for m in modules if m is not None for p in m.parameters(False)]
     pgrads = torch.autograd.grad(y, params, g_out, allow_unused=True)
     m_out = float(g_out.double().pow(2).mean())

@@ -486,7 +486,9 @@ def _all_laws(model: nn.Module) -> dict[str, TensorLaw]:
     return out
 
 
-def _measure(model, x_of, network, mapping, seeds, resample, init_fn, rng, notes):
+def _measure(
+    model, x_of, network, mapping, seeds, resample, init_fn, rng, notes, captures=None
+):
     targets = _measure_targets(mapping)
     by_key = {n.key: n for n in mapping.nodes}
     mods = [
@@ -510,7 +512,12 @@ def _measure(model, x_of, network, mapping, seeds, resample, init_fn, rng, notes
                             "(the model's own init function) or resample=False"
                         )
                         warnings.warn(notes["resample"], stacklevel=3)
-            stats.append(MS.measure_seed(model, x_of(gen), network, targets, mods, gen))
+            cap = {} if captures is not None else None
+            stats.append(
+                MS.measure_seed(model, x_of(gen), network, targets, mods, gen, cap)
+            )
+            if captures is not None:
+                captures.append(cap)
     return _aggregate(network, np.stack(stats))
 
 
@@ -602,10 +609,13 @@ def diagnose(
             return x0
         return torch.randn((batch_size, *x0.shape[1:]), generator=gen, dtype=x0.dtype)
 
+    subset = kernels and _is_mlp_subset(network, cov) and x0.dim() == 2
+    captures: list[dict] | None = [] if subset else None
     snap = _snapshot(model)
     try:
         measured = _measure(
-            model, x_of, network, cov.mapping, seeds, resample, init_fn, rng, notes
+            model, x_of, network, cov.mapping, seeds, resample, init_fn, rng, notes,
+            captures,
         )
     finally:
         _restore(model, snap)
@@ -617,14 +627,54 @@ def diagnose(
             "(see the coverage table's notes)"
         )
     kern = None
-    if kernels and _is_mlp_subset(network, cov) and x0.dim() == 2:
-        given = {"inputs": x0.detach().double().numpy()}
-        if batch_size is not None:
-            given = {"batch_size": batch_size}
-        kern = simulate(network, **given, seeds=seeds, rng=rng)
+    if subset:
+        kern = _kernel_column(network, x0, batch_size, seeds, rng, captures, notes)
     elif kernels:
         notes["kernels"] = "simulate covers the MLP / residual-MLP subset only"
     return Diagnosis(network, cov, analytic, measured, kern, notes)
+
+
+def _kernel_column(network, x0, batch_size, seeds, rng, captures, notes):
+    """``simulate`` of the mapped network.  Where it can run the model's very
+    networks (every parameter mapped slot for slot, one input batch, no dropout
+    mask to share) it gets each seed's tensors, input and output gradient, and
+    equals the measurement to float32 rounding; otherwise fresh draws from the
+    same laws, equal within standard errors."""
+    # (an eval-mode BatchNorm's Affine row holds its running-statistics map, not
+    # the module's weight and bias)
+    exact = (
+        batch_size is None
+        and all(i.kind not in ("dropout", "affine") for i in network.infos)
+        and all(
+            set(c["params"].get(i.name, {})) == {s.name for s in i.layer.slots()}
+            for c in captures
+            for i in network.infos
+        )
+    )
+    if exact:
+        dt = "float32" if x0.dtype == torch.float32 else "float64"
+        notes["kernels"] = (
+            "initdiag's kernels on the model's own tensors, input and output "
+            "gradient, seed by seed"
+        )
+        return simulate(
+            network,
+            inputs=captures[0]["x"],
+            parameters=[c["params"] for c in captures],
+            output_grad=[c["g_out"] for c in captures],
+            seeds=seeds,
+            dtype=dt,
+        )
+    notes["kernels"] = (
+        "initdiag's kernels on fresh draws from the model's parameter laws (the "
+        "model's own tensors cannot be run here: dropout masks, a fresh batch per "
+        "seed, an eval-mode BatchNorm or a parameter without an initdiag slot): "
+        "equal within standard errors"
+    )
+    given = {"inputs": x0.detach().double().numpy()}
+    if batch_size is not None:
+        given = {"batch_size": batch_size}
+    return simulate(network, **given, seeds=seeds, rng=rng)
 
 
 def _check_count(v: Any, what: str, minimum: int) -> int:
