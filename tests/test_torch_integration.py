@@ -533,8 +533,12 @@ def _same_columns(k, e):
 def test_the_kernel_column_runs_the_models_own_batchnorm_networks():
     torch.manual_seed(2)
     model = nn.Sequential(
-        nn.Linear(16, 128), nn.BatchNorm1d(128), nn.ReLU(),
-        nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(),
+        nn.Linear(16, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.BatchNorm1d(128),
+        nn.ReLU(),
         nn.Linear(128, 10),
     )
     x = torch.randn(32, 16)
@@ -542,7 +546,9 @@ def test_the_kernel_column_runs_the_models_own_batchnorm_networks():
     assert "own tensors" in d.notes["kernels"]
     _same_columns(d.kernels, d.measured)
     # a model with dropout cannot share its masks: fresh draws, and a note saying so
-    drop = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4))
+    drop = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4)
+    )
     d = itorch.diagnose(drop, x, seeds=2)
     assert "fresh draws" in d.notes["kernels"]
 

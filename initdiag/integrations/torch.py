@@ -614,7 +614,15 @@ def diagnose(
     snap = _snapshot(model)
     try:
         measured = _measure(
-            model, x_of, network, cov.mapping, seeds, resample, init_fn, rng, notes,
+            model,
+            x_of,
+            network,
+            cov.mapping,
+            seeds,
+            resample,
+            init_fn,
+            rng,
+            notes,
             captures,
         )
     finally:
