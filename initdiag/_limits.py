@@ -66,6 +66,10 @@ class LimitError(ValueError):
 
 
 def _n(x: float) -> str:
+    # an int beyond float range (depth = 10**300 in a TOML file) has no float
+    # format: state its order of magnitude
+    if isinstance(x, int) and x >= 10**15:
+        return f"~1e{len(str(x)) - 1}"
     return f"{x:,.0f}" if x < 1e15 else f"{x:.2g}"
 
 
