@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import initdiag as idg
+from initdiag.layers import Affine
 from initdiag.training import (
     Trainer,
     TrainResult,
@@ -37,6 +38,7 @@ def _every_kind() -> idg.Network:
         block,
         idg.Dropout(0.2),
         idg.ReLU(),
+        Affine(),
         idg.Dense(4),
     )
     init = idg.InitScheme(
@@ -47,6 +49,8 @@ def _every_kind() -> idg.Network:
             "ln_weight": "uniform(0.5, 1.5)",
             "ln_bias": "normal(0, 0.3)",
             "scale": "constant(0.7)",
+            "affine_weight": "uniform(0.5, 1.5)",
+            "affine_bias": "normal(0, 0.3)",
         },
     )
     return idg.Network(6, layers, init, "every-kind")
@@ -85,7 +89,7 @@ def test_parameter_gradients_match_finite_differences(loss):
                     j,
                 )
             checked.add(net.infos[i].kind)
-    assert {"dense", "batchnorm", "layernorm", "scale"} <= checked
+    assert {"dense", "batchnorm", "layernorm", "scale", "affine"} <= checked
 
 
 def test_divergence_is_a_finding_with_its_step():

@@ -122,6 +122,17 @@ class Affine(_Norm):
         gin = (g * gamma).astype(g.dtype, copy=False) if need_input_grad else None
         return gin, sums
 
+    def param_grads(
+        self, ctx: Any, g: np.ndarray, saved: Any, need_input_grad: bool
+    ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """``dgamma = sum_b g x``, ``dbeta = sum_b g``, ``dx = gamma g``."""
+        x, gamma = saved
+        dg, db = ctx.grads["weight"], ctx.grads["bias"]
+        np.einsum("bj,bj->j", g, x, out=dg)
+        np.sum(g, axis=0, out=db)
+        gin = (g * gamma).astype(g.dtype, copy=False) if need_input_grad else None
+        return gin, {"weight": dg, "bias": db}
+
     def jvp(
         self, ops: Any, saved: Any, t: np.ndarray, example: int | None = None
     ) -> np.ndarray:
