@@ -233,11 +233,22 @@ def test_unit_gain_against_mc(act, B, laws):
 @pytest.mark.parametrize("B", [16, 64, 256])
 @pytest.mark.parametrize(
     "laws",
-    [*LAWS, (L("normal", 1.0, 0.3), L("normal", 0.0, 0.5)), (ONE, L("constant", -0.5))],
-    ids=["g1b0", "g.5b.5", "gUb-.5", "gNbN", "g1b-.5"],
+    [*LAWS, (ONE, L("constant", -0.5))],
+    ids=["g1b0", "g.5b.5", "gUb-.5", "g1b-.5"],
 )
 def test_unit_gain_against_mc_slow(act, B, laws):
     _check_unit(act, B, *laws, M=max(20_000, 4_000_000 // B), seed=B + 1)
+
+
+# normal gamma and beta: the rule integrates over both laws (~10x the cost of the
+# other cases), so each activation is checked at one of the batch sizes
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "act,B", [("relu", 16), ("tanh", 64), ("gelu", 256), ("identity", 64)]
+)
+def test_unit_gain_against_mc_normal_gamma_beta(act, B):
+    gamma, beta = L("normal", 1.0, 0.3), L("normal", 0.0, 0.5)
+    _check_unit(act, B, gamma, beta, M=max(20_000, 4_000_000 // B), seed=B + 1)
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
