@@ -371,9 +371,11 @@ def _step0_clause(s: Mapping[str, Any]) -> tuple[str, list[str]]:
         s.get("grad_ratio", math.nan),
     )
     ratio = q1 / q0 if q0 and q0 == q0 else math.nan
+    # a residual network's signal rows are the stream after each block's add
+    n = s["n_residual"] if s.get("residual") else s["n_blocks"]
     text = (
         f"at step 0 the signal's second moment went from {_f(q0)} to {_f(q1)} over "
-        f"{s['n_blocks']} blocks (x{_f(ratio)}) and the first block's gradient was "
+        f"{n} blocks (x{_f(ratio)}) and the first block's gradient was "
         f"x{_f(gr)} the last's"
     )
     return text, ["q_first", "q_last", "grad_ratio"]
