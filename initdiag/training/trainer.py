@@ -138,7 +138,8 @@ class Trainer:
         self.opt = optimizer
         self.lr = float(lr)
         self.dt = np.dtype(dtype)
-        self.backend = backend
+        # resolved once: every kernel call then skips the default-backend lookup
+        self.backend = Ops(backend).resolved()
         self.entropy, self.seed = entropy, seed
         self.inits = network.param_inits()
         drawn = [
