@@ -272,3 +272,46 @@ def test_readout_and_split_helpers():
     task = subspace_mixture(32, n_train=2000, n_test=10)
     np.testing.assert_allclose(np.mean(task.X_train**2), 1.0, rtol=0.05)
     assert task.chance_loss() == pytest.approx(math.log(10), rel=0.02)
+
+
+def test_the_pilot_falls_back_when_its_rate_diverges_on_another_seed():
+    from initdiag.training.run import _search
+
+    class Run:  # what _search reads of a TrainResult
+        def __init__(self, lr, seeds, steps, loss, diverged=()):
+            self.lr, self.seeds, self.steps = lr, seeds, steps
+            self.loss, self.diverged = loss, list(diverged)
+
+        def final_loss(self):
+            return self.loss, 0.01
+
+    # the pilot (1 seed) ranks 0.3 first; over 3 seeds 0.3 diverges on seed 2, so
+    # the pilot's second choice 0.03 runs in full and is kept
+    pilot = {0.003: 2.0, 0.03: 1.0, 0.3: 0.5}
+    full = {0.3: (math.inf, [2]), 0.03: (0.8, [])}
+    calls = []
+
+    def run(lr, seeds, steps):
+        calls.append((lr, seeds, steps))
+        if seeds == 1:
+            return Run(lr, 1, steps, pilot[lr])
+        return Run(lr, seeds, steps, *full[lr])
+
+    total = [3 * 5 + 3 * 20]
+    r = _search(run, (0.003, 0.03, 0.3), True, 3, 20, 5, total)
+    assert r.lr == 0.03
+    assert calls == [
+        (0.003, 1, 5),
+        (0.03, 1, 5),
+        (0.3, 1, 5),
+        (0.3, 3, 20),
+        (0.03, 3, 20),
+    ]
+    assert total == [3 * 5 + 2 * 3 * 20]  # the progress total grew by the rerun
+    rows = [(x["lr"], x["full"], x["diverged"]) for x in r.lr_search]
+    assert rows[-2:] == [(0.3, True, 1), (0.03, True, 0)]
+    # no divergence: no rerun
+    calls.clear()
+    full[0.3] = (0.4, [])
+    r = _search(run, (0.003, 0.03, 0.3), True, 3, 20, 5, [0])
+    assert r.lr == 0.3 and len(calls) == 4

@@ -451,10 +451,16 @@ def training_sentences(
         return []
     out = [_setup_sentence(summaries[idx[0]], settings)]
     r0 = idx[0]
-    ref = summaries[r0]
-    ref_name = ref["name"]
+    # as in the step-0 explanation: each variant against the first variant of its
+    # own layout, the first of a layout against the first overall
+    first_of: dict[Any, int] = {}
+    for i in idx:
+        first_of.setdefault(summaries[i].get("family"), i)
     for i in idx:
         s = summaries[i]
+        j = first_of[s.get("family")]
+        j = r0 if j == i else j
+        ref, ref_name = summaries[j], summaries[j]["name"]
         c0, k0 = _step0_clause(s)
         cl, kl = _loss_clause(s, None if i == r0 else ref, ref_name)
         parts, keys = [c0, cl], k0 + kl
@@ -475,7 +481,7 @@ def training_sentences(
             and not s["train_diverged"]
         ):
             ref_keys += ["train_final_loss", "train_final_loss_se"]
-        pos += [(r0, k) for k in ref_keys]
+        pos += [(j, k) for k in ref_keys]
         out.append(Sentence(f"training:{s['name']}", text, pos))
     if len(idx) > 1:
         out.append(_noise_sentence(summaries, idx))

@@ -137,7 +137,10 @@ class TrainResult:
     def final_test(self) -> tuple[float, float, float, float]:
         """Held-out loss and accuracy after the last step: (loss, se, acc, se)."""
         lm, ls = _mean_se(self.test_loss[:, -1])
-        am, as_ = _mean_se(self.test_acc[:, -1])
+        acc = self.test_acc[:, -1]
+        # a diverged seed has no accuracy (an infinite loss, but no infinite
+        # accuracy): NaN
+        am, as_ = _mean_se(acc) if np.all(np.isfinite(acc)) else (math.nan, math.nan)
         return lm, ls, am, as_
 
     def steps_to(self, target: float | None = None) -> np.ndarray:

@@ -328,13 +328,14 @@ def train(
     pilot = search_steps is not None and len(lrs) > 1
     if pilot:
         search_steps = _int(search_steps, "search_steps", 1)
-    total = training_steps(len(lrs), seeds, steps, search_steps if pilot else None)
+    # a list: the pilot's fallback run (:func:`_search`) adds to it
+    total = [training_steps(len(lrs), seeds, steps, search_steps if pilot else None)]
     done = [0]
 
     def tick(k: int) -> None:
         done[0] += k
         if progress is not None:
-            progress(done[0], total)
+            progress(done[0], total[0])
 
     def run(lr_k: float, n_seeds: int, n_steps: int) -> TrainResult:
         per_seed = [
@@ -372,7 +373,7 @@ def train(
     t0 = time.perf_counter()
     threads_ctx, threads = _thread_context(net, batch_size)
     with threads_ctx:
-        res = _search(run, lrs, pilot, seeds, steps, search_steps)
+        res = _search(run, lrs, pilot, seeds, steps, search_steps, total)
     res.meta = {
         "backend": backend,
         "dtype": dt.name,
@@ -388,27 +389,44 @@ def train(
     return res
 
 
-def _search(run, lrs, pilot, seeds, steps, search_steps) -> TrainResult:
+def _search(run, lrs, pilot, seeds, steps, search_steps, total) -> TrainResult:
     """Every rate of ``lrs`` (on the pilot or in full); the best rate's run."""
     runs = [
         run(lr_k, 1, search_steps) if pilot else run(lr_k, seeds, steps) for lr_k in lrs
     ]
-    search = [
-        {
-            "lr": r.lr,
-            "final_loss": r.final_loss()[0],
-            "final_loss_se": r.final_loss()[1],
-            "diverged": len(r.diverged),
-            "seeds": r.seeds,
-            "steps": r.steps,
-        }
-        for r in runs
-    ]
+    search = [{**_full_entry(r), "full": not pilot} for r in runs]
     # the lowest mean final loss; all diverged: the smallest rate (the least bad)
-    best = min(range(len(runs)), key=lambda i: (search[i]["final_loss"], runs[i].lr))
-    res = run(lrs[best], seeds, steps) if pilot else runs[best]
+    order = sorted(
+        range(len(runs)), key=lambda i: (search[i]["final_loss"], runs[i].lr)
+    )
+    if not pilot:
+        res = runs[order[0]]
+    else:
+        # the pilot saw one seed: when the chosen rate diverges on another, the
+        # next rate of the pilot's order runs too, and the better full run is kept
+        res = run(lrs[order[0]], seeds, steps)
+        if res.diverged and len(order) > 1:
+            total[0] += seeds * steps
+            alt = run(lrs[order[1]], seeds, steps)
+            search.append(_full_entry(res))
+            if alt.final_loss()[0] < res.final_loss()[0]:
+                res = alt
+            search.append(_full_entry(alt))
     res.lr_search = search
     return res
+
+
+def _full_entry(r: TrainResult) -> dict[str, Any]:
+    fl, fse = r.final_loss()
+    return {
+        "lr": r.lr,
+        "final_loss": fl,
+        "final_loss_se": fse,
+        "diverged": len(r.diverged),
+        "seeds": r.seeds,
+        "steps": r.steps,
+        "full": True,
+    }
 
 
 def _assemble(per_seed, lr, name, ds, loss, opt, steps, seeds, batch, every, tgt):
