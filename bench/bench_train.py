@@ -50,8 +50,11 @@ class Ours:
     def __init__(self) -> None:
         import initdiag as idg
         from initdiag.training import Trainer, make_optimizer
+        from initdiag.training.run import thread_context
 
         net = idg.mlp(DEPTH, WIDTH, batchnorm=True)
+        # train()'s thread policy (BLAS threads, one Numba thread between them)
+        self.threads = lambda: thread_context(net, BATCH)
         self.tr = Trainer(
             net,
             "mse",
@@ -65,8 +68,9 @@ class Ours:
         self.x, self.y = _batch()
 
     def run(self, steps: int) -> None:
-        for _ in range(steps):
-            self.tr.step(self.x, self.y)
+        with self.threads():
+            for _ in range(steps):
+                self.tr.step(self.x, self.y)
 
 
 class Torch:

@@ -3,9 +3,10 @@ kernels, over several fresh initialisations and a learning-rate grid."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,35 +20,42 @@ from .optim import DEFAULT_LR_GRIDS, make_optimizer
 from .result import TrainResult, final_window
 from .trainer import Trainer
 
-__all__ = ["train", "with_readout", "training_steps"]
+__all__ = ["train", "with_readout", "training_steps", "thread_context"]
 
 #: the default target as a fraction of the task's chance-level loss
 TARGET_FRACTION = 0.25
 #: a network whose largest Dense GEMM (2 B fan_in width flops) is below this
-#: trains on one thread: waking a second BLAS / Numba thread for every small
-#: kernel costs more than the split saves (and a machine loaded by other work
-#: makes it far worse)
+#: trains on one BLAS thread: waking a second one for every small GEMM costs more
+#: than the split saves (and a machine loaded by other work makes it far worse)
 SINGLE_THREAD_FLOPS = 2**27
 
 
-def _thread_context(net: Network, batch: int):
-    """One BLAS and one Numba thread for a small network, the caller's otherwise;
-    (context, "1" or "default")."""
-    import contextlib
-
+def blas_threads(net: Network, batch: int) -> str:
+    """ "default" (the caller's BLAS threads) for a network whose largest Dense
+    GEMM reaches :data:`SINGLE_THREAD_FLOPS`, else "1"."""
     flops = max(
         (2 * batch * i.fan_in * i.width for i in net.infos if i.kind == "dense"),
         default=0,
     )
-    if flops >= SINGLE_THREAD_FLOPS:
-        return contextlib.nullcontext(), "default"
+    return "default" if flops >= SINGLE_THREAD_FLOPS else "1"
+
+
+@contextlib.contextmanager
+def thread_context(net: Network, batch: int) -> Iterator[None]:
+    """The thread policy of a training run, for the ``with`` block.  The Numba
+    kernels between the GEMMs always run on one thread: a second Numba thread
+    shares a core with an OpenBLAS worker still spinning after its GEMM, and both
+    slow down (bench/TRAIN.md: the reference step 1.24 s with two Numba threads,
+    1.05 s with one); BLAS keeps the caller's threads for a large network, one
+    for a small one (:func:`blas_threads`)."""
     from ..empirical import _blas_single
     from ..empirical.fused import numba_threads
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(_blas_single())
-    stack.enter_context(numba_threads(1))
-    return stack, "1"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(numba_threads(1))
+        if blas_threads(net, batch) == "1":
+            stack.enter_context(_blas_single())
+        yield
 
 
 def with_readout(network: Network, outputs: int) -> tuple[Network, str | None]:
@@ -371,8 +379,7 @@ def train(
         )
 
     t0 = time.perf_counter()
-    threads_ctx, threads = _thread_context(net, batch_size)
-    with threads_ctx:
+    with thread_context(net, batch_size):
         res = _search(run, lrs, pilot, seeds, steps, search_steps, total)
     res.meta = {
         "backend": backend,
@@ -384,7 +391,8 @@ def train(
         "bn_momentum": 0.1,
         "network_rows": len(net.infos),
         "search": "pilot" if pilot else ("grid" if len(lrs) > 1 else "fixed"),
-        "threads": threads,
+        "blas_threads": blas_threads(net, batch_size),
+        "numba_threads": 1,
     }
     return res
 
