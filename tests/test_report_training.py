@@ -204,3 +204,19 @@ def test_the_train_table_is_checked(tmp_path):
         load_study(str(p))
     assert train_settings({}, None) is None  # no steps: no training
     assert train_settings({"seeds": 3}, 50)["steps"] == 50
+
+
+def test_noise_is_judged_by_students_t_for_the_seeds_run():
+    # |z| = 5: noise with 2 seeds (t quantile 12.7), a difference with 10 (2.26)
+    a, b = (
+        _summary("a", 0.50, 0.01),
+        _summary("b", 0.50 + 5 * math.hypot(0.01, 0.01), 0.01),
+    )
+    s = {x.id: x.text for x in training_sentences([a, b], {"train": {}})}
+    assert (
+        "within noise (|z| = 5.0; 12.7 is the two-sided 95% t quantile for 2 seeds)"
+        in s["training:b"]
+    )
+    a["train_seeds"] = b["train_seeds"] = 10
+    s = {x.id: x.text for x in training_sentences([a, b], {"train": {}})}
+    assert "beyond noise (|z| = 5.0 > 2.26)" in s["training:b"]

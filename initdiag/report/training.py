@@ -46,9 +46,32 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 #: the learning-rate pilot's length, as a fraction of the steps
 PILOT_FRACTION = 0.25
-#: two final losses differ "beyond noise" when they are this many combined
-#: standard errors apart
-NOISE_Z = 2.0
+#: two final losses differ "beyond noise" when their difference over its
+#: standard error exceeds the two-sided quantile of this level of Student's t
+#: with (fewer seeds - 1) degrees of freedom (Welch's conservative choice: with
+#: 2 seeds a z of 2 means nothing)
+NOISE_LEVEL = 0.95
+
+
+def _difference(s: Mapping[str, Any], r: Mapping[str, Any]) -> tuple[float, float]:
+    """(z, threshold): the difference of two variants' final losses over its
+    standard error, and the t quantile it must exceed to be beyond noise."""
+    from scipy.stats import t as student
+
+    se = [
+        x if x == x else 0.0
+        for x in (s["train_final_loss_se"], r["train_final_loss_se"])
+    ]
+    d = s["train_final_loss"] - r["train_final_loss"]
+    comb = math.hypot(*se)
+    z = d / comb if comb > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))
+    df = min(s["train_seeds"], r["train_seeds"]) - 1
+    thr = float(student.ppf(0.5 + NOISE_LEVEL / 2, df)) if df >= 1 else math.inf
+    return z, thr
+
+
+def _noise_words(thr: float, seeds: int) -> str:
+    return f"{thr:.3g} is the two-sided {NOISE_LEVEL:.0%} t quantile for {seeds} seeds"
 
 
 def train_settings(table: Mapping[str, Any] | None, steps: int | None) -> dict | None:
@@ -397,18 +420,18 @@ def _loss_clause(s, ref, ref_name: str) -> tuple[str, list[str]]:
     L0, se0 = ref["train_final_loss"], ref["train_final_loss_se"]
     if not math.isfinite(L0):
         return text + f" ({ref_name} diverged)", keys
-    comb = math.sqrt((se if se == se else 0.0) ** 2 + (se0 if se0 == se0 else 0.0) ** 2)
-    z = (L - L0) / comb if comb > 0 else math.inf * np.sign(L - L0)
-    if abs(z) < NOISE_Z:
+    z, thr = _difference(s, ref)
+    n = min(s["train_seeds"], ref["train_seeds"])
+    if abs(z) <= thr:
         text += (
             f", the same as {ref_name}'s {_f(L0)} +- {_f(se0)} within noise "
-            f"(z = {z:+.1f})"
+            f"(|z| = {abs(z):.1f}; {_noise_words(thr, n)})"
         )
     else:
         word = "lower" if L < L0 else "higher"
         text += (
             f", {word} than {ref_name}'s {_f(L0)} +- {_f(se0)} beyond noise "
-            f"(z = {z:+.1f})"
+            f"(|z| = {abs(z):.1f} > {thr:.3g})"
         )
     return text, keys
 
@@ -502,29 +525,23 @@ def _noise_sentence(summaries, idx) -> Any:
     best = min(ok, key=lambda i: summaries[i]["train_final_loss"])
     b = summaries[best]
 
-    def z(i: int) -> float:
-        s = summaries[i]
-        comb = math.hypot(
-            s["train_final_loss_se"]
-            if s["train_final_loss_se"] == s["train_final_loss_se"]
-            else 0.0,
-            b["train_final_loss_se"]
-            if b["train_final_loss_se"] == b["train_final_loss_se"]
-            else 0.0,
-        )
-        d = s["train_final_loss"] - b["train_final_loss"]
-        return d / comb if comb > 0 else (0.0 if d == 0 else math.inf)
+    def within(i: int) -> bool:
+        z, thr = _difference(summaries[i], b)
+        return z <= thr
 
-    tied = [i for i in ok if i != best and z(i) < NOISE_Z]
+    tied = [i for i in ok if i != best and within(i)]
+    noise = (
+        f"a two-sided t test at {NOISE_LEVEL:.0%} with the fewer seeds - 1 degrees "
+        "of freedom"
+    )
     # the numbers the text shows or that decide who is tied with the lowest
     keys = [(best, "train_final_loss")] + [(i, "train_final_loss") for i in tied]
     name = b["name"]
     if len(tied) == len(ok) - 1 and tied:
         text = (
             f"No variant's final training loss differs from the lowest ({name}: "
-            f"{_f(b['train_final_loss'])}) beyond noise ({NOISE_Z:g} standard "
-            f"errors): after {b['train_steps']} steps these initialisations train "
-            "alike."
+            f"{_f(b['train_final_loss'])}) beyond noise ({noise}): after "
+            f"{b['train_steps']} steps these initialisations train alike."
         )
     elif tied:
         text = (
@@ -532,13 +549,13 @@ def _noise_sentence(summaries, idx) -> Any:
             f"({_f(b['train_final_loss'])}); "
             + ", ".join(summaries[i]["name"] for i in tied)
             + f" {'is' if len(tied) == 1 else 'are'} the same within noise "
-            f"({NOISE_Z:g} standard errors), every other variant ends higher."
+            f"({noise}), every other variant ends higher."
         )
     else:
         text = (
             f"The lowest final training loss is {name}'s "
             f"({_f(b['train_final_loss'])}), "
-            f"beyond noise ({NOISE_Z:g} standard errors) below every other variant's."
+            f"beyond noise ({noise}) below every other variant's."
         )
     return Sentence("training:noise", text, keys)
 
