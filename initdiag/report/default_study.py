@@ -42,11 +42,11 @@ seeds = 4
 
 # initdiag report --train STEPS: every variant rebuilt at width 96 (same depth, same
 # initialisation laws: the mean-field statistics above do not depend on the width;
-# the narrower copies keep the run short) and trained from 2 fresh initialisations
+# the narrower copies keep the run short) and trained from 3 fresh initialisations
 # on the synthetic task, batches of 64
 [train]
 width = 96
-seeds = 2
+seeds = 3
 batch_size = 64
 
 [[variants]]
