@@ -689,15 +689,20 @@ def _config_record(
     }
 
 
+def _study_of(args: argparse.Namespace, net_over: dict, init_over: dict):
+    """The study ``report`` runs: CONFIG, else the network options, else the
+    default study."""
+    if args.config:
+        return _load_study(args.config, net_over, init_over)
+    if net_over or init_over:
+        return _single_network(net_over, init_over)
+    return _default_study(net_over, init_over)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     _prepare_out(args.out)
     net_over, init_over = _overrides(args)
-    if args.config:
-        study = _load_study(args.config, net_over, init_over)
-    elif net_over or init_over:
-        study = _single_network(net_over, init_over)
-    else:
-        study = _default_study(net_over, init_over)
+    study = _study_of(args, net_over, init_over)
     sim, origin = _settings(args, study.simulate, study.source)
     ana = dict(study.analyze)
     n = len(study.networks)
@@ -728,16 +733,9 @@ def _train_plan(args: argparse.Namespace, study, net_over: dict, init_over: dict
     if not width or "width" in net_over:
         train.pop("width", None)  # --width decides for both
         return train, None
-    over = {**net_over, "width": width}
-    if args.config:
-        rebuilt = _load_study(args.config, over, init_over)
-    elif net_over or init_over:
-        rebuilt = _single_network(over, init_over)
-    else:
-        rebuilt = _default_study(over, init_over)
-    return train, [
-        b.with_name(a.name) for a, b in zip(study.networks, rebuilt.networks, strict=True)
-    ]
+    rebuilt = _study_of(args, {**net_over, "width": width}, init_over)
+    pairs = zip(study.networks, rebuilt.networks, strict=True)
+    return train, [b.with_name(a.name) for a, b in pairs]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -217,6 +217,16 @@ class Network:
         return f"{self.name}: in={self.input_dim} " + " ".join(parts)
 
 
+def require_network(obj: Any, who: str) -> Network:
+    """``obj`` when it is a :class:`Network`; TypeError naming ``who`` otherwise."""
+    if not isinstance(obj, Network):
+        raise TypeError(
+            f"{who} needs an initdiag.Network (e.g. initdiag.mlp(...)), got "
+            f"{type(obj).__name__}"
+        )
+    return obj
+
+
 def _name_rows(
     layers: tuple[Layer, ...],
     width: int,

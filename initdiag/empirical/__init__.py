@@ -42,7 +42,7 @@ import numpy.typing as npt
 
 from .. import _interrupt, _limits, _rng
 from .._inputs import check_input_moments
-from ..network import Network
+from ..network import Network, require_network
 from ..profile import STAT_COLUMNS, Profile
 from .engine import COL, SeedContext, run_seed
 from .fused import (
@@ -303,11 +303,7 @@ def simulate(
     Poole et al. (2016), Schoenholz et al. (2017) for the quantities measured;
     Pennington, Schoenholz & Ganguli (2017) for ``m1, m2`` of ``J J^T``.
     """
-    if not isinstance(network, Network):
-        raise TypeError(
-            f"simulate() needs an initdiag.Network (e.g. initdiag.mlp(...)), got "
-            f"{type(network).__name__}"
-        )
+    require_network(network, "simulate()")
     dt = _check_dtype(dtype)
     seeds = _check_int(seeds, "seeds", 1)
     q_in, c_in = check_input_moments(input_second_moment, input_correlation)

@@ -48,11 +48,18 @@ class GenericExecutor:
 
     def merge(self, b: Block, xb: np.ndarray, xs: np.ndarray, sc: SeedContext):
         y = self.net.infos[b.row].layer.merge(self.ops, xb, xs)
-        return y, [(b.row, self.ops.row_stats(y, np.empty(10)))]
+        return y, self._rows(b.row, y)
 
     def merge_backward(self, b: Block, g: np.ndarray, sc: SeedContext):
         gb, gs = self.net.infos[b.row].layer.merge_backward(self.ops, g)
-        return gb, gs, [(b.row, sumsq64(g), {})]
+        return gb, gs, self._grad_rows(b.row, g)
+
+    def _rows(self, row: int, y: np.ndarray) -> list:
+        """The Profile statistics of a row's output (a subclass may record none)."""
+        return [(row, self.ops.row_stats(y, np.empty(10)))]
+
+    def _grad_rows(self, row: int, g: np.ndarray) -> list:
+        return [(row, sumsq64(g), {})]
 
     def keep_grad(self, b: Block, g: np.ndarray) -> np.ndarray:
         return g  # every step returns a fresh array

@@ -14,7 +14,7 @@ import numpy as np
 from .. import _rng
 from ..empirical.memory import available_memory, fmt_bytes
 from ..layers import Dense
-from ..network import Network
+from ..network import Network, require_network
 from .data import Dataset, make_dataset
 from .optim import DEFAULT_LR_GRIDS, make_optimizer
 from .result import TrainResult, final_window
@@ -292,11 +292,7 @@ def train(
         Divergence (a non-finite loss) is a finding with its step, never an
         exception.
     """
-    if not isinstance(network, Network):
-        raise TypeError(
-            f"train() needs an initdiag.Network (e.g. initdiag.mlp(...)), got "
-            f"{type(network).__name__}"
-        )
+    require_network(network, "train()")
     from ..empirical import _check_dtype
 
     dt = _check_dtype(dtype)

@@ -19,14 +19,8 @@ from typing import Any
 import numpy as np
 
 from .. import _rng
-from ..empirical.engine import (
-    Block,
-    SeedContext,
-    StepContext,
-    forward_pass,
-    plan,
-    propagate,
-)
+from ..empirical.engine import SeedContext, StepContext, forward_pass, propagate
+from ..empirical.generic import GenericExecutor
 from ..empirical.ops import Ops
 from ..empirical.sampling import layer_params
 from .optim import Optimizer
@@ -53,21 +47,18 @@ def loss_and_grad(
     return value, -1, g
 
 
-class TrainExecutor:
+class TrainExecutor(GenericExecutor):
     """Executor (:mod:`initdiag.empirical.engine`) of training steps: the
     network's current parameters, each layer's training forward and
     :meth:`~initdiag.layers.Layer.param_grads`; ``mode = "eval"``: each layer's
-    :meth:`~initdiag.layers.Layer.infer`.  No Profile rows are recorded."""
+    :meth:`~initdiag.layers.Layer.infer`.  No Profile rows are recorded; the
+    residual adds are the generic executor's."""
 
     def __init__(self, net: Any, ops: Ops, ctx: list[StepContext]) -> None:
-        self.net = net
-        self.ops = ops
+        super().__init__(net, ops)
         self.ctx = ctx
-        self.units = plan(net, net.top, list)
-        self.saved: list[Any] = [None] * len(net.infos)
         self.mode = "train"
         self.step = 0
-        self.output: np.ndarray | None = None
 
     def sample(self, i: int, sc: SeedContext) -> None:
         c = self.ctx[i]
@@ -83,20 +74,11 @@ class TrainExecutor:
             layer.update_running(c, self.saved[i], BN_MOMENTUM)
         return y, []
 
-    def merge(self, b: Block, xb: np.ndarray, xs: np.ndarray, sc: SeedContext):
-        return self.net.infos[b.row].layer.merge(self.ops, xb, xs), []
+    def _rows(self, row: int, y: np.ndarray) -> list:
+        return []
 
-    def merge_backward(self, b: Block, g: np.ndarray, sc: SeedContext):
-        gb, gs = self.net.infos[b.row].layer.merge_backward(self.ops, g)
-        return gb, gs, []
-
-    def keep_grad(self, b: Block, g: np.ndarray) -> np.ndarray:
-        return g  # every step returns a fresh array
-
-    def add_grads(self, b: Block, g1: Any, g2: Any) -> Any:
-        if g1 is None or g2 is None:
-            return None
-        return self.ops.residual_add(g2, g1, 1.0)
+    def _grad_rows(self, row: int, g: np.ndarray) -> list:
+        return []
 
     def backward(self, i: int, g: np.ndarray, sc: SeedContext):
         c = self.ctx[i]
