@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}"
     )
-    sub = parser.add_subparsers(dest="command", metavar="{report,compare,phase,sweep,sweep-report,torch,monitor-report}")
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="{report,compare,phase,sweep,sweep-report,torch,monitor-report}",
+    )
     r = sub.add_parser(
         "report",
         help="profile a network or a study (no arguments: the default study)",

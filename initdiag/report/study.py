@@ -241,7 +241,8 @@ def _attach(entries, results) -> None:
     from .training import training_target
 
     target = training_target(results)
-    for e, r in zip(entries, results):
+    # (an interrupted run may hand back fewer results than entries)
+    for e, r in zip(entries, results, strict=False):
         if r is not None:
             r.target = target
             e.training = r

@@ -447,10 +447,8 @@ def render_study(
         done = [e.training for e in result.entries if e.training is not None]
         target = done[0].target
         parts.append(style(f"Training ({done[0].steps} steps)", "bold"))
-        parts += [
-            training_table(training_rows(result.entries, target), target, done[0].steps),
-            "",
-        ]
+        rows = training_rows(result.entries, target)
+        parts += [training_table(rows, target, done[0].steps), ""]
     sentences = explanation if explanation is not None else explain_result(result)
     parts.append(style("What the numbers say", "bold"))
     for s in sentences:
