@@ -444,11 +444,9 @@ def render_study(
     if any(e.training is not None for e in result.entries):
         from .training import training_rows, training_table
 
-        done = [e.training for e in result.entries if e.training is not None]
-        target = done[0].target
-        parts.append(style(f"Training ({done[0].steps} steps)", "bold"))
-        rows = training_rows(result.entries, target)
-        parts += [training_table(rows, target, done[0].steps), ""]
+        rows = training_rows(result.entries)
+        parts.append(style(f"Training ({rows[0]['train_steps']} steps)", "bold"))
+        parts += [training_table(rows), ""]
     sentences = explanation if explanation is not None else explain_result(result)
     parts.append(style("What the numbers say", "bold"))
     for s in sentences:

@@ -257,35 +257,14 @@ def training_target(results: Sequence[Any]) -> float:
     return _sig2(float(np.median(finals))) if finals else math.nan
 
 
-def training_rows(entries: Sequence[Any], target: float) -> list[dict[str, Any]]:
-    """Per variant with a training result: name, lr, final loss +- se, held-out
-    accuracy +- se, steps to ``target`` (mean over the seeds that reached it, how
-    many did), diverged seeds."""
-    rows = []
-    for e in entries:
-        r = getattr(e, "training", None)
-        if r is None:
-            continue
-        fl, fse = r.final_loss()
-        _, _, acc, acc_se = r.final_test()
-        st = r.steps_to(target)
-        hit = st[np.isfinite(st)]
-        rows.append(
-            {
-                "name": e.name,
-                "lr": r.lr,
-                "final_loss": fl,
-                "final_loss_se": fse,
-                "test_acc": acc,
-                "test_acc_se": acc_se,
-                "steps_to_target": float(np.mean(hit)) if hit.size else math.nan,
-                "reached": int(hit.size),
-                "seeds": r.seeds,
-                "diverged": len(r.diverged),
-                "divergence_steps": sorted(f["step"] for f in r.findings),
-            }
-        )
-    return rows
+def training_rows(entries: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per variant with a training result: its name and :func:`train_summary`
+    (the table shows the numbers the sentences cite)."""
+    return [
+        {"name": e.name, **train_summary(e.training)}
+        for e in entries
+        if getattr(e, "training", None) is not None
+    ]
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -296,25 +275,27 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def training_table(rows: Sequence[Mapping[str, Any]], target: float, steps: int) -> str:
-    """The training table: one line per variant."""
+def training_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The training table: one line per variant (:func:`training_rows`)."""
+    steps, target = rows[0]["train_steps"], rows[0]["train_target"]
     head = (
         f"{'variant':<30} {'lr':>7} {'loss @' + str(steps):>16} "
         f"{'held-out acc':>14} {'steps to ' + _fmt(target):>16}"
     )
     out = [head, "-" * len(head)]
     for r in rows:
-        loss = f"{_fmt(r['final_loss'])} +- {_fmt(r['final_loss_se'], 2)}"
-        if r["diverged"]:
-            loss = f"diverged ({r['diverged']}/{r['seeds']})"
-        acc = f"{_fmt(r['test_acc'])} +- {_fmt(r['test_acc_se'], 2)}"
+        seeds = r["train_seeds"]
+        loss = f"{_fmt(r['train_final_loss'])} +- {_fmt(r['train_final_loss_se'], 2)}"
+        if r["train_diverged"]:
+            loss = f"diverged ({r['train_diverged']}/{seeds})"
+        acc = f"{_fmt(r['train_test_acc'])} +- {_fmt(r['train_test_acc_se'], 2)}"
         st = (
-            f"{_fmt(r['steps_to_target'])} ({r['reached']}/{r['seeds']})"
-            if r["reached"]
+            f"{_fmt(r['train_steps_to_target'])} ({r['train_reached']}/{seeds})"
+            if r["train_reached"]
             else "never"
         )
         out.append(
-            f"{r['name'][:30]:<30} {r['lr']:>7.3g} {loss:>16} {acc:>14} {st:>16}"
+            f"{r['name'][:30]:<30} {r['train_lr']:>7.3g} {loss:>16} {acc:>14} {st:>16}"
         )
     return "\n".join(out)
 
