@@ -357,7 +357,7 @@ def _setup_sentence(s0: Mapping[str, Any], settings: Mapping[str, Any]):
         f"variant on {t.get('data_description') or 'the synthetic task'}"
         + (f", each variant rebuilt at width {width}" if width else "")
         + f"; {how}; the target loss {_f(s0['train_target'])} is the median of the "
-        "variants' final training losses."
+        "variants' final training losses, rounded up to two significant digits."
     )
     return Sentence(
         "training:setup",
@@ -438,7 +438,12 @@ def _ref_steps_clause(s, ref, ref_name: str) -> tuple[str, list[tuple[int, str]]
         return "", []
     k, k0 = s["train_steps_to_target"], ref["train_steps_to_target"]
     if ref["train_reached"] and k0 > 0:
-        return f", {k / k0:.2f}x the steps of {ref_name}", ["train_steps_to_target"]
+        # both are means over the seeds that reached the target: say how many
+        return (
+            f", {k / k0:.2f}x the steps of {ref_name} (its mean over the "
+            f"{ref['train_reached']} of {ref['train_seeds']} seeds that did)",
+            ["train_steps_to_target", "train_reached"],
+        )
     return f", which {ref_name} never did", ["train_reached"]
 
 
