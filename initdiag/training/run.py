@@ -130,7 +130,7 @@ def training_steps(
 
 def _run_seed(
     net: Network,
-    ds: Dataset,
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     loss: str,
     opt,
     lr: float,
@@ -143,12 +143,12 @@ def _run_seed(
     seed: int,
     tick: Callable[[int], None],
 ) -> dict[str, Any]:
-    """One seed: a fresh initialisation, a fresh data order, ``steps`` updates."""
+    """One seed: a fresh initialisation, a fresh data order, ``steps`` updates;
+    ``arrays``: training inputs and targets, held-out inputs and targets, in the
+    working dtype (:func:`_arrays`)."""
     tr = Trainer(net, loss, opt, lr, dt, backend, entropy, seed)
-    n = ds.X_train.shape[0]
-    X = np.ascontiguousarray(ds.X_train, dtype=dt)
-    Xte = np.ascontiguousarray(ds.X_test, dtype=dt)
-    yt, yte = _targets(ds, loss, dt)
+    X, yt, Xte, yte = arrays
+    n = X.shape[0]
     order = np.random.default_rng([entropy, seed, 0xBA7C])
     perm, pos = order.permutation(n), 0
     step_loss = np.full(steps, np.nan)
@@ -198,14 +198,20 @@ def _run_seed(
     }
 
 
-def _targets(ds: Dataset, loss: str, dt: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(ds: Dataset, loss: str, dt: np.dtype) -> tuple[np.ndarray, ...]:
+    """(X_train, y_train, X_test, y_test) as the kernels take them, made once per
+    call of :func:`train` (every rate and seed reads them)."""
+    X = np.ascontiguousarray(ds.X_train, dtype=dt)
+    Xte = np.ascontiguousarray(ds.X_test, dtype=dt)
     if loss == "cross_entropy":
-        return ds.y_train, ds.y_test
+        return X, ds.y_train, Xte, ds.y_test
     if ds.n_classes:  # squared error on one-hot class targets
         eye = np.eye(ds.n_classes, dtype=dt)
-        return eye[ds.y_train], eye[ds.y_test]
+        return X, eye[ds.y_train], Xte, eye[ds.y_test]
     return (
+        X,
         np.ascontiguousarray(ds.y_train, dtype=dt),
+        Xte,
         np.ascontiguousarray(ds.y_test, dtype=dt),
     )
 
@@ -341,11 +347,13 @@ def train(
         if progress is not None:
             progress(done[0], total[0])
 
+    arrays = _arrays(ds, loss, dt)
+
     def run(lr_k: float, n_seeds: int, n_steps: int) -> TrainResult:
         per_seed = [
             _run_seed(
                 net,
-                ds,
+                arrays,
                 loss,
                 opt,
                 lr_k,

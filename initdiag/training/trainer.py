@@ -120,8 +120,10 @@ class Trainer:
         self.opt = optimizer
         self.lr = float(lr)
         self.dt = np.dtype(dtype)
-        # resolved once: every kernel call then skips the default-backend lookup
-        self.backend = Ops(backend).resolved()
+        # resolved once: every kernel call (the layers' through ``ops`` too) then
+        # skips the default-backend lookup
+        ops = Ops(Ops(backend).resolved())
+        self.backend = ops.backend
         self.entropy, self.seed = entropy, seed
         self.inits = network.param_inits()
         drawn = [
@@ -146,7 +148,6 @@ class Trainer:
             self.params.append(mine)
             self.grads.append(grad)
         self.state = optimizer.state(self.flat)
-        ops = Ops(backend)
         ctx = []
         for i, info in enumerate(network.infos):
             c = StepContext(
@@ -182,7 +183,7 @@ class Trainer:
             self._timing,
         )
 
-    def _forward(self, x: np.ndarray, mode: str) -> np.ndarray:
+    def _forward(self, x: np.ndarray, mode: str) -> tuple[np.ndarray, SeedContext]:
         self.ex.mode = mode
         self.ex.step = self.updates
         sc = self._context(x.shape[0])
