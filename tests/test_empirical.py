@@ -186,6 +186,64 @@ def test_one_seed_cuts_its_blas_calls_over_the_threads():
     np.testing.assert_allclose(_stats(a), _stats(serial), rtol=200 * eps, atol=200 * eps)
 
 
+def test_guided_blocks_cover_the_rows():
+    from initdiag.empirical.fused import guided_blocks
+
+    assert guided_blocks(512, 2) == [0, 256, 384, 448, 512]
+    assert guided_blocks(160, 2) == [0, 80, 160]
+    assert guided_blocks(100, 2) == [0, 100]  # too few rows to cut
+    assert guided_blocks(512, 1) == [0, 512]
+    for rows in (1, 63, 64, 129, 500, 1000, 4096):
+        for lanes in (2, 3, 4):
+            e = guided_blocks(rows, lanes)
+            sizes = np.diff(e)
+            assert e[0] == 0 and e[-1] == rows and np.all(sizes > 0)
+            assert len(sizes) == 1 or np.all(sizes >= 64)
+            assert np.all(np.diff(sizes[:-1]) <= 0)  # shrinking, for the lanes' ends
+
+
+def _two_numba_threads():
+    numba = pytest.importorskip("numba")
+    pytest.importorskip("threadpoolctl")
+    if numba.get_num_threads() < 2:
+        pytest.skip("needs 2 Numba threads")
+    return numba
+
+
+def test_one_seed_on_lanes_matches_one_thread_on_a_residual_network():
+    # a lone seed on 2 lanes draws the next layer's parameters on a lane and
+    # defers each weight-gradient norm to a lane (recorded when the pass ends):
+    # the same numbers as one thread (float rounding), blocks and all
+    numba = _two_numba_threads()
+    net = idg.resnet_mlp(3, 96, norm="batchnorm", norm_position="post")
+    kw = dict(batch_size=160, seeds=1, rng=5, backend="numba")
+    a = _stats(idg.simulate(net, **kw))
+    assert np.array_equal(a, _stats(idg.simulate(net, **kw)), equal_nan=True)
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        serial = _stats(idg.simulate(net, **kw))
+    finally:
+        numba.set_num_threads(old)
+    assert np.array_equal(np.isnan(a), np.isnan(serial))  # deferred norms recorded
+    eps = np.finfo(np.float32).eps
+    np.testing.assert_allclose(a, serial, rtol=200 * eps, atol=200 * eps)
+
+
+def test_a_lone_seed_after_an_aborted_pass_draws_its_own_parameters():
+    # an overflowing pass stops with draws still pending on a lane; the next call
+    # (same layers, so the same kept workspace) must not use those draws
+    _two_numba_threads()
+    wild = idg.InitScheme(weight="variance_scaling(9.0, 'fan_in', 'normal')")
+    kw = dict(batch_size=8, seeds=1, rng=2, backend="numba")
+    sane = idg.mlp(depth=200, width=32, activation="relu")
+    empirical.clear_workspace()
+    fresh = _stats(idg.simulate(sane, **kw))
+    p = idg.simulate(idg.mlp(depth=200, width=32, activation="relu", init=wild), **kw)
+    assert [f["kind"] for f in p.findings] == ["overflow"]
+    assert np.array_equal(_stats(idg.simulate(sane, **kw)), fresh, equal_nan=True)
+
+
 def test_thread_plan_shares_the_threads_between_seeds(monkeypatch):
     # T threads: min(seeds, T) seeds at once, T // workers threads each; one seed
     # for a callable output_grad (user code need not be thread-safe) or when two

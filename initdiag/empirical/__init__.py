@@ -80,11 +80,12 @@ def _thread_plan(
     With T = the caller's Numba thread count, ``workers = min(seeds, T)`` seeds
     run concurrently (fewer when they would not fit in memory; one for a callable
     ``output_grad``: user code need not be thread-safe) and each seed gets
-    ``max(1, T // workers)`` threads: its GEMMs and Grams are cut into that many
-    row blocks, each a single-threaded BLAS call on its own thread
-    (:class:`~initdiag.empirical.fused.Lanes`), and its parameter sampling runs on
-    that many Numba threads.  BLAS itself stays single-threaded for the whole call,
-    and the fused passes run on one thread: they are ~5% of a seed's work, and
+    ``max(1, T // workers)`` threads (lanes): its GEMMs and Grams are cut into
+    single-threaded BLAS calls that the lanes pull in turn, and its parameter
+    draws and backward Grams run on a lane behind its serial passes
+    (:class:`~initdiag.empirical.fused.Lanes`).  BLAS itself stays
+    single-threaded for the whole call, and every Numba kernel runs on one
+    thread: the fused passes are ~5% of a seed's work, and
     each parallel region would wake a sleeping worker (~50 us on a quiet machine,
     milliseconds on a loaded one, where measured 2-thread passes ran ~10x slower
     than 1-thread ones).

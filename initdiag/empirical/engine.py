@@ -18,7 +18,9 @@ and :class:`Block` s); ``sample(unit, sc)`` draws the unit's parameters;
 ``merge(block, branch_out, shortcut_out, sc) -> (y, rows)`` the add;
 ``output_grad(y, sc)``; ``backward(unit, g, sc) -> (g_in or None,
 [(row, sum g^2, {column: unnormalised sum}), ...])`` rows from the top down, g_in
-None when the unit starts the network; ``merge_backward(block, g, sc) ->
+None when the unit starts the network; a column's sum may be a zero-argument callable instead (the executor computes it
+on another lane while the pass goes on; it is called, and recorded, when the pass
+ends); ``merge_backward(block, g, sc) ->
 (g_branch, g_shortcut, rows)``; ``add_grads(block, g_from_branch,
 g_from_shortcut)`` the gradient at the block's input (None when either is).
 """
@@ -71,6 +73,8 @@ class SeedContext:
     stats: np.ndarray  # (rows, len(STAT_COLUMNS))
     findings: list[dict[str, Any]]
     timing: dict[str, float]
+    #: (stats row, column, callable, factor) of the sums an executor deferred
+    deferred: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -277,6 +281,10 @@ def propagate(ex: Any, sc: SeedContext, g: np.ndarray, norm: float = 1.0) -> Non
         _backward_units(ex, sc, ex.units, g, _Flow(True, True), norm)
     except _Stop:
         pass
+    finally:
+        for out, col, value, factor in sc.deferred:
+            out[col] = value() * factor
+        sc.deferred.clear()
 
 
 def _backward_units(
@@ -313,7 +321,10 @@ def _record_grads(sc: SeedContext, rows: list, flow: _Flow, norm: float) -> None
         out = sc.stats[row]
         out[COL["grad_second_moment"]] = ss * norm / info.width
         for col, v in sums.items():
-            out[COL[col]] = v * norm
+            if callable(v):  # computed on another lane: recorded when the pass ends
+                sc.deferred.append((out, COL[col], v, norm))
+            else:
+                out[COL[col]] = v * norm
         if info.branch:
             flow.design = False  # the shortcut passes the gradient (the branch
             # path's own flag is set by the caller)

@@ -20,17 +20,28 @@ for the latest network structure (no page faults on repeated calls;
 ``||G^T X||_F^2 = sum_ab (G G^T)_ab (X X^T)_ab`` (both B x B Grams by BLAS syrk)
 where cheaper (:func:`initdiag.layers.dense.use_gram`).
 
-Threads within a seed (:class:`Lanes`): with ``threads > 1`` every GEMM is cut
-into row blocks and every Gram into the blocks of
-:func:`initdiag.kernels.fused.gram_parts`, each one single-threaded BLAS call on
-its own thread (NumPy's matmul and the ctypes syrk release the GIL), and parameter
-sampling runs on as many Numba threads (the fused passes run on the caller's).
-BLAS must be single-threaded for the duration (the caller's ``threadpool_limits``):
-OpenBLAS's own workers spin after each call and would take the cores the Numba
-passes need (bench/SIMULATE.md).  A
-row of a GEMM is computed the same way whatever block it falls in, so results are
-identical for a given thread count and equal to float rounding across thread
-counts (a Gram block computed by GEMM rather than syrk rounds differently).
+Threads within a seed (:class:`Lanes`): with ``threads > 1`` (a lone seed on
+several cores) every hand-off to the lanes is a list of single-threaded BLAS
+calls that the caller and the pool threads pull in turn (NumPy's matmul and the
+ctypes syrk release the GIL): a dense layer's Gram whole (cut into the blocks of
+:func:`initdiag.kernels.fused.gram_parts` only when it exceeds a lane's share),
+then its GEMM in :func:`guided_blocks` of rows, one hand-off per layer and pass.
+The work that no later step waits for runs on a lane behind the caller's serial
+passes (BatchNorm / LayerNorm + activation + statistics, on the caller's thread),
+which would otherwise leave the other cores idle: the next layers' parameter
+draws (:meth:`FusedExecutor._prefetch`; the GEMM blocks wait for them) and, in
+the backward pass, each layer's gradient Gram and weight-gradient norm
+(:meth:`FusedExecutor._dx_then_norm`; the engine records deferred sums when the
+pass ends).  BLAS must be single-threaded for the duration (the caller's
+``threadpool_limits``): OpenBLAS's own workers spin after each call and would
+take the cores the Numba passes need (bench/SIMULATE.md).  Numba's parallel
+kernels run on one thread on every lane: a parallel draw woke workers that
+delayed the lanes' GEMMs by 1-5 ms each (bench/SIMULATE.md).  A row of a GEMM is
+computed the same way whatever block it falls in, so results are identical for
+a given thread count and equal to float rounding across thread counts (a Gram
+block computed by GEMM rather than syrk rounds differently, and a lone seed on
+several lanes takes a dense row's gradient sum of squares from the gradient
+rather than from its Gram's trace).
 """
 
 from __future__ import annotations
@@ -49,6 +60,10 @@ from .engine import Block, SeedContext, plan
 from .generic import step_context
 from .ops import Ops, sumsq64
 from .sampling import layer_params, output_grad
+
+# a syrk costs ~1.1x a GEMM per multiply-add (512 x 1024 float32, one thread:
+# bench/SIMULATE.md); the cost model that deals a layer's GEMM rows and Gram
+_SYRK_COST = 1.1
 
 __all__ = [
     "FusedExecutor",
@@ -87,6 +102,42 @@ def numba_threads(n: int):
         numba.set_num_threads(old)
 
 
+def guided_blocks(rows: int, lanes: int, min_rows: int = 64) -> list[int]:
+    """Row edges cutting a GEMM of ``rows`` rows for ``lanes`` lanes that pull
+    blocks as they free up: each block a ``1 / lanes`` share of the rows left
+    (half, for two lanes), none below ``min_rows`` unless ``rows`` is (smaller
+    row blocks run below the GEMM rate), so that lanes that start at different
+    times (one of them finishing a draw or a Gram first) still finish together."""
+    edges = [0]
+    while lanes > 1:
+        left = rows - edges[-1]
+        take = max(min_rows, -(-left // lanes))
+        if left - take < min_rows:
+            break
+        edges.append(edges[-1] + take)
+    edges.append(rows)
+    return edges
+
+
+def _in_turn(*tasks: Any) -> Any:
+    """One task running ``tasks`` one after the other (on one lane)."""
+
+    def run() -> None:
+        for t in tasks:
+            t()
+
+    return run
+
+
+def _as_caller(err: dict, fn: Any) -> Any:
+    """``fn()`` on a lane thread as the caller would run it: under the caller's
+    NumPy error state (the engine's ``np.errstate``, which is per thread: it
+    reports overflow as findings, not warnings) and with Numba's kernels on one
+    thread (``set_num_threads`` is per thread too: a new thread has them all)."""
+    with np.errstate(**err), numba_threads(1):
+        return fn()
+
+
 class Lanes:
     """``threads`` threads for one seed's BLAS calls: the caller and a pool of
     ``threads - 1`` kept for the whole ``simulate`` call (starting threads per
@@ -119,8 +170,10 @@ class Lanes:
                     return
                 t()
 
+        err = np.geterr()
         futs = [
-            self._pool.submit(drain) for _ in range(min(len(tasks), self.threads) - 1)
+            self._pool.submit(_as_caller, err, drain)
+            for _ in range(min(len(tasks), self.threads) - 1)
         ]
         try:
             drain()
@@ -129,20 +182,29 @@ class Lanes:
                 if not fut.cancel():  # started: wait for its task
                     fut.result()
 
+    def submit(self, fn: Any) -> Any:
+        """Start ``fn`` on a pool thread (:func:`_as_caller`) while the caller goes
+        on; its Future (``threads > 1`` only)."""
+        return self._pool.submit(_as_caller, np.geterr(), fn)
+
+    def gemm_tasks(
+        self, a: np.ndarray, b: np.ndarray, out: np.ndarray, wait: Any = None
+    ) -> list:
+        """``np.matmul(a, b, out=out)`` as tasks for :meth:`run`: one on one lane,
+        :func:`guided_blocks` of rows on several; each first waits for the Future
+        ``wait`` (the draw of ``b``) when given."""
+        edges = guided_blocks(a.shape[0], self.threads)
+        tasks = [
+            functools.partial(np.matmul, a[r0:r1], b, out=out[r0:r1])
+            for r0, r1 in zip(edges[:-1], edges[1:])
+        ]
+        if wait is not None:
+            tasks = [_in_turn(wait.result, t) for t in tasks]
+        return tasks
+
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``np.matmul(a, b, out=out)`` by row blocks of ``a`` and ``out``."""
-        n = min(self.threads, a.shape[0])
-        if n <= 1:
-            return np.matmul(a, b, out=out)
-        e = [a.shape[0] * k // n for k in range(n + 1)]
-        self.run(
-            [
-                functools.partial(
-                    np.matmul, a[e[k] : e[k + 1]], b, out=out[e[k] : e[k + 1]]
-                )
-                for k in range(n)
-            ]
-        )
+        """``np.matmul(a, b, out=out)`` over the lanes."""
+        self.run(self.gemm_tasks(a, b, out))
         return out
 
     def close(self) -> None:
@@ -169,6 +231,11 @@ class FusedExecutor:
         # keys) and the unit that consumes its output within its sequence
         self._pos: dict[tuple, int] = {}
         self._next: dict[tuple, Any] = {}
+        self._order: list[tuple] = []  # the units in execution order
+        # unit -> (Future, SeedContext) of a draw a lane started (_prefetch)
+        self._pending: dict[tuple, tuple] = {}
+        self._norm_jobs: list[Any] = [None, None]  # _dx_then_norm's, in turn
+        self._norm_turn = 0
         self._index(self.units)
         self._colstats_of: Any = None
         self._colsum_of: Any = None
@@ -224,6 +291,7 @@ class FusedExecutor:
                 self._index(unit.shortcut)
                 continue
             self._pos[unit] = len(self._pos)
+            self._order.append(unit)
             self._next[unit] = seq[k + 1] if k + 1 < len(seq) else None
 
     # -- buffers ----------------------------------------------------------------
@@ -251,11 +319,43 @@ class FusedExecutor:
         self.lanes.run(self._gram_parts(a, out, self.lanes.threads))
         return out
 
+    def _matmul_gram(self, a, b, out, ga=None, gout=None, wait=None) -> None:
+        """``out = a @ b`` and, when ``ga`` is given, its Gram into ``gout``, in one
+        hand-off to the lanes (each fork-join costs a thread wake-up): the Gram is
+        the first task, whole when it is at most one lane's share of the work and
+        cut over the lanes otherwise; the GEMM's row blocks follow, each waiting
+        for ``wait`` (the draw of ``b``) first, so a lane finishing that draw
+        starts on the GEMM while another runs the Gram."""
+        tasks = self.lanes.gemm_tasks(a, b, out, wait)
+        if ga is not None:
+            n = self.lanes.threads
+            gemm = a.shape[0] * a.shape[1] * b.shape[1]
+            cost = _SYRK_COST * ga.shape[0] ** 2 * ga.shape[1] / 2
+            if n * cost <= gemm + cost:
+                tasks.insert(0, functools.partial(self.f.gram, ga, gout))
+            else:
+                tasks[:0] = self._gram_parts(ga, gout, n)
+        self.lanes.run(tasks)
+
     # -- sampling -----------------------------------------------------------------
     def sample(self, unit: tuple, sc: SeedContext) -> None:
-        # the sampler's parallel kernels run on the seed's lanes' worth of threads
-        with numba_threads(self.lanes.threads):
-            self._sample(unit, sc)
+        """The unit's parameters: drawn now, unless a lane is drawing them for this
+        seed (:meth:`_prefetch`; the unit's forward waits for that draw where it
+        first needs them, :meth:`_drawn`)."""
+        pending = self._pending.get(unit)
+        if pending is not None and pending[1] is sc:
+            return
+        self._drawn(unit)  # another seed's draw (an aborted pass): let it end
+        self._sample(unit, sc)
+
+    def _drawn(self, unit: tuple) -> Any:
+        """Wait for the lane's draw of ``unit``'s parameters, if one is pending;
+        its Future (None when there was none)."""
+        pending = self._pending.pop(unit, None)
+        if pending is None:
+            return None
+        pending[0].result()  # raises what the draw raised
+        return pending[0]
 
     def _sample(self, unit: tuple, sc: SeedContext) -> None:
         infos = self.net.infos
@@ -264,18 +364,51 @@ class FusedExecutor:
             params = layer_params(infos[i], sc.inits[i], sc.dt, sc.entropy, sc.seed)
             self._step_ctx = step_context(infos[i], params, sc, self.ops)
             return
+        for job in self._draws(unit, sc):
+            job()
+
+    def _draws(self, unit: tuple, sc: SeedContext) -> list:
+        """Zero-argument draws of the unit's parameters into their kept buffers
+        (the buffers are made here, on the caller's thread)."""
+        infos = self.net.infos
         rows = (
             [unit[1]] if unit[0] == "dense" else [r for r in unit[1:] if r is not None]
         )
+        jobs = []
         for i in rows:
-            layer_params(
-                infos[i],
-                sc.inits[i],
-                sc.dt,
-                sc.entropy,
-                sc.seed,
-                lambda name, shape, i=i: self.buf((name, i), shape),
-            )
+            info, p = infos[i], sc.inits[i]
+            layer = info.layer
+            bufs = {
+                slot.name: self.buf(
+                    (slot.name, i), layer.param_shape(slot, info.fan_in, info.width)
+                )
+                for slot in layer.slot_table
+                if p.get(slot.name) is not None
+            }
+            jobs.append(
+                functools.partial(
+                    layer_params, info, p, sc.dt, sc.entropy, sc.seed,
+                    lambda name, shape, bufs=bufs: bufs[name],
+                )
+            )  # fmt: skip
+        return jobs
+
+    def _prefetch(self, unit: tuple, sc: SeedContext) -> None:
+        """Draw, on a lane, the parameters of the units after ``unit`` up to the
+        next dense one, while this thread runs the passes between: with one seed
+        on several lanes, the draws cost no wall time (values depend only on the
+        seed, layer and slot, not on when or where they are drawn)."""
+        if self.lanes.threads == 1:
+            return
+        todo = []
+        for nxt in self._order[self._pos[unit] + 1 :]:
+            if nxt[0] == "step" or nxt in self._pending:
+                break
+            todo.append(nxt)
+            if nxt[0] == "dense":
+                break
+        for u in todo:  # one task each: a unit waits only for its own draws
+            self._pending[u] = (self.lanes.submit(_in_turn(*self._draws(u, sc))), sc)
 
     # -- forward ------------------------------------------------------------------
     def forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
@@ -301,14 +434,17 @@ class FusedExecutor:
         w = self.bufs[("weight", i)]
         b = self.bufs[("bias", i)] if p.get("bias") is not None else None
         gram = use_gram(self.B, n_in, n_out)
-        xs = (
-            _safe_gram(self._gram, cur, self.buf(("gram", i), (self.B, self.B)))
-            if gram
-            else cur.copy()
-        )
-        self.saved[unit] = (w, b, xs, gram)
         pre = self.buf(("pre", i), (self.B, n_out))
-        self.lanes.matmul(cur, w.T, pre)
+        drawing = self._pending.pop(unit, (None,))[0]  # sample() left it running
+        if gram:
+            xs = self.buf(("gram", i), (self.B, self.B))
+            self._matmul_gram(cur, w.T, pre, cur, xs, drawing)
+            xs = _checked_gram(cur, xs)
+        else:
+            self._matmul_gram(cur, w.T, pre, wait=drawing)
+            xs = cur.copy()
+        self._prefetch(unit, sc)
+        self.saved[unit] = (w, b, xs, gram)
         if b is not None and not is_zero_init(p["bias"], n_in, n_out):
             pre += b
         st = self._stats(pre, n_out, np.empty(10))
@@ -345,6 +481,7 @@ class FusedExecutor:
     def _ln_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
         from .. import kernels
 
+        self._drawn(unit)
         f = self.f
         infos = self.net.infos
         _, il, ia = unit
@@ -421,6 +558,7 @@ class FusedExecutor:
         return (dx if il > 0 else None), rows
 
     def _elem_forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
+        self._drawn(unit)
         f = self.f
         infos = self.net.infos
         _, ib, ia = unit
@@ -531,17 +669,18 @@ class FusedExecutor:
         return self._elem_backward(unit, g, sc)
 
     def _dense_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
-        f = self.f
         i = unit[1]
         info = self.net.infos[i]
         w, b, xs, gram = self.saved[unit]
-        B = self.B
-        if gram:
-            gg = _safe_gram(self._gram, g, self.gg)
-            if gg.dtype == xs.dtype:
-                wn, ss = f.gram_dot(gg, xs, f.gram_layout(B))
-            else:  # a float64 fallback on one side: both full, float64
-                wn, ss = f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
+        gin = self.pingpong(self._u(unit), info.fan_in) if i > 0 else None
+        if gram and gin is not None and self.lanes.threads > 1:
+            ss, wn = self._dx_then_norm(unit, g, w, xs, gin)
+        elif gram:
+            if gin is None:
+                self._gram(g, self.gg)
+            else:
+                self._matmul_gram(g, w, gin, g, self.gg)
+            wn, ss = self._gram_norm(_checked_gram(g, self.gg), xs)
         else:
             ss = float(np.einsum("ij,ij->", g, g, dtype=np.float64))
             dw = self.lanes.matmul(
@@ -557,10 +696,41 @@ class FusedExecutor:
             )
             sums["bias_grad_norm2"] = float(db @ db)
         self._colsum_of = None
-        gin = None
-        if i > 0:
-            gin = self.lanes.matmul(g, w, self.pingpong(self._u(unit), info.fan_in))
+        if gin is not None and not gram:
+            self.lanes.matmul(g, w, gin)
         return gin, [(i, ss, sums)]
+
+    def _gram_norm(self, gg: np.ndarray, xs: np.ndarray) -> tuple[float, float]:
+        """(||G^T X||_F^2, ||G||_F^2) from the Grams of G and X."""
+        f = self.f
+        if gg.dtype == xs.dtype:
+            return f.gram_dot(gg, xs, f.gram_layout(self.B))
+        # a float64 fallback on one side: both full, float64
+        return f.gram_dot(_full64(f, gg), _full64(f, xs), 0)
+
+    def _dx_then_norm(self, unit, g, w, xs, gin) -> tuple[float, Any]:
+        """Several lanes: ``gin = g @ w`` over the lanes, with a copy of ``g`` and
+        its sum of squares in the same hand-off; then the Gram of ``g`` and the
+        weight-gradient norm on a lane, while this thread goes on with the units
+        below (their serial passes would leave the other lanes idle).  Returns
+        ``(sum g^2, norm)``, the norm as a callable the engine calls when the pass
+        ends.  The copy: the unit below overwrites ``g``'s buffer; two copies and
+        two Gram buffers alternate, each reused once its last job has ended."""
+        k = self._norm_turn = 1 - self._norm_turn
+        if self._norm_jobs[k] is not None:
+            self._norm_jobs[k].result()
+        hold = self.buf(("ghold", k), g.shape)
+        gg = self.buf(("gg", k), (self.B, self.B))
+        ss: list[float] = []
+        tasks = self.lanes.gemm_tasks(g, w, gin)
+        tasks.insert(0, lambda: (np.copyto(hold, g), ss.append(sumsq64(g))))
+        self.lanes.run(tasks)
+
+        def norm() -> float:
+            return self._gram_norm(_checked_gram(hold, self.f.gram(hold, gg)), xs)[0]
+
+        job = self._norm_jobs[k] = self.lanes.submit(norm)
+        return ss[0], job.result
 
     def _elem_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
         f = self.f
@@ -611,11 +781,11 @@ class FusedExecutor:
         return dx, rows
 
 
-def _safe_gram(gram: Any, a: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``gram(a, out)``; where the working-precision Gram overflows (its trace,
-    the largest row norm^2 bound of every entry, is not finite) although ``a`` is
-    finite, the full Gram in float64 instead (rare: signals near the float32 range)."""
-    gram(a, out)
+def _checked_gram(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The working-precision Gram ``out`` of ``a``, or, where it overflowed (its
+    trace, the largest row norm^2 bound of every entry, is not finite) although
+    ``a`` is finite, the full Gram in float64 (rare: signals near the float32
+    range)."""
     if math.isfinite(float(np.trace(out, dtype=np.float64))):
         return out
     a64 = a.astype(np.float64)

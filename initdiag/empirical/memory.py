@@ -99,8 +99,10 @@ def estimate_memory(
         kept, work = layer.memory(B, info.fan_in, info.width, item)
         saved += kept
         work_extra = max(work_extra, work)
-    # forward: input, output, pre-activation; backward: gradient in/out + tangent
-    workspace = 4 * B * widest * item + work_extra
+    # forward: input, output, pre-activation; backward: gradient in/out + tangent;
+    # a lone seed on several lanes: two gradient copies and two B x B Grams
+    # (empirical.fused.FusedExecutor._dx_then_norm)
+    workspace = 6 * B * widest * item + 2 * B * B * item + work_extra
     if jacobian:
         workspace += 4 * B * widest * item
         if widest <= EXACT_JACOBIAN_MAX_WIDTH:
