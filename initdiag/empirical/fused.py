@@ -151,14 +151,16 @@ class Lanes:
             else None
         )
 
-    def run(self, tasks: list) -> None:
+    def run(self, tasks: list, after: tuple = ()) -> list:
         """Run independent zero-argument ``tasks``; the caller and the pool threads
         take the next task not yet started, so when a pool thread is not scheduled
-        in time (a loaded machine) the caller runs its share instead of waiting."""
+        in time (a loaded machine) the caller runs its share instead of waiting.
+        ``after``: jobs a pool thread starts once no task is left to take (the
+        caller does not wait for them); their Futures (``threads > 1`` only)."""
         if self._pool is None or len(tasks) == 1:
             for t in tasks:
                 t()
-            return
+            return [self.submit(job) for job in after]
         it = iter(tasks)
         lock = threading.Lock()
 
@@ -175,12 +177,14 @@ class Lanes:
             self._pool.submit(_as_caller, err, drain)
             for _ in range(min(len(tasks), self.threads) - 1)
         ]
+        later = [self.submit(job) for job in after]  # queued behind the drains
         try:
             drain()
         finally:
             for fut in futs:
                 if not fut.cancel():  # started: wait for its task
                     fut.result()
+        return later
 
     def submit(self, fn: Any) -> Any:
         """Start ``fn`` on a pool thread (:func:`_as_caller`) while the caller goes
@@ -319,13 +323,16 @@ class FusedExecutor:
         self.lanes.run(self._gram_parts(a, out, self.lanes.threads))
         return out
 
-    def _matmul_gram(self, a, b, out, ga=None, gout=None, wait=None) -> None:
+    def _matmul_gram(
+        self, a, b, out, ga=None, gout=None, wait=None, after: tuple = ()
+    ) -> list:
         """``out = a @ b`` and, when ``ga`` is given, its Gram into ``gout``, in one
         hand-off to the lanes (each fork-join costs a thread wake-up): the Gram is
         the first task, whole when it is at most one lane's share of the work and
         cut over the lanes otherwise; the GEMM's row blocks follow, each waiting
         for ``wait`` (the draw of ``b``) first, so a lane finishing that draw
-        starts on the GEMM while another runs the Gram."""
+        starts on the GEMM while another runs the Gram; ``after``:
+        :meth:`Lanes.run`'s, whose Futures it returns."""
         tasks = self.lanes.gemm_tasks(a, b, out, wait)
         if ga is not None:
             n = self.lanes.threads
@@ -335,7 +342,7 @@ class FusedExecutor:
                 tasks.insert(0, functools.partial(self.f.gram, ga, gout))
             else:
                 tasks[:0] = self._gram_parts(ga, gout, n)
-        self.lanes.run(tasks)
+        return self.lanes.run(tasks, after)
 
     # -- sampling -----------------------------------------------------------------
     def sample(self, unit: tuple, sc: SeedContext) -> None:
@@ -393,22 +400,22 @@ class FusedExecutor:
             )  # fmt: skip
         return jobs
 
-    def _prefetch(self, unit: tuple, sc: SeedContext) -> None:
-        """Draw, on a lane, the parameters of the units after ``unit`` up to the
-        next dense one, while this thread runs the passes between: with one seed
-        on several lanes, the draws cost no wall time (values depend only on the
-        seed, layer and slot, not on when or where they are drawn)."""
-        if self.lanes.threads == 1:
-            return
-        todo = []
-        for nxt in self._order[self._pos[unit] + 1 :]:
-            if nxt[0] == "step" or nxt in self._pending:
-                break
-            todo.append(nxt)
-            if nxt[0] == "dense":
-                break
-        for u in todo:  # one task each: a unit waits only for its own draws
-            self._pending[u] = (self.lanes.submit(_in_turn(*self._draws(u, sc))), sc)
+    def _prefetch(self, unit: tuple, sc: SeedContext) -> tuple[list, list]:
+        """The units after ``unit`` up to the next dense one, and one draw of
+        their parameters each, for a lane to run behind ``unit``'s GEMM while this
+        thread runs the passes between (:meth:`sample` then leaves them to it):
+        with one seed on several
+        lanes, the draws cost no wall time (values depend only on the seed, layer
+        and slot, not on when or where they are drawn).  Nothing on one lane."""
+        todo: list[tuple] = []
+        if self.lanes.threads > 1:
+            for nxt in self._order[self._pos[unit] + 1 :]:
+                if nxt[0] == "step" or nxt in self._pending:
+                    break
+                todo.append(nxt)
+                if nxt[0] == "dense":
+                    break
+        return todo, [_in_turn(*self._draws(u, sc)) for u in todo]
 
     # -- forward ------------------------------------------------------------------
     def forward(self, unit: tuple, cur: np.ndarray, sc: SeedContext):
@@ -436,14 +443,14 @@ class FusedExecutor:
         gram = use_gram(self.B, n_in, n_out)
         pre = self.buf(("pre", i), (self.B, n_out))
         drawing = self._pending.pop(unit, (None,))[0]  # sample() left it running
-        if gram:
-            xs = self.buf(("gram", i), (self.B, self.B))
-            self._matmul_gram(cur, w.T, pre, cur, xs, drawing)
-            xs = _checked_gram(cur, xs)
-        else:
-            self._matmul_gram(cur, w.T, pre, wait=drawing)
-            xs = cur.copy()
-        self._prefetch(unit, sc)
+        ahead, draws = self._prefetch(unit, sc)
+        xs = self.buf(("gram", i), (self.B, self.B)) if gram else None
+        futs = self._matmul_gram(
+            cur, w.T, pre, cur if gram else None, xs, drawing, draws
+        )
+        for u, fut in zip(ahead, futs):
+            self._pending[u] = (fut, sc)
+        xs = _checked_gram(cur, xs) if gram else cur.copy()
         self.saved[unit] = (w, b, xs, gram)
         if b is not None and not is_zero_init(p["bias"], n_in, n_out):
             pre += b
@@ -722,14 +729,20 @@ class FusedExecutor:
         hold = self.buf(("ghold", k), g.shape)
         gg = self.buf(("gg", k), (self.B, self.B))
         ss: list[float] = []
-        tasks = self.lanes.gemm_tasks(g, w, gin)
-        tasks.insert(0, lambda: (np.copyto(hold, g), ss.append(sumsq64(g))))
-        self.lanes.run(tasks)
+        held = threading.Event()
+
+        def keep() -> None:
+            np.copyto(hold, g)
+            ss.append(sumsq64(g))
+            held.set()
 
         def norm() -> float:
+            held.wait()  # keep() may still run on another lane
             return self._gram_norm(_checked_gram(hold, self.f.gram(hold, gg)), xs)[0]
 
-        job = self._norm_jobs[k] = self.lanes.submit(norm)
+        tasks = [keep, *self.lanes.gemm_tasks(g, w, gin)]
+        (job,) = self.lanes.run(tasks, (norm,))
+        self._norm_jobs[k] = job
         return ss[0], job.result
 
     def _elem_backward(self, unit: tuple, g: np.ndarray, sc: SeedContext):
