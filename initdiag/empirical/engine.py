@@ -18,10 +18,10 @@ and :class:`Block` s); ``sample(unit, sc)`` draws the unit's parameters;
 ``merge(block, branch_out, shortcut_out, sc) -> (y, rows)`` the add;
 ``output_grad(y, sc)``; ``backward(unit, g, sc) -> (g_in or None,
 [(row, sum g^2, {column: unnormalised sum}), ...])`` rows from the top down, g_in
-None when the unit starts the network; a column's sum may be a zero-argument callable instead (the executor computes it
-on another lane while the pass goes on; it is called, and recorded, when the pass
-ends); ``merge_backward(block, g, sc) ->
-(g_branch, g_shortcut, rows)``; ``add_grads(block, g_from_branch,
+None when the unit starts the network (a column's sum may be a zero-argument
+callable instead: the executor computes it on another lane while the pass goes
+on, and it is called and recorded when the pass ends); ``merge_backward(block,
+g, sc) -> (g_branch, g_shortcut, rows)``; ``add_grads(block, g_from_branch,
 g_from_shortcut)`` the gradient at the block's input (None when either is).
 """
 

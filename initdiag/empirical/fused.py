@@ -200,7 +200,7 @@ class Lanes:
         edges = guided_blocks(a.shape[0], self.threads)
         tasks = [
             functools.partial(np.matmul, a[r0:r1], b, out=out[r0:r1])
-            for r0, r1 in zip(edges[:-1], edges[1:])
+            for r0, r1 in zip(edges[:-1], edges[1:], strict=True)
         ]
         if wait is not None:
             tasks = [_in_turn(wait.result, t) for t in tasks]
@@ -448,7 +448,7 @@ class FusedExecutor:
         futs = self._matmul_gram(
             cur, w.T, pre, cur if gram else None, xs, drawing, draws
         )
-        for u, fut in zip(ahead, futs):
+        for u, fut in zip(ahead, futs, strict=True):
             self._pending[u] = (fut, sc)
         xs = _checked_gram(cur, xs) if gram else cur.copy()
         self.saved[unit] = (w, b, xs, gram)
