@@ -282,7 +282,9 @@ def simulate(
         events; ``meta`` records batch, seeds, backend, dtype, ``workers`` (seeds run
         at once), ``threads_per_seed``, ``seconds`` (wall time) and ``timing``
         (per phase, summed over seeds; seeds run concurrently, so with
-        ``workers > 1`` the sum exceeds the wall time), ``partial`` (False) and
+        ``workers > 1`` the sum exceeds the wall time; each seed's own thread's
+        time, so work its other threads do behind it, such as a lone seed's
+        parameter draws, counts only where it waits for it), ``partial`` (False) and
         ``seeds_finished``.
 
     Ctrl-C (or :func:`initdiag._interrupt.request_stop`) stops the run within one
