@@ -50,7 +50,7 @@ import contextlib
 import functools
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -186,10 +186,17 @@ class Lanes:
                     fut.result()
         return later
 
-    def submit(self, fn: Any) -> Any:
+    def submit(self, fn: Any) -> Future:
         """Start ``fn`` on a pool thread (:func:`_as_caller`) while the caller goes
-        on; its Future (``threads > 1`` only)."""
-        return self._pool.submit(_as_caller, np.geterr(), fn)
+        on; its Future (done already, ``fn`` run here, on one lane)."""
+        if self._pool is not None:
+            return self._pool.submit(_as_caller, np.geterr(), fn)
+        fut: Future = Future()
+        try:
+            fut.set_result(fn())
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
 
     def gemm_tasks(
         self, a: np.ndarray, b: np.ndarray, out: np.ndarray, wait: Any = None
@@ -732,9 +739,11 @@ class FusedExecutor:
         held = threading.Event()
 
         def keep() -> None:
-            np.copyto(hold, g)
-            ss.append(sumsq64(g))
-            held.set()
+            try:
+                np.copyto(hold, g)
+                ss.append(sumsq64(g))
+            finally:
+                held.set()  # norm() must not wait for ever if this failed
 
         def norm() -> float:
             held.wait()  # keep() may still run on another lane
